@@ -89,27 +89,30 @@ class Attention(nn.Module):
 
   def setup(self):
     c = self.cfg
-    dense = lambda axes, feats, ax, name: nn.DenseGeneral(  # noqa: E731
-        feats, axis=ax, use_bias=False, dtype=c.jnp_dtype,
-        kernel_init=_init(axes), name=name)
-    self.query = dense(("embed", "heads", "kv"), (c.num_heads, c.head_dim), -1, "query")
-    self.key = dense(("embed", "heads", "kv"), (c.num_heads, c.head_dim), -1, "key")
-    self.value = dense(("embed", "heads", "kv"), (c.num_heads, c.head_dim), -1, "value")
-    self.out = dense(("heads", "kv", "embed"), c.d_model, (-2, -1), "out")
+    shape_in, shape_out = (c.d_model, c.num_heads, c.head_dim), (c.num_heads, c.head_dim, c.d_model)
+    init_in = _init(("embed", "heads", "kv"), nn.initializers.lecun_normal(0, (1, 2)))
+    init_out = _init(("heads", "kv", "embed"), nn.initializers.lecun_normal((0, 1), 2))
+    self.wq = self.param("query", init_in, shape_in)
+    self.wk = self.param("key", init_in, shape_in)
+    self.wv = self.param("value", init_in, shape_in)
+    self.wo = self.param("out", init_out, shape_out)
+
+  def _in(self, w_DxHxK, x_BxLxD):
+    return jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK.astype(self.cfg.jnp_dtype))
 
   def project_q(self, x_BxQxD, pos_Q):
-    q = self.query(x_BxQxD)
+    q = self._in(self.wq, x_BxQxD)
     return rotary(q, pos_Q) if self.cfg.positions == "rotary" else q
 
   def project_kv(self, x_BxSxD):
     """Keys and values before rotary, so callers may pool them first."""
-    return self.key(x_BxSxD), self.value(x_BxSxD)
+    return self._in(self.wk, x_BxSxD), self._in(self.wv, x_BxSxD)
 
   def rotate_k(self, k_BxSxHxK, pos_S):
     return rotary(k_BxSxHxK, pos_S) if self.cfg.positions == "rotary" else k_BxSxHxK
 
   def output(self, o_BxQxHxK):
-    return self.out(o_BxQxHxK)
+    return jnp.einsum("bqhk,hkd->bqd", o_BxQxHxK, self.wo.astype(self.cfg.jnp_dtype))
 
   def __call__(self, x_BxQxD, kv_BxSxD, mask_BxQxS, q_pos_Q, k_pos_S):
     q = self.project_q(x_BxQxD, q_pos_Q)

@@ -1,0 +1,181 @@
+"""Config helpers: the shared base config, `:arg` parsing, validation, comparison.
+
+Config files under `configs/` build on `base_config()`; each exposes
+`get_config(arg)` for `config_flags`, so every field is overridable on the
+command line (`--config.model.d_model=256`) and variants are picked in the
+path (`--config=configs/vanilla.py:size=tiny,runlocal`).
+"""
+
+import json
+from typing import Any
+
+import ml_collections
+
+from hiertx.errors import ConfigError
+
+# Sections a resumed run must share with the run that wrote the checkpoints.
+RESUME_SECTIONS = ("model", "data")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict()  # filled in by each model's config file
+
+  c.data = ml_collections.ConfigDict(dict(
+      task="stdlib",  # stdlib | text_files | tiny_shakespeare | lm1b | pg19 | wiki40b | c4
+      text_files="",  # a glob; when set, the text_files task reads it
+      split_fractions=(0.9, 0.05, 0.05),  # train/validation/test cut of each text file
+      vocab="byte",  # "byte" or a SentencePiece model path
+      seq_len=256,
+      batch_size=16,  # global batch, in rows of seq_len tokens
+      pack=True,
+      seed=0,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=400,
+      learning_rate=2e-3,
+      warmup_steps=40,
+      end_learning_rate_fraction=0.1,  # cosine decays to this fraction of the peak
+      weight_decay=0.01,
+      b1=0.9,
+      b2=0.98,
+      grad_clip=1.0,
+      seed=0,
+      log_every=20,
+      checkpoint_every=100,
+      keep_checkpoints=3,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      every=200,  # also evaluated at the last step
+      split="validation",
+      batch_size=16,
+      batches=16,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Logical axis -> mesh axes. Modules name logical axes only.
+  c.sharding = ml_collections.ConfigDict(dict(rules=(
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+      ("kv", None),
+      ("length", None),
+  )))
+  return c
+
+
+# Widths shared by every model's config, so sizes compare at equal width.
+WIDTHS = {
+    # size: (d_model, num_heads, mlp_dim)
+    "tiny": (32, 2, 64),
+    "small": (128, 4, 512),
+    "base": (256, 4, 1024),
+}
+
+
+def model_config(name: str, size: str, **fields) -> ml_collections.ConfigDict:
+  """A `config.model` section: the common fields at `size`'s width, plus `fields`."""
+  width = "base" if size.startswith("paper") else size
+  if width not in WIDTHS:
+    raise ConfigError("<arg>.size", f"unknown size {size!r}")
+  d, h, f = WIDTHS[width]
+  return ml_collections.ConfigDict(dict(
+      name=name, d_model=d, num_heads=h, mlp_dim=f, dropout=0.0, positions="learned",
+      max_len=2048, dtype="float32", **fields))
+
+
+def load(path_and_arg: str) -> ml_collections.ConfigDict:
+  """Loads `configs/x.py[:arg]` the way `--config=` does (for tests, sweeps, scripts)."""
+  import importlib.util  # noqa: PLC0415
+
+  path, _, arg = path_and_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("hiertx_config_file", path)
+  if spec is None:
+    raise ConfigError("<config>", f"cannot load config file {path!r}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'size=tiny,runlocal' -> {size: 'tiny', runlocal: True}, over `defaults`."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"<arg>.{key}", f"unknown config argument; known: {sorted(defaults)}")
+    if not eq:
+      out[key] = True
+    else:
+      out[key] = type(defaults[key])(value) if not isinstance(defaults[key], bool) else (
+          value.lower() in ("1", "true", "yes"))
+  return ml_collections.ConfigDict(out)
+
+
+def _positive_int(section, name, value):
+  if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    raise ConfigError(f"{section}.{name}", f"must be a positive integer, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field that can be checked without data or devices."""
+  from hiertx import models  # noqa: PLC0415  (models import jax; keep this module light)
+
+  for name in ("seq_len", "batch_size"):
+    _positive_int("data", name, config.data[name])
+  for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+    _positive_int("train", name, config.train[name])
+  for name in ("every", "batch_size", "batches"):
+    _positive_int("eval", name, config.eval[name])
+  if not isinstance(config.train.warmup_steps, int) or config.train.warmup_steps < 0:
+    raise ConfigError("train.warmup_steps", "must be a non-negative integer")
+  for name in ("learning_rate", "grad_clip"):
+    if not config.train[name] > 0:
+      raise ConfigError(f"train.{name}", f"must be positive, got {config.train[name]!r}")
+  if not 0 <= config.train.end_learning_rate_fraction <= 1:
+    raise ConfigError("train.end_learning_rate_fraction", "must be in [0, 1]")
+  if config.train.weight_decay < 0:
+    raise ConfigError("train.weight_decay", "must be >= 0")
+  if config.eval.split not in ("train", "validation", "test"):
+    raise ConfigError("eval.split", f"{config.eval.split!r} is not train/validation/test")
+  models.check(config.model, config.data.seq_len)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads(text))
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+  """Dotted paths whose values differ (lists and tuples compare equal)."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+    path = f"{prefix}{key}"
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += differences(a, b, path + ".")
+    elif _plain(a) != _plain(b):
+      out.append(f"{path}: {_plain(a)!r} -> {_plain(b)!r}")
+  return out
+
+
+def _plain(v):
+  return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def apply_size_defaults(c: ml_collections.ConfigDict, arg) -> None:
+  """Shrinks data and schedule for `size=tiny` and `runlocal` (tests, laptops)."""
+  if arg.size == "tiny" or arg.get("runlocal"):
+    c.data.seq_len = 64
+    c.data.batch_size = 8
+    c.train.steps = 20
+    c.train.warmup_steps = 2
+    c.train.log_every = 5
+    c.train.checkpoint_every = 10
+    c.eval.every = 10
+    c.eval.batch_size = 8
+    c.eval.batches = 2

@@ -1,0 +1,73 @@
+r"""Evaluates a checkpoint: `python -m hiertx.evaluate --workdir=... [--step] [--split]`.
+
+Rebuilds the model from the workdir's config.json, restores the newest (or
+the given) checkpoint onto the current devices, and scores the split with
+the same batches the trainer uses. Prints loss, perplexity and bits per byte
+and writes them to `<workdir>/eval_<split>_<step>.json`.
+"""
+
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags
+
+from hiertx import checkpoint
+from hiertx import data
+from hiertx import train
+from hiertx.errors import CheckpointError, HiertxError
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None = None,
+                        batches: int | None = None) -> dict:
+  config = checkpoint.load_config(workdir)
+  if batches is not None:
+    config.eval.batches = batches
+  split = split or config.eval.split
+  run = train.build_run(config)
+  mngr = checkpoint.manager(workdir)
+  steps = mngr.all_steps()
+  if not steps:
+    raise CheckpointError(f"{workdir!r} has no checkpoints")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has {sorted(steps)}")
+  state = checkpoint.restore(mngr, step, run.abstract_state)
+  mngr.close()
+  eval_data = data.eval_batches(config.data, split,
+                                config.eval.batch_size // jax.process_count(),
+                                config.eval.batches,
+                                data.Shard(jax.process_index(), jax.process_count()))
+  result = {"step": step, "split": split, **run.evaluate(state.params, eval_data)}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f"eval_{split}_{step}.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train.quiet_library_logs()
+  try:
+    f = flags.FLAGS
+    r = evaluate_checkpoint(f.workdir, f.step, f.split, f.batches)
+  except HiertxError as e:
+    sys.exit(f"error: {e}")
+  print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
+        f"{r['eval/perplexity']:.3f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
+        f"{r['eval/tokens']:.0f} tokens", flush=True)
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A hiertx training workdir.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_enum("split", None, ["train", "validation", "test"],
+                    "Split to score (default: the config's eval.split).")
+  flags.DEFINE_integer("batches", None, "Batches to score (default: eval.batches).")
+  flags.mark_flags_as_required(["workdir"])
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,115 @@
+"""What a run reports (DESIGN.md section 4): JSONL + TensorBoard writers, the
+XLA memory/cost analysis of a compiled step, parameter counts, run facts."""
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+
+class Writer:
+  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; no-op off process 0."""
+
+  def __init__(self, workdir: str, active: bool = True):
+    self.active = active
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if active else None
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.active:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+    finite = {k: v for k, v in clean.items() if math.isfinite(v)}
+    self._tb.write_scalars(int(step), finite)
+
+  def flush(self):
+    if self._tb:
+      self._tb.flush()
+
+  def close(self):
+    if self._tb:
+      self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def xla_memory(compiled) -> dict[str, int]:
+  """Bytes from XLA's buffer assignment of a compiled function.
+
+  peak = argument + output + temp - alias (donated inputs reuse their buffers).
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {
+      "memory/xla_argument_bytes": m.argument_size_in_bytes,
+      "memory/xla_output_bytes": m.output_size_in_bytes,
+      "memory/xla_temp_bytes": m.temp_size_in_bytes,
+      "memory/xla_alias_bytes": m.alias_size_in_bytes,
+      "memory/xla_generated_code_bytes": m.generated_code_size_in_bytes,
+  }
+  out["memory/xla_peak_bytes"] = (out["memory/xla_argument_bytes"] + out["memory/xla_output_bytes"]
+                                  + out["memory/xla_temp_bytes"] - out["memory/xla_alias_bytes"])
+  return out
+
+
+def xla_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def device_peak_bytes() -> int | None:
+  """Allocator peak on device 0, where the backend reports it (GPU/TPU)."""
+  try:
+    stats = jax.local_devices()[0].memory_stats()
+  except Exception:  # noqa: BLE001  (backends without stats raise various errors)
+    return None
+  return None if not stats or "peak_bytes_in_use" not in stats else int(stats["peak_bytes_in_use"])
+
+
+def param_counts(params) -> dict[str, int]:
+  """Total parameters and per top-level module (e.g. scale_0, pool_1, post)."""
+  counts = {"params/total": 0}
+  for key, sub in params.items():
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(sub))
+    counts[f"params/{key}"] = n
+    counts["params/total"] += n
+  return counts
+
+
+def git_sha() -> str:
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                          text=True, timeout=5).stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+
+
+def versions() -> dict[str, str]:
+  import flax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+  import orbax.checkpoint  # noqa: PLC0415
+  import seqio  # noqa: PLC0415
+
+  import hiertx  # noqa: PLC0415
+
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "orbax": getattr(orbax.checkpoint, "__version__", "?"),
+          "seqio": getattr(seqio, "__version__", "?"), "hiertx": hiertx.__version__}

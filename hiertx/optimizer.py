@@ -1,0 +1,27 @@
+"""AdamW with linear warmup, cosine decay and global-norm gradient clipping."""
+
+import jax
+import optax
+
+
+def schedule(train_cfg) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=train_cfg.learning_rate,
+      warmup_steps=train_cfg.warmup_steps,
+      decay_steps=max(train_cfg.steps, train_cfg.warmup_steps + 1),
+      end_value=train_cfg.learning_rate * train_cfg.end_learning_rate_fraction)
+
+
+def _decay_mask(params):
+  # Decay matrices only: not LayerNorm scales/biases, nor the position table.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: x.ndim >= 2 and "position" not in jax.tree_util.keystr(path), params)
+
+
+def make(train_cfg) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.clip_by_global_norm(train_cfg.grad_clip),
+      optax.adamw(schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
+                  weight_decay=train_cfg.weight_decay, mask=_decay_mask),
+  )
