@@ -65,15 +65,18 @@ def rotary(x_BxLxHxK: jax.Array, pos_L: jax.Array) -> jax.Array:
 def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxQxS) -> jax.Array:
   """Softmax attention of queries over an arbitrary key set.
 
-  A query row whose keys are all masked (only padding ever has one) gets a
-  uniform average instead of NaN.
+  A query whose keys are all masked gets a zero output: e.g. a fine position
+  at the start of a packed document, before its document has any complete
+  coarse block, must read nothing from a coarse scale (not an average of
+  other documents).
   """
   scale = q_BxQxHxK.shape[-1] ** -0.5
   logits_BxHxQxS = jnp.einsum(
       "bqhk,bshk->bhqs", q_BxQxHxK, k_BxSxHxK, preferred_element_type=jnp.float32
   ) * scale
   logits_BxHxQxS = jnp.where(mask_BxQxS[:, None], logits_BxHxQxS, _MASKED)
-  weights = jax.nn.softmax(logits_BxHxQxS, axis=-1).astype(v_BxSxHxK.dtype)
+  weights = jax.nn.softmax(logits_BxHxQxS, axis=-1) * mask_BxQxS[:, None]
+  weights = weights.astype(v_BxSxHxK.dtype)
   return jnp.einsum("bhqs,bshk->bqhk", weights, v_BxSxHxK)
 
 

@@ -76,7 +76,7 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int):
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+  return new, {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
 
 
 def eval_step(params, batch, *, model, bytes_V):
@@ -200,8 +200,9 @@ def compiled_facts(run: Run, config) -> dict:
   compiled = run.train_step.lower(run.abstract_state, batch_spec(config, run)).compile()
   facts = metrics.xla_memory(compiled)
   flops = metrics.xla_flops(compiled)
-  if flops is not None:
-    facts["flops/step_xla"] = flops
+  if flops is not None:  # XLA counts one partition of the SPMD program
+    facts["flops/step_xla_per_device"] = flops
+    facts["flops/step_xla"] = flops * run.mesh.size
   return facts
 
 
@@ -309,44 +310,48 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
     t_log, steps_since_log = now, 0
 
   def save(step):
-    checkpoint.save(mngr, step, state)
+    if mngr.latest_step() != step:
+      checkpoint.save(mngr, step, state)
 
-  with _StopRequest() as stop:
-    step = start
-    while step < total:
-      batch = run.put_batch(next(batches))
-      state, step_metrics = run.train_step(state, batch)
-      step += 1
-      steps_since_log += 1
-      if step == start + 1:  # the first call compiled; time from here on
-        t_log, steps_since_log = time.time(), 0
-      if pending is not None:
-        report(*pending)
-      pending = (step, step_metrics)
-      is_last = step == total
-      if step % config.eval.every == 0 or is_last:
-        report(*pending)
-        pending = None
-        e = run.evaluate(state.params, eval_data)
-        writer.write(step, e)
-        last.update(e)
-        print(f"eval at step {step} ({config.eval.split}): loss {e['eval/loss']:.4f} | "
-              f"perplexity {e['eval/perplexity']:.3f} | bits/byte {e['eval/bits_per_byte']:.4f}",
-              flush=True)
-        t_log = time.time()  # evaluation time is not training time
-      if step % config.train.checkpoint_every == 0 or is_last:
-        save(step)
-      if stop.signal and not is_last:
+  try:
+    with _StopRequest() as stop:
+      step = start
+      while step < total:
+        batch = run.put_batch(next(batches))
+        state, step_metrics = run.train_step(state, batch)
+        step += 1
+        steps_since_log += 1
+        if step == start + 1:  # the first call compiled; time from here on
+          t_log, steps_since_log = time.time(), 0
         if pending is not None:
           report(*pending)
-        save(step)
-        mngr.wait_until_finished()
-        print(f"{stop.signal}: saved a checkpoint at step {step}; run the same command "
-              "to resume", flush=True)
-        break
-    if pending is not None:
-      report(*pending)
-  mngr.wait_until_finished()
+        pending = (step, step_metrics)
+        is_last = step == total
+        if step % config.eval.every == 0 or is_last:
+          report(*pending)
+          pending = None
+          e = run.evaluate(state.params, eval_data)
+          writer.write(step, e)
+          last.update(e)
+          print(f"eval at step {step} ({config.eval.split}): loss {e['eval/loss']:.4f} | "
+                f"perplexity {e['eval/perplexity']:.3f} | bits/byte {e['eval/bits_per_byte']:.4f}",
+                flush=True)
+          t_log = time.time()  # evaluation time is not training time
+        if step % config.train.checkpoint_every == 0 or is_last:
+          save(step)
+        if stop.signal and not is_last:
+          if pending is not None:
+            report(*pending)
+          save(step)
+          print(f"{stop.signal}: saved a checkpoint at step {step}; run the same command "
+                "to resume", flush=True)
+          break
+      if pending is not None:
+        report(*pending)
+  finally:
+    # An exception (or a second Ctrl-C) must not drop a save already under way.
+    mngr.wait_until_finished()
+    writer.flush()
   peak = metrics.device_peak_bytes()
   if peak is not None:
     writer.write(step, {"memory/device_peak_bytes": peak})

@@ -59,6 +59,8 @@ class LanguageModel(nn.Module):
     pos_BxP = jnp.minimum(scales.pad_to_multiple(positions_BxT, m), self.max_len - 1)
     x_BxPxD = layers.Embed(self.vocab_size, self.block_cfg, self.max_len, name="embed")(
         tokens_BxP, pos_BxP, deterministic)
+    # A zero-cost hook: tests differentiate outputs w.r.t. the input embeddings.
+    x_BxPxD = self.perturb("embeddings", x_BxPxD)
     h_BxPxD = self.body(x_BxPxD, scales.fine_scale(seg_BxP), deterministic)
     logits_BxPxV = layers.Head(self.vocab_size, self.block_cfg, name="head")(h_BxPxD)
     return logits_BxPxV[:, :t]

@@ -1,0 +1,107 @@
+"""Config files, `:arg` variants, command-line overrides and clear config errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, config_path
+from hiertx import config as config_lib
+from hiertx import models
+from hiertx.errors import ConfigError
+
+MODEL_NAMES = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("size", ["tiny", "small", "base", None])
+def test_every_config_file_validates(name, size):
+  c = config_lib.load(config_path(name) + (f":size={size}" if size else ""))
+  config_lib.validate(c)
+  assert c.model.name == name
+
+
+def test_paper_pair_has_30_and_14_layers_at_the_same_width():
+  v = config_lib.load(config_path("vanilla") + ":size=paper14")
+  h = config_lib.load(config_path("bottom_up") + ":size=paper30")
+  assert v.model.num_layers == 14
+  m = h.model
+  assert sum(m.layers_per_scale) + 1 + m.post_layers == 30  # + the aggregation layer
+  assert v.model.d_model == h.model.d_model
+  for name in ("top_down", "hourglass", "retina"):
+    config_lib.validate(config_lib.load(config_path(name) + ":size=paper30"))
+
+
+def _bad(config_name, **fields):
+  c = config_lib.load(config_path(config_name) + ":size=tiny")
+  for k, v in fields.items():
+    c.model[k] = v
+  return c
+
+
+@pytest.mark.parametrize("config_name,fields,field", [
+    ("bottom_up", dict(pool_factors=(1, 2)), "model.pool_factors"),
+    ("top_down", dict(pool_factors=(2, 1)), "model.pool_factors"),
+    ("retina", dict(pool_factor=1), "model.pool_factor"),
+    ("bottom_up", dict(post_layers=0), "model.post_layers"),
+    ("top_down", dict(layers_per_scale=(0, 1, 1)), "model.layers_per_scale"),
+    ("hourglass", dict(hierarchy="1@1 2@2 0@1"), "model.hierarchy"),
+    ("hourglass", dict(hierarchy="1@1 2@3 1@2"), "model.hierarchy"),
+    ("hourglass", dict(hierarchy="2@1 4@3 4@9 4@3 2@1x"), "model.hierarchy"),
+    ("retina", dict(windows=(4, 0)), "model.windows"),
+    ("retina", dict(windows=()), "model.windows"),
+    ("bottom_up", dict(layers_per_scale=(1, 1)), "model.layers_per_scale"),
+    ("top_down", dict(layers_per_scale=(1, 1, 1, 1)), "model.layers_per_scale"),
+    ("vanilla", dict(num_heads=3), "model.num_heads"),
+    ("vanilla", dict(d_model=0), "model.d_model"),
+    ("vanilla", dict(name="transformer"), "model.name"),
+    ("hourglass", dict(pooling="max"), "model.pooling"),
+    ("top_down", dict(upsampling="nearest"), "model.upsampling"),
+    ("vanilla", dict(max_len=16), "model.max_len"),
+])
+def test_bad_model_configs_name_the_field(config_name, fields, field):
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(_bad(config_name, **fields))
+  assert str(e.value).startswith(f"config.{field}:"), str(e.value)
+
+
+def test_unknown_model_field_is_refused():
+  with pytest.raises(ConfigError, match="model.num_layer.*not a field of the vanilla"):
+    models.check({"name": "vanilla", "num_layer": 3}, 64)
+
+
+def test_arg_parsing():
+  assert config_lib.parse_arg("size=tiny,runlocal", size="small", runlocal=False).to_dict() == {
+      "size": "tiny", "runlocal": True}
+  with pytest.raises(ConfigError, match="unknown config argument"):
+    config_lib.parse_arg("sise=tiny", size="small")
+
+
+def _cli(*args, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "hiertx.train", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path):
+  r = _cli("--config=configs/vanilla.py:size=tiny", "--config.model.num_layers=0",
+           f"--workdir={tmp_path}/a")
+  assert r.returncode == 1 and "config.model.num_layers: must be a positive integer" in r.stderr
+  assert "Traceback" not in r.stderr
+  r = _cli("--config=configs/vanilla.py:size=tiny", "--config.data.text_files=/nonexistent/*.txt",
+           f"--workdir={tmp_path}/b")
+  assert r.returncode == 1 and "matches no files" in r.stderr and "Traceback" not in r.stderr
+  r = _cli("--config=configs/vanilla.py:size=tiny", "--config.model.no_such_field=3",
+           f"--workdir={tmp_path}/c")
+  assert r.returncode != 0 and "no_such_field" in r.stderr
+
+
+def test_cli_trains_with_overrides(tmp_path):
+  r = _cli("--config=configs/top_down.py:size=tiny", "--config.train.steps=6",
+           "--config.model.upsampling=linear", f"--workdir={tmp_path}/run")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "step 6/6" in r.stdout and "bits/byte" in r.stdout
+  saved = config_lib.from_json(open(tmp_path / "run" / "config.json").read())
+  assert saved.model.upsampling == "linear" and saved.train.steps == 6

@@ -1,0 +1,123 @@
+"""The trainer end to end on the built-in corpus: metrics, resume, evaluation."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from hiertx import checkpoint, evaluate, metrics, train
+from hiertx.errors import CheckpointError, ConfigError
+
+
+def _final_params(workdir):
+  mngr = checkpoint.manager(workdir)
+  state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
+  mngr.close()
+  return state["params"]
+
+
+@pytest.fixture(scope="module")
+def vanilla_run(tmp_path_factory):
+  """One uninterrupted tiny vanilla run shared by several tests."""
+  from hiertx import config as config_lib
+  from conftest import config_path
+
+  config = config_lib.load(config_path("vanilla") + ":size=tiny")
+  workdir = str(tmp_path_factory.mktemp("vanilla"))
+  out = train.train_and_evaluate(config, workdir)
+  return config, workdir, out
+
+
+def test_training_writes_the_metrics_design_asks_for(vanilla_run):
+  config, workdir, out = vanilla_run
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  once = rows[0]
+  assert once["memory/xla_peak_bytes"] == (once["memory/xla_argument_bytes"]
+                                           + once["memory/xla_output_bytes"]
+                                           + once["memory/xla_temp_bytes"]
+                                           - once["memory/xla_alias_bytes"])
+  assert once["memory/xla_peak_bytes"] > once["params/total"] * 4  # params + grads + Adam
+  # Forward + backward is at least 6 FLOPs per matmul parameter per token.
+  matmul_params = once["params/total"] - once["params/embed"]
+  assert once["flops/step_xla"] > 6 * matmul_params * 8 * 64
+  assert once["flops/step_xla"] == once["flops/step_xla_per_device"] * 8
+  assert "memory/device_peak_bytes" not in {k for r in rows for k in r}  # CPU has no stats
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+  for r in train_rows:
+    assert r["train/tokens_per_s"] > 0 and r["train/step_time_s"] > 0
+    assert r["train/grad_norm"] > 0 and 0 < r["train/learning_rate"] <= config.train.learning_rate
+  assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"] - 0.5
+  evals = [r for r in rows if "eval/loss" in r]
+  assert [r["step"] for r in evals] == [10, 20]
+  for r in evals:
+    assert np.isclose(r["eval/perplexity"], np.exp(r["eval/loss"]))
+    # Byte vocabulary: bits per byte is bits per token, scaled by tokens per byte (EOS aside).
+    assert 0.9 < r["eval/bits_per_byte"] / (r["eval/loss"] / np.log(2)) < 1.1
+  assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  info = json.load(open(os.path.join(workdir, "run_info.json")))
+  assert info["config"]["model"]["name"] == "vanilla" and info["mesh"]["data"] == 8
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 20
+  assert out["step"] == 20
+
+
+def test_evaluate_reproduces_the_logged_eval_loss(vanilla_run):
+  _, workdir, _ = vanilla_run
+  logged = {r["step"]: r["eval/loss"] for r in metrics.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl")) if "eval/loss" in r}
+  for step in (10, 20):
+    result = evaluate.evaluate_checkpoint(workdir, step=step)
+    assert result["eval/loss"] == pytest.approx(logged[step], rel=1e-6)
+  assert os.path.exists(os.path.join(workdir, "eval_validation_10.json"))
+  test = evaluate.evaluate_checkpoint(workdir, split="test")
+  assert test["step"] == 20 and np.isfinite(test["eval/loss"])
+  with pytest.raises(CheckpointError, match="no checkpoint at step 7"):
+    evaluate.evaluate_checkpoint(workdir, step=7)
+
+
+def test_crash_and_resume_ends_with_the_same_parameters(vanilla_run, tmp_path, monkeypatch):
+  config, ref_workdir, _ = vanilla_run
+  workdir = str(tmp_path / "resumed")
+  real = train.data.train_batches
+
+  def crashing(*args, **kwargs):  # dies while fetching the batch of step 14
+    for i, batch in enumerate(real(*args, **kwargs)):
+      if args[2] + i == 13:
+        raise KeyboardInterrupt("simulated kill")
+      yield batch
+
+  monkeypatch.setattr(train.data, "train_batches", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint.manager(workdir).latest_step() == 10
+  monkeypatch.setattr(train.data, "train_batches", real)
+  out = train.train_and_evaluate(config, workdir)
+  assert out["step"] == 20
+  ref, got = _final_params(ref_workdir), _final_params(workdir)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         ref, got)
+  # The losses logged after the resume match the uninterrupted run's.
+  loss = lambda wd: {r["step"]: r["train/loss"] for r in metrics.read_jsonl(  # noqa: E731
+      os.path.join(wd, "metrics.jsonl")) if "train/loss" in r}
+  assert loss(workdir)[20] == pytest.approx(loss(ref_workdir)[20], rel=1e-6)
+
+
+def test_incompatible_workdir_is_refused(vanilla_run):
+  config, workdir, _ = vanilla_run
+  other = config.copy_and_resolve_references()
+  other.unlock()
+  other.model.num_layers = 3
+  with pytest.raises(CheckpointError, match=r"model.num_layers: 2 -> 3"):
+    train.train_and_evaluate(other, workdir)
+
+
+def test_bad_batch_for_the_mesh_fails_before_compiling(tiny_config, tmp_path):
+  config = tiny_config("vanilla", data__batch_size=12)
+  with pytest.raises(ConfigError, match="data.batch_size.*data-parallel size 8"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")

@@ -1,0 +1,28 @@
+"""Tiny model configs (D=16) covering every architecture and its options."""
+
+COMMON = dict(d_model=16, num_heads=2, mlp_dim=32, max_len=64, dropout=0.0)
+
+MODELS = {
+    "vanilla": dict(name="vanilla", num_layers=2),
+    "vanilla_rotary": dict(name="vanilla", num_layers=2, positions="rotary"),
+    "bottom_up": dict(name="bottom_up", layers_per_scale=(1, 1, 1), pool_factors=(2, 3),
+                      post_layers=1),
+    "bottom_up_attn_pool": dict(name="bottom_up", layers_per_scale=(1, 1, 1),
+                                pool_factors=(2, 2), pooling="attention", post_layers=1,
+                                query_adds_coarse=True, positions="rotary"),
+    "top_down": dict(name="top_down", layers_per_scale=(1, 1, 1), pool_factors=(2, 3)),
+    "top_down_linear": dict(name="top_down", layers_per_scale=(1, 0, 1), pool_factors=(2, 2),
+                            pooling="linear", upsampling="linear"),
+    "top_down_attention": dict(name="top_down", layers_per_scale=(1, 1), pool_factors=(3,),
+                               upsampling="attention", positions="rotary"),
+    "retina": dict(name="retina", num_layers=2, pool_factor=2, windows=(3, 2), chunk_size=4),
+    "retina_dense": dict(name="retina", num_layers=2, pool_factor=2, windows=(3, 2),
+                         implementation="dense"),
+    "hourglass": dict(name="hourglass", hierarchy="1@1 1@2 1@4 1@2 1@1"),
+    "hourglass_attention": dict(name="hourglass", hierarchy="1@1 2@3 1@1",
+                                pooling="attention", upsampling="attention"),
+}
+
+
+def model_cfg(key: str, **overrides) -> dict:
+  return {**COMMON, **MODELS[key], **overrides}
