@@ -23,5 +23,5 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "matplotlib>=3.8,<4",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"]},
 )

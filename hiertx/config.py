@@ -30,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16,  # global batch, in rows of seq_len tokens
       pack=True,
       seed=0,
+      process_sharding="rows",  # rows | source (see hiertx.data)
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=400,
@@ -137,6 +138,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.end_learning_rate_fraction", "must be in [0, 1]")
   if config.train.weight_decay < 0:
     raise ConfigError("train.weight_decay", "must be >= 0")
+  if config.data.process_sharding not in ("rows", "source"):
+    raise ConfigError("data.process_sharding", f"{config.data.process_sharding!r} is not "
+                      "'rows' or 'source'")
   if config.eval.split not in ("train", "validation", "test"):
     raise ConfigError("eval.split", f"{config.eval.split!r} is not train/validation/test")
   models.check(config.model, config.data.seq_len)

@@ -8,6 +8,15 @@ A batch is a dict of int32 numpy arrays [B, T]:
   positions    position within its document
 Training order is a pure function of (data.seed, step): resuming at step N
 skips N batches of the same stream, so a resumed run sees the same data.
+
+With several processes each one feeds its slice of the global batch:
+  data.process_sharding="rows"   every process reads the stream and keeps its
+                                 rows: the global batch is the same for any
+                                 number of processes (reproducible, resumable
+                                 on another topology); the default.
+  data.process_sharding="source" seqio `shard_info` splits the source, so each
+                                 process reads only its part: for corpora too
+                                 big for every host to read.
 """
 
 import dataclasses
@@ -50,8 +59,13 @@ def check_data(data_cfg) -> None:
                     "validation fraction in data.split_fractions")
 
 
+PROCESS_SHARDINGS = ("rows", "source")
+
+
 def _rows(data_cfg, split: str, shuffle: bool, repeat: bool, shard: Shard) -> tf.data.Dataset:
   task = tasks.get_task(data_cfg)
+  if data_cfg.process_sharding == "rows":
+    shard = Shard()
   lengths = {"targets": data_cfg.seq_len}
   ds = task.get_dataset(
       lengths, split=split, shuffle=shuffle, seed=data_cfg.seed if shuffle else None,
@@ -70,21 +84,34 @@ def _complete(batch: dict, seq_len: int) -> dict:
   return batch
 
 
-def train_batches(data_cfg, local_batch: int, start_step: int = 0, shard: Shard = Shard()):
-  """Endless iterator of training batches, starting at `start_step`."""
+def _local_rows(batch: dict, shard: Shard, data_cfg) -> dict:
+  if data_cfg.process_sharding != "rows" or shard.count == 1:
+    return batch
+  n = batch["targets"].shape[0] // shard.count
+  return {k: v[shard.index * n:(shard.index + 1) * n] for k, v in batch.items()}
+
+
+def _read_batch_size(global_batch: int, shard: Shard, data_cfg) -> int:
+  return global_batch if data_cfg.process_sharding == "rows" else global_batch // shard.count
+
+
+def train_batches(data_cfg, global_batch: int, start_step: int = 0, shard: Shard = Shard()):
+  """Endless iterator of this process's training rows, starting at `start_step`."""
   ds = _rows(data_cfg, "train", shuffle=True, repeat=True, shard=shard)
-  ds = ds.batch(local_batch, drop_remainder=True).skip(start_step).prefetch(2)
-  for batch in ds.as_numpy_iterator():
-    yield _complete(batch, data_cfg.seq_len)
+  ds = ds.batch(_read_batch_size(global_batch, shard, data_cfg), drop_remainder=True)
+  for batch in ds.skip(start_step).prefetch(2).as_numpy_iterator():
+    yield _local_rows(_complete(batch, data_cfg.seq_len), shard, data_cfg)
 
 
-def eval_batches(data_cfg, split: str, batch_size: int, max_batches: int,
+def eval_batches(data_cfg, split: str, global_batch: int, max_batches: int,
                  shard: Shard = Shard()) -> list[dict]:
-  """The first `max_batches` batches of a split, in file order, padded to full size.
+  """This process's rows of the first `max_batches` batches of a split, in
+  file order, padded to full size.
 
   Materialised once so every evaluation scores exactly the same tokens.
   """
   ds = _rows(data_cfg, split, shuffle=False, repeat=False, shard=shard)
+  batch_size = _read_batch_size(global_batch, shard, data_cfg)
   ds = ds.batch(batch_size).take(max_batches)
   out = []
   for batch in ds.as_numpy_iterator():
@@ -92,7 +119,7 @@ def eval_batches(data_cfg, split: str, batch_size: int, max_batches: int,
     short = batch_size - batch["targets"].shape[0]
     if short:
       batch = {k: np.pad(v, ((0, short), (0, 0))) for k, v in batch.items()}
-    out.append(batch)
+    out.append(_local_rows(batch, shard, data_cfg))
   if not out:
     raise DataError(f"the {split} split of {data_cfg.text_files or data_cfg.task} "
                     "yields no examples")

@@ -15,16 +15,32 @@ from absl import app, flags
 
 from hiertx import checkpoint
 from hiertx import data
+from hiertx import distributed
 from hiertx import train
-from hiertx.errors import CheckpointError, HiertxError
+from hiertx.errors import CheckpointError, ConfigError, HiertxError
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
+  out = {"data": 1, "fsdp": 1, "tensor": 1}
+  for item in filter(None, text.split(",")):
+    axis, _, size = item.partition("=")
+    if axis not in out or not size.lstrip("-").isdigit():
+      raise ConfigError("mesh", f"--mesh={text!r}: expected items like data=2,fsdp=4")
+    out[axis] = int(size)
+  return out
+
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None = None,
-                        batches: int | None = None) -> dict:
+                        batches: int | None = None, mesh: str = "data=-1",
+                        devices=None) -> dict:
+  """Scores a checkpoint, restored onto `mesh` over `devices` (default: all,
+  data parallel), whatever mesh it was saved from."""
   config = checkpoint.load_config(workdir)
   if batches is not None:
     config.eval.batches = batches
+  config.mesh.update(parse_mesh(mesh))
   split = split or config.eval.split
-  run = train.build_run(config)
+  run = train.build_run(config, devices)
   mngr = checkpoint.manager(workdir)
   steps = mngr.all_steps()
   if not steps:
@@ -34,8 +50,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
     raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has {sorted(steps)}")
   state = checkpoint.restore(mngr, step, run.abstract_state)
   mngr.close()
-  eval_data = data.eval_batches(config.data, split,
-                                config.eval.batch_size // jax.process_count(),
+  eval_data = data.eval_batches(config.data, split, config.eval.batch_size,
                                 config.eval.batches,
                                 data.Shard(jax.process_index(), jax.process_count()))
   result = {"step": step, "split": split, **run.evaluate(state.params, eval_data)}
@@ -49,9 +64,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   train.quiet_library_logs()
+  distributed.initialize_from_flags()
   try:
     f = flags.FLAGS
-    r = evaluate_checkpoint(f.workdir, f.step, f.split, f.batches)
+    r = evaluate_checkpoint(f.workdir, f.step, f.split, f.batches, f.mesh)
   except HiertxError as e:
     sys.exit(f"error: {e}")
   print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
@@ -65,7 +81,10 @@ def define_flags() -> None:
   flags.DEFINE_enum("split", None, ["train", "validation", "test"],
                     "Split to score (default: the config's eval.split).")
   flags.DEFINE_integer("batches", None, "Batches to score (default: eval.batches).")
+  flags.DEFINE_string("mesh", "data=-1", "Mesh to restore onto, e.g. data=2,fsdp=4 "
+                      "(-1: the remaining devices); independent of the training mesh.")
   flags.mark_flags_as_required(["workdir"])
+  distributed.define_flags()
 
 
 if __name__ == "__main__":

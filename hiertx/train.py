@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from hiertx import checkpoint
 from hiertx import config as config_lib
 from hiertx import data
+from hiertx import distributed
 from hiertx import metrics
 from hiertx import models
 from hiertx import optimizer
@@ -144,11 +145,14 @@ class Run:
     return summarize_eval(sums)
 
 
-def build_run(config) -> Run:
-  """Validates the config and builds the sharded model and step functions."""
+def build_run(config, devices=None) -> Run:
+  """Validates the config and builds the sharded model and step functions.
+
+  `devices` (default: all) lets tests and tools use part of the machine.
+  """
   config_lib.validate(config)
   data.check_data(config.data)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   par = sharding.batch_parallelism(mesh)
   for section in ("data", "eval"):
     if config[section].batch_size % par:
@@ -276,10 +280,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
         f"memory {facts.get('memory/xla_peak_bytes', 0) / 2**20:.1f} MiB", flush=True)
 
   shard = data.Shard(jax.process_index(), jax.process_count())
-  local_batch = config.data.batch_size // jax.process_count()
-  batches = data.train_batches(config.data, local_batch, start, shard)
-  eval_data = data.eval_batches(config.data, config.eval.split,
-                                config.eval.batch_size // jax.process_count(),
+  batches = data.train_batches(config.data, config.data.batch_size, start, shard)
+  eval_data = data.eval_batches(config.data, config.eval.split, config.eval.batch_size,
                                 config.eval.batches, shard)
   lr = optimizer.schedule(config.train)
   last: dict = {}
@@ -373,6 +375,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("allow_config_change", False, "Resume even if the model/data config "
                     "differs from the run that wrote the workdir.")
   flags.mark_flags_as_required(["config", "workdir"])
+  distributed.define_flags()
 
 
 def quiet_library_logs() -> None:
@@ -385,6 +388,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logs()
+  distributed.initialize_from_flags()
   try:
     f = flags.FLAGS
     out = train_and_evaluate(f.config, f.workdir, f.allow_config_change)

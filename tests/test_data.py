@@ -10,7 +10,7 @@ from hiertx.errors import ConfigError, DataError
 
 def data_cfg(**kw):
   base = dict(task="stdlib", text_files="", split_fractions=(0.9, 0.05, 0.05), vocab="byte",
-              seq_len=32, batch_size=4, pack=True, seed=0)
+              seq_len=32, batch_size=4, pack=True, seed=0, process_sharding="rows")
   return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -103,3 +103,12 @@ def test_tfds_corpora_are_registered_without_downloading():
     task = tasks.get_task(data_cfg(task=name))
     assert task.name == f"hiertx.{name}.byte"
     assert set(task.splits) >= {"train", "validation", "test"}
+
+
+def test_row_sharding_gives_each_process_its_rows_of_the_same_global_batch():
+  cfg = data_cfg()
+  whole = next(data.train_batches(cfg, 4))
+  parts = [next(data.train_batches(cfg, 4, shard=data.Shard(i, 2))) for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate([p["targets"] for p in parts]), whole["targets"])
+  src = next(data.train_batches(data_cfg(process_sharding="source"), 4, shard=data.Shard(1, 2)))
+  assert src["targets"].shape == (2, 32)

@@ -1,5 +1,7 @@
 """Causality and sensitivity of every model (DESIGN.md section 2)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +14,16 @@ V = 23
 LENGTHS = (12, 13)  # 12 is divisible by every tiny model's k^S; 13 is not
 
 
-def build(key, t, with_perturbations=False, **overrides):
-  model = models.build(model_cfg(key, **overrides), V, 64)
+@functools.lru_cache(maxsize=None)
+def _built(key, t, overrides):
+  model = models.build(model_cfg(key, **dict(overrides)), V, 64)
   tokens = jax.random.randint(jax.random.PRNGKey(t), (2, t), 1, V)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)
+  return model, jax.jit(model.init)(jax.random.PRNGKey(1), tokens), tokens
+
+
+def build(key, t, with_perturbations=False, **overrides):
+  """A tiny model, its random parameters and tokens (cached across tests)."""
+  model, variables, tokens = _built(key, t, tuple(sorted(overrides.items())))
   if with_perturbations:
     return model, variables["params"], tokens, variables["perturbations"]
   return model, variables["params"], tokens

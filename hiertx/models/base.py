@@ -38,6 +38,11 @@ class LanguageModel(nn.Module):
     return layers.BlockConfig(self.d_model, self.num_heads, self.mlp_dim,
                               self.dropout, self.positions, self.dtype)
 
+  @property
+  def padded_vocab(self) -> int:
+    """Tables are padded to a multiple of 128 so `vocab` splits evenly over devices."""
+    return -(-self.vocab_size // 128) * 128
+
   def length_multiple(self) -> int:
     """Sequence lengths are padded to a multiple of this (k^S for hierarchies)."""
     return 1
@@ -57,13 +62,13 @@ class LanguageModel(nn.Module):
     tokens_BxP = scales.pad_to_multiple(tokens_BxT, m)
     seg_BxP = scales.pad_to_multiple(segment_ids_BxT.astype(jnp.int32), m)
     pos_BxP = jnp.minimum(scales.pad_to_multiple(positions_BxT, m), self.max_len - 1)
-    x_BxPxD = layers.Embed(self.vocab_size, self.block_cfg, self.max_len, name="embed")(
+    x_BxPxD = layers.Embed(self.padded_vocab, self.block_cfg, self.max_len, name="embed")(
         tokens_BxP, pos_BxP, deterministic)
     # A zero-cost hook: tests differentiate outputs w.r.t. the input embeddings.
     x_BxPxD = self.perturb("embeddings", x_BxPxD)
     h_BxPxD = self.body(x_BxPxD, scales.fine_scale(seg_BxP), deterministic)
-    logits_BxPxV = layers.Head(self.vocab_size, self.block_cfg, name="head")(h_BxPxD)
-    return logits_BxPxV[:, :t]
+    logits_BxPxV = layers.Head(self.padded_vocab, self.block_cfg, name="head")(h_BxPxD)
+    return logits_BxPxV[:, :t, :self.vocab_size]
 
   @classmethod
   def check_config(cls, cfg: Mapping[str, Any], seq_len: int) -> None:

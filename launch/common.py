@@ -1,0 +1,28 @@
+"""Shared by the launchers: the trainer command line and printing a dry run."""
+
+import shlex
+import sys
+
+
+def train_command(config: str, workdir: str, overrides: list[str], python: str = "python3",
+                  module: str = "hiertx.train") -> list[str]:
+  """`python -m hiertx.train --config=... --workdir=... --config.x=y ...`."""
+  return [python, "-m", module, f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def show(cmd: list[str] | str) -> str:
+  return cmd if isinstance(cmd, str) else shlex.join(cmd)
+
+
+def split_overrides(argv: list[str]) -> list[str]:
+  """Everything after `--` on the launcher's command line goes to the trainer."""
+  return argv[argv.index("--") + 1:] if "--" in argv else []
+
+
+def launcher_argv(argv: list[str]) -> list[str]:
+  return argv[:argv.index("--")] if "--" in argv else argv
+
+
+def main_guard(app_run, main):
+  sys.argv, rest = launcher_argv(sys.argv), split_overrides(sys.argv)
+  app_run(lambda argv: main(argv, rest))

@@ -1,0 +1,35 @@
+r"""Runs one training job on this machine (all local devices, one process).
+
+  python launch/local.py --config=configs/bottom_up.py --workdir=/tmp/bu \
+      -- --config.train.steps=1000
+  python launch/local.py --config=configs/vanilla.py --workdir=/tmp/v --dry_run
+"""
+
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_DRY = flags.DEFINE_bool("dry_run", False, "Print the command instead of running it.")
+
+
+def command(config, workdir, overrides) -> list[str]:
+  return common.train_command(config, workdir, overrides, python=sys.executable)
+
+
+def main(argv, overrides):
+  del argv
+  cmd = command(_CONFIG.value, _WORKDIR.value, overrides)
+  print(common.show(cmd), flush=True)
+  if not _DRY.value:
+    sys.exit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+  common.main_guard(app.run, main)

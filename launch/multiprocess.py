@@ -1,0 +1,82 @@
+r"""Runs N processes on this machine, joined by `jax.distributed` (the real
+multi-host code path, on CPU devices): for testing multi-process runs.
+
+  python launch/multiprocess.py --num_processes=2 --devices_per_process=4 \
+      --config=configs/vanilla.py:size=tiny --workdir=/tmp/mp
+  python launch/multiprocess.py ... --dry_run
+
+Process 0 is the coordinator on localhost:--port; each process gets
+JAX_PLATFORMS=cpu and --xla_force_host_platform_device_count. Output of
+process i goes to <workdir>/process_<i>.log (process 0 also to the console).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+_N = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+_DEVICES = flags.DEFINE_integer("devices_per_process", 4, "CPU devices per process.")
+_PORT = flags.DEFINE_integer("port", 0, "Coordinator port (0: pick a free one).")
+_MODULE = flags.DEFINE_string("module", "hiertx.train", "Entry point (hiertx.train|hiertx.evaluate).")
+_DRY = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def commands(config, workdir, overrides, n, devices, port, module="hiertx.train"):
+  """(env additions, argv) for each process."""
+  out = []
+  for i in range(n):
+    env = {"JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    args = ([sys.executable, "-m", module, f"--workdir={workdir}"]
+            + ([f"--config={config}"] if module == "hiertx.train" else [])
+            + [f"--coordinator_address=localhost:{port}", f"--num_processes={n}",
+               f"--process_id={i}", *overrides])
+    out.append((env, args))
+  return out
+
+
+def run(procs, workdir) -> int:
+  os.makedirs(workdir, exist_ok=True)
+  running = []
+  for i, (env, args) in enumerate(procs):
+    log = open(os.path.join(workdir, f"process_{i}.log"), "w")
+    running.append((subprocess.Popen(args, env={**os.environ, **env}, stdout=log,
+                                     stderr=subprocess.STDOUT), log))
+  codes = [p.wait() for p, _ in running]
+  for _, log in running:
+    log.close()
+  with open(os.path.join(workdir, "process_0.log")) as f:
+    sys.stdout.write(f.read())
+  for i, c in enumerate(codes):
+    if c:
+      print(f"process {i} exited with {c}; see {workdir}/process_{i}.log", file=sys.stderr)
+  return max(codes, key=abs)
+
+
+def main(argv, overrides):
+  del argv
+  port = _PORT.value or free_port()
+  procs = commands(_CONFIG.value, _WORKDIR.value, overrides, _N.value, _DEVICES.value, port,
+                   _MODULE.value)
+  for env, args in procs:
+    print(" ".join(f"{k}={v}" for k, v in env.items()), common.show(args), flush=True)
+  if not _DRY.value:
+    sys.exit(run(procs, _WORKDIR.value))
+
+
+if __name__ == "__main__":
+  common.main_guard(app.run, main)

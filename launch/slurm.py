@@ -1,0 +1,84 @@
+r"""Renders (and submits) an sbatch script for a multi-host SLURM run: one task
+per host, `srun` starts them, and `jax.distributed.initialize()` finds the
+coordinator from the SLURM_* environment.
+
+  python launch/slurm.py --config=configs/bottom_up.py:size=base --workdir=/shared/runs/bu \
+      --nodes=2 --gpus_per_node=8 --partition=gpu --time=12:00:00 --dry_run
+  python launch/slurm.py ... -- --config.train.steps=20000    # submits with sbatch
+
+The script is also written to <workdir>/job.sbatch, so a run's launch is kept.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+_CONFIG = flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory on a shared filesystem.",
+                               required=True)
+_NODES = flags.DEFINE_integer("nodes", 2, "Hosts.")
+_GPUS = flags.DEFINE_integer("gpus_per_node", 8, "GPUs per host (0 for CPU-only).")
+_CPUS = flags.DEFINE_integer("cpus_per_task", 16, "CPU cores per task.")
+_PARTITION = flags.DEFINE_string("partition", None, "SLURM partition.")
+_ACCOUNT = flags.DEFINE_string("account", None, "SLURM account.")
+_TIME = flags.DEFINE_string("time", "24:00:00", "Time limit.")
+_JOB = flags.DEFINE_string("job_name", "hiertx", "Job name.")
+_SETUP = flags.DEFINE_string("setup", "source .venv/bin/activate",
+                             "Shell line run on every host before training.")
+_ARRAY = flags.DEFINE_string("array", None, "Job array spec (used by launch/sweep.py).")
+_DRY = flags.DEFINE_bool("dry_run", False, "Print the script instead of submitting it.")
+
+
+def render(config, workdir, overrides, nodes, gpus_per_node, cpus_per_task=16, partition=None,
+           account=None, time="24:00:00", job_name="hiertx", setup="source .venv/bin/activate",
+           array=None, body=None) -> str:
+  """The sbatch script. `body` replaces the srun line (for job arrays)."""
+  lines = ["#!/bin/bash",
+           f"#SBATCH --job-name={job_name}",
+           f"#SBATCH --nodes={nodes}",
+           "#SBATCH --ntasks-per-node=1",
+           f"#SBATCH --cpus-per-task={cpus_per_task}",
+           f"#SBATCH --time={time}"]
+  if gpus_per_node:
+    lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+  if partition:
+    lines.append(f"#SBATCH --partition={partition}")
+  if account:
+    lines.append(f"#SBATCH --account={account}")
+  if array:
+    lines.append(f"#SBATCH --array={array}")
+    lines.append(f"#SBATCH --output={workdir}/slurm-%A_%a.out")
+  else:
+    lines.append(f"#SBATCH --output={workdir}/slurm-%j.out")
+  lines += ["", "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}", setup, ""]
+  lines.append("# One task per host; jax.distributed.initialize() reads SLURM_* for the")
+  lines.append("# coordinator (the first host), the process count and this process's id.")
+  if body is None:
+    body = "srun " + common.show(common.train_command(config, workdir, overrides))
+  lines.append(body)
+  return "\n".join(lines) + "\n"
+
+
+def main(argv, overrides):
+  del argv
+  script = render(_CONFIG.value, _WORKDIR.value, overrides, _NODES.value, _GPUS.value,
+                  _CPUS.value, _PARTITION.value, _ACCOUNT.value, _TIME.value, _JOB.value,
+                  _SETUP.value, _ARRAY.value)
+  if _DRY.value:
+    print(script, end="")
+    return
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  path = os.path.join(_WORKDIR.value, "job.sbatch")
+  with open(path, "w") as f:
+    f.write(script)
+  sys.exit(subprocess.call(["sbatch", path]))
+
+
+if __name__ == "__main__":
+  common.main_guard(app.run, main)

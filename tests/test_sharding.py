@@ -1,0 +1,111 @@
+"""Sharded training on 8 simulated devices equals 1 device; checkpoints move
+between meshes; bad meshes fail before compiling."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import ROOT
+from hiertx import data, evaluate, metrics, sharding, train
+from hiertx.errors import ConfigError
+
+MESHES = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8, tensor=1),
+          "d2f2t2": dict(data=2, fsdp=2, tensor=2)}
+
+
+def _losses(config, devices, steps=2):
+  run = train.build_run(config, devices)
+  state = run.init(jax.random.PRNGKey(0))
+  batches = data.train_batches(config.data, config.data.batch_size)
+  out = []
+  for _ in range(steps):
+    state, m = run.train_step(state, run.put_batch(next(batches)))
+    out.append(float(m["train/loss"]))
+  return out, state
+
+
+@pytest.mark.parametrize("name", ["vanilla", "bottom_up", "top_down", "retina", "hourglass"])
+def test_sharded_training_matches_one_device(name, tiny_config):
+  single, _ = _losses(tiny_config(name, mesh__data=1), jax.devices()[:1])
+  for mesh_name, mesh in MESHES.items():
+    config = tiny_config(name)
+    config.mesh.update(mesh)
+    got, state = _losses(config, jax.devices())
+    # Different reduction orders across devices: equal to float32 round-off.
+    np.testing.assert_allclose(got, single, rtol=2e-5, err_msg=f"{name} on {mesh_name}")
+    if mesh_name == "fsdp8":
+      table = state.params["embed"]["token"]
+      assert table.sharding.spec == P("tensor", "fsdp")
+      assert {s.data.shape for s in table.addressable_shards} == {(384, 32 // 8)}
+    if mesh_name == "d2f2t2":
+      wi = state.params["head"]["logits"]["kernel"]  # (embed, vocab)
+      assert wi.sharding.spec == P("fsdp", "tensor")
+      assert {s.data.shape for s in wi.addressable_shards} == {(16, 192)}
+
+
+def test_bad_meshes_fail_before_compiling(tiny_config, tmp_path):
+  for mesh, match in [(dict(data=3), "needs 3 devices but 8"),
+                      (dict(data=-1, fsdp=3), "does not divide the 8"),
+                      (dict(data=-1, fsdp=-1), "at most one axis may be -1"),
+                      (dict(data=0), "mesh.data")]:
+    config = tiny_config("vanilla")
+    config.mesh.update(mesh)
+    with pytest.raises(ConfigError, match=match):
+      train.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config("vanilla", eval__batch_size=4)
+  with pytest.raises(ConfigError, match="eval.batch_size"):
+    train.build_run(config)
+
+
+def test_checkpoint_restores_onto_other_meshes(tiny_config, tmp_path):
+  config = tiny_config("bottom_up", train__steps=10, eval__every=10)
+  config.mesh.update(MESHES["fsdp8"])
+  workdir = str(tmp_path / "fsdp8")
+  train.train_and_evaluate(config, workdir)
+  logged = [r["eval/loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if "eval/loss" in r][-1]
+  on_2x4 = evaluate.evaluate_checkpoint(workdir, mesh="data=2,fsdp=4")
+  assert on_2x4["eval/loss"] == pytest.approx(logged, rel=1e-5)
+  # One device, in a fresh process that has only one.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "-m", "hiertx.evaluate", f"--workdir={workdir}"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"loss {logged:.4f}" in r.stdout
+
+
+def test_mesh_shape_resolution():
+  assert sharding.mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == (4, 2, 1)
+  assert sharding.mesh_shape(dict(data=2, fsdp=2, tensor=-1), 8) == (2, 2, 2)
+
+
+def test_two_processes_match_one(tiny_config, tmp_path):
+  """Two real processes x 4 CPU devices, joined by jax.distributed."""
+  overrides = ["--config.train.steps=6", "--config.train.log_every=1",
+               "--config.train.checkpoint_every=6", "--config.eval.every=6"]
+  mp = str(tmp_path / "mp")
+  r = subprocess.run([sys.executable, "launch/multiprocess.py", "--num_processes=2",
+                      "--devices_per_process=4", "--config=configs/vanilla.py:size=tiny",
+                      f"--workdir={mp}", "--", *overrides],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  config = tiny_config("vanilla", train__steps=6, train__log_every=1, train__checkpoint_every=6,
+                       eval__every=6)
+  single = str(tmp_path / "single")
+  train.train_and_evaluate(config, single)
+  loss = lambda wd: [r["train/loss"] for r in metrics.read_jsonl(  # noqa: E731
+      os.path.join(wd, "metrics.jsonl")) if "train/loss" in r]
+  assert len(loss(mp)) == 6
+  np.testing.assert_allclose(loss(mp), loss(single), rtol=2e-5)
+  info = metrics.read_jsonl(os.path.join(mp, "metrics.jsonl"))[0]
+  assert info["memory/xla_peak_bytes"] > 0
+  restored = evaluate.evaluate_checkpoint(mp)  # the 2-process checkpoint, in one process
+  evals = [r["eval/loss"] for r in metrics.read_jsonl(os.path.join(mp, "metrics.jsonl"))
+           if "eval/loss" in r]
+  assert restored["eval/loss"] == pytest.approx(evals[-1], rel=1e-5)
