@@ -1,6 +1,7 @@
 """Shared by the launchers: the trainer command line and printing a dry run."""
 
 import shlex
+import shutil
 import sys
 
 
@@ -26,3 +27,10 @@ def launcher_argv(argv: list[str]) -> list[str]:
 def main_guard(app_run, main):
   sys.argv, rest = launcher_argv(sys.argv), split_overrides(sys.argv)
   app_run(lambda argv: main(argv, rest))
+
+
+def require(program: str, hint: str) -> None:
+  """Exits with a clear message when a cluster tool is not installed here."""
+  if shutil.which(program) is None:
+    sys.exit(f"error: {program} not found on this machine; {hint} "
+             "(--dry_run prints what would be run)")

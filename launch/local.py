@@ -14,9 +14,10 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-_DRY = flags.DEFINE_bool("dry_run", False, "Print the command instead of running it.")
+def define_flags() -> None:
+  flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
+  flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+  flags.DEFINE_bool("dry_run", False, "Print the command instead of running it.")
 
 
 def command(config, workdir, overrides) -> list[str]:
@@ -25,11 +26,12 @@ def command(config, workdir, overrides) -> list[str]:
 
 def main(argv, overrides):
   del argv
-  cmd = command(_CONFIG.value, _WORKDIR.value, overrides)
+  cmd = command(flags.FLAGS.config, flags.FLAGS.workdir, overrides)
   print(common.show(cmd), flush=True)
-  if not _DRY.value:
+  if not flags.FLAGS.dry_run:
     sys.exit(subprocess.call(cmd))
 
 
 if __name__ == "__main__":
+  define_flags()
   common.main_guard(app.run, main)

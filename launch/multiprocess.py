@@ -20,13 +20,14 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-_N = flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-_DEVICES = flags.DEFINE_integer("devices_per_process", 4, "CPU devices per process.")
-_PORT = flags.DEFINE_integer("port", 0, "Coordinator port (0: pick a free one).")
-_MODULE = flags.DEFINE_string("module", "hiertx.train", "Entry point (hiertx.train|hiertx.evaluate).")
-_DRY = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+def define_flags() -> None:
+  flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
+  flags.DEFINE_string("workdir", None, "Run directory.", required=True)
+  flags.DEFINE_integer("num_processes", 2, "Processes to start.")
+  flags.DEFINE_integer("devices_per_process", 4, "CPU devices per process.")
+  flags.DEFINE_integer("port", 0, "Coordinator port (0: pick a free one).")
+  flags.DEFINE_string("module", "hiertx.train", "Entry point (hiertx.train|hiertx.evaluate).")
+  flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 
 
 def free_port() -> int:
@@ -69,14 +70,15 @@ def run(procs, workdir) -> int:
 
 def main(argv, overrides):
   del argv
-  port = _PORT.value or free_port()
-  procs = commands(_CONFIG.value, _WORKDIR.value, overrides, _N.value, _DEVICES.value, port,
-                   _MODULE.value)
+  port = flags.FLAGS.port or free_port()
+  procs = commands(flags.FLAGS.config, flags.FLAGS.workdir, overrides, flags.FLAGS.num_processes, flags.FLAGS.devices_per_process, port,
+                   flags.FLAGS.module)
   for env, args in procs:
     print(" ".join(f"{k}={v}" for k, v in env.items()), common.show(args), flush=True)
-  if not _DRY.value:
-    sys.exit(run(procs, _WORKDIR.value))
+  if not flags.FLAGS.dry_run:
+    sys.exit(run(procs, flags.FLAGS.workdir))
 
 
 if __name__ == "__main__":
+  define_flags()
   common.main_guard(app.run, main)

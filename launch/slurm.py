@@ -19,20 +19,21 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory on a shared filesystem.",
-                               required=True)
-_NODES = flags.DEFINE_integer("nodes", 2, "Hosts.")
-_GPUS = flags.DEFINE_integer("gpus_per_node", 8, "GPUs per host (0 for CPU-only).")
-_CPUS = flags.DEFINE_integer("cpus_per_task", 16, "CPU cores per task.")
-_PARTITION = flags.DEFINE_string("partition", None, "SLURM partition.")
-_ACCOUNT = flags.DEFINE_string("account", None, "SLURM account.")
-_TIME = flags.DEFINE_string("time", "24:00:00", "Time limit.")
-_JOB = flags.DEFINE_string("job_name", "hiertx", "Job name.")
-_SETUP = flags.DEFINE_string("setup", "source .venv/bin/activate",
-                             "Shell line run on every host before training.")
-_ARRAY = flags.DEFINE_string("array", None, "Job array spec (used by launch/sweep.py).")
-_DRY = flags.DEFINE_bool("dry_run", False, "Print the script instead of submitting it.")
+def define_flags() -> None:
+  flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
+  flags.DEFINE_string("workdir", None, "Run directory on a shared filesystem.",
+                                 required=True)
+  flags.DEFINE_integer("nodes", 2, "Hosts.")
+  flags.DEFINE_integer("gpus_per_node", 8, "GPUs per host (0 for CPU-only).")
+  flags.DEFINE_integer("cpus_per_task", 16, "CPU cores per task.")
+  flags.DEFINE_string("partition", None, "SLURM partition.")
+  flags.DEFINE_string("account", None, "SLURM account.")
+  flags.DEFINE_string("time", "24:00:00", "Time limit.")
+  flags.DEFINE_string("job_name", "hiertx", "Job name.")
+  flags.DEFINE_string("setup", "source .venv/bin/activate",
+                               "Shell line run on every host before training.")
+  flags.DEFINE_string("array", None, "Job array spec.")
+  flags.DEFINE_bool("dry_run", False, "Print the script instead of submitting it.")
 
 
 def render(config, workdir, overrides, nodes, gpus_per_node, cpus_per_task=16, partition=None,
@@ -67,18 +68,20 @@ def render(config, workdir, overrides, nodes, gpus_per_node, cpus_per_task=16, p
 
 def main(argv, overrides):
   del argv
-  script = render(_CONFIG.value, _WORKDIR.value, overrides, _NODES.value, _GPUS.value,
-                  _CPUS.value, _PARTITION.value, _ACCOUNT.value, _TIME.value, _JOB.value,
-                  _SETUP.value, _ARRAY.value)
-  if _DRY.value:
+  script = render(flags.FLAGS.config, flags.FLAGS.workdir, overrides, flags.FLAGS.nodes, flags.FLAGS.gpus_per_node,
+                  flags.FLAGS.cpus_per_task, flags.FLAGS.partition, flags.FLAGS.account, flags.FLAGS.time, flags.FLAGS.job_name,
+                  flags.FLAGS.setup, flags.FLAGS.array)
+  if flags.FLAGS.dry_run:
     print(script, end="")
     return
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  path = os.path.join(_WORKDIR.value, "job.sbatch")
+  common.require("sbatch", "run this on a SLURM login node")
+  os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+  path = os.path.join(flags.FLAGS.workdir, "job.sbatch")
   with open(path, "w") as f:
     f.write(script)
   sys.exit(subprocess.call(["sbatch", path]))
 
 
 if __name__ == "__main__":
+  define_flags()
   common.main_guard(app.run, main)

@@ -19,15 +19,16 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (e.g. gs://...).", required=True)
-_TPU = flags.DEFINE_string("tpu", None, "TPU VM name.", required=True)
-_ZONE = flags.DEFINE_string("zone", None, "TPU zone.", required=True)
-_PROJECT = flags.DEFINE_string("project", None, "GCP project (default: gcloud's).")
-_REPO = flags.DEFINE_string("repo_dir", "~/hiertx", "Repository path on the workers.")
-_SETUP = flags.DEFINE_string("setup", "source .venv/bin/activate",
-                             "Shell line run on every worker before training.")
-_DRY = flags.DEFINE_bool("dry_run", False, "Print the command instead of running it.")
+def define_flags() -> None:
+  flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
+  flags.DEFINE_string("workdir", None, "Run directory (e.g. gs://...).", required=True)
+  flags.DEFINE_string("tpu", None, "TPU VM name.", required=True)
+  flags.DEFINE_string("zone", None, "TPU zone.", required=True)
+  flags.DEFINE_string("project", None, "GCP project (default: gcloud's).")
+  flags.DEFINE_string("repo_dir", "~/hiertx", "Repository path on the workers.")
+  flags.DEFINE_string("setup", "source .venv/bin/activate",
+                               "Shell line run on every worker before training.")
+  flags.DEFINE_bool("dry_run", False, "Print the command instead of running it.")
 
 
 def remote_command(config, workdir, overrides, repo_dir="~/hiertx",
@@ -48,12 +49,14 @@ def render(tpu, zone, config, workdir, overrides, project=None, repo_dir="~/hier
 
 def main(argv, overrides):
   del argv
-  cmd = render(_TPU.value, _ZONE.value, _CONFIG.value, _WORKDIR.value, overrides,
-               _PROJECT.value, _REPO.value, _SETUP.value)
+  cmd = render(flags.FLAGS.tpu, flags.FLAGS.zone, flags.FLAGS.config, flags.FLAGS.workdir, overrides,
+               flags.FLAGS.project, flags.FLAGS.repo_dir, flags.FLAGS.setup)
   print(" ".join(shlex.quote(c) for c in cmd), flush=True)
-  if not _DRY.value:
+  if not flags.FLAGS.dry_run:
+    common.require("gcloud", "install the Google Cloud CLI")
     sys.exit(subprocess.call(cmd))
 
 
 if __name__ == "__main__":
+  define_flags()
   common.main_guard(app.run, main)
