@@ -2,8 +2,8 @@ r"""Trains several configs for the same budget and compares bits per byte with
 memory and speed, marking the Pareto front.
 
   python experiments/pareto.py --text_files=../shared/data/tinyshakespeare.txt \
-      --configs=configs/vanilla.py,configs/bottom_up.py,configs/top_down.py,configs/retina.py,configs/hourglass.py \
-      --steps=300 --out=/tmp/pareto
+      --configs=configs/vanilla.py,configs/bottom_up.py,configs/top_down.py,\
+configs/retina.py,configs/hourglass.py --steps=300 --out=/tmp/pareto
 
 Every config gets the same data, sequence length, batch and steps (`--set`
 applies further overrides to all, e.g. --set=data.seq_len=512). Runs happen

@@ -70,9 +70,49 @@ def load_config(workdir: str):
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+  """Starts an (asynchronous) save; Orbax writes to a temporary directory and
+  renames it only when complete, so a save cut short is never listed."""
+  try:
+    mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+  except OSError as e:
+    raise CheckpointError(f"saving the checkpoint of step {step} failed: {e.strerror or e}; "
+                          "earlier checkpoints are intact. Free disk space or point "
+                          "--workdir elsewhere, then rerun to resume.") from e
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Blocks until pending saves are written; a failed write is a clear error."""
+  try:
+    mngr.wait_until_finished()
+  except OSError as e:
+    raise CheckpointError(f"writing a checkpoint failed: {e.strerror or e}; earlier "
+                          "checkpoints are intact. Free disk space, then rerun to resume.") from e
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   """Restores onto the shardings `abstract_state` carries (any mesh)."""
   return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool):
+  """(step, state) of the newest checkpoint that restores, or (None, None).
+
+  A checkpoint that fails to load (truncated or corrupted files) is skipped
+  with a warning and, when `set_aside`, renamed to `<step>.corrupt` so the
+  next run does not trip on it again; the previous one is used.
+  """
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return step, restore(mngr, step, abstract_state)
+    except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+      if isinstance(e, HiertxError):
+        raise
+      path = os.path.join(str(mngr.directory), str(step))
+      logging.warning("checkpoint %s cannot be restored (%s: %s); using an older one",
+                      path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+      print(f"warning: checkpoint at step {step} is unreadable; falling back to an older one",
+            flush=True)
+      if set_aside and os.path.isdir(path):
+        os.rename(path, path + ".corrupt")
+      mngr.reload()
+  return None, None

@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=20,
       checkpoint_every=100,
       keep_checkpoints=3,
+      max_nonfinite_skips=0,  # >0: skip up to this many steps with a NaN/Inf loss
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every=200,  # also evaluated at the last step
@@ -129,8 +130,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int("train", name, config.train[name])
   for name in ("every", "batch_size", "batches"):
     _positive_int("eval", name, config.eval[name])
-  if not isinstance(config.train.warmup_steps, int) or config.train.warmup_steps < 0:
-    raise ConfigError("train.warmup_steps", "must be a non-negative integer")
+  for name in ("warmup_steps", "max_nonfinite_skips"):
+    v = config.train[name]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+      raise ConfigError(f"train.{name}", f"must be a non-negative integer, got {v!r}")
   for name in ("learning_rate", "grad_clip"):
     if not config.train[name] > 0:
       raise ConfigError(f"train.{name}", f"must be positive, got {config.train[name]!r}")

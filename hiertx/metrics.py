@@ -19,7 +19,8 @@ class Writer:
   def __init__(self, workdir: str, active: bool = True):
     self.active = active
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if active else None
+    self._tb = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+                if active else None)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:

@@ -16,7 +16,7 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   """Resolves -1 (the rest) and checks the product is the device count."""
   sizes = [mesh_cfg[a] for a in AXES]
   for a, s in zip(AXES, sizes):
-    if not isinstance(s, int) or s == 0 or s < -1:
+    if not isinstance(s, int) or isinstance(s, bool) or s == 0 or s < -1:
       raise ConfigError(f"mesh.{a}", f"must be a positive size or -1 (the rest), got {s!r}")
   if sizes.count(-1) > 1:
     raise ConfigError("mesh", "at most one axis may be -1")

@@ -22,7 +22,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -64,8 +63,12 @@ def apply_model(model, params, batch, deterministic=True, rngs=None):
                      batch["positions"], deterministic=deterministic, rngs=rngs)
 
 
-def train_step(state: TrainState, batch, *, model, tx, seed: int):
-  """One optimizer step; returns the new state and scalar metrics."""
+def train_step(state: TrainState, batch, *, model, tx, seed: int, skip_nonfinite: bool = False):
+  """One optimizer step; returns the new state and scalar metrics.
+
+  With `skip_nonfinite`, a step whose loss or gradients are not finite leaves
+  parameters and optimizer state unchanged (the step counter still advances).
+  """
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
   def loss_fn(params):
@@ -76,8 +79,14 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int):
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  if skip_nonfinite:
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(ok, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads)}
+  return new, {"train/loss": loss, "train/grad_norm": grad_norm}
 
 
 def eval_step(params, batch, *, model, bytes_V):
@@ -182,7 +191,8 @@ def build_run(config, devices=None) -> Run:
     return _InMesh(fn, mesh, rules)
 
   init = in_mesh(jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings))
-  step = in_mesh(jax.jit(functools.partial(train_step, model=model, tx=tx, seed=config.train.seed),
+  step = in_mesh(jax.jit(functools.partial(train_step, model=model, tx=tx, seed=config.train.seed,
+                                           skip_nonfinite=config.train.max_nonfinite_skips > 0),
                          in_shardings=(state_shardings, batch_s),
                          out_shardings=(state_shardings, replicated), donate_argnums=0))
   bytes_V = jnp.asarray(tasks.token_bytes(vocab), jnp.float32)
@@ -245,6 +255,81 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+class _Progress:
+  """Step metrics, fetched one step late so logging never stalls the device;
+  prints progress, writes metrics, and stops on a non-finite loss."""
+
+  def __init__(self, config, workdir: str, writer: metrics.Writer, start: int):
+    self.config, self.workdir, self.writer = config, workdir, writer
+    self.total = config.train.steps
+    self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    self.lr = optimizer.schedule(config.train)
+    self.pending = None  # (step, metrics still on device)
+    self.start, self.t_start = start, time.time()
+    self.t_log, self.steps_since_log = self.t_start, 0
+    self.skipped = 0
+    self.last: dict = {}
+
+  def step_dispatched(self, step: int, device_metrics) -> None:
+    self.steps_since_log += 1
+    if step == self.start + 1:  # the first call compiled; time from here on
+      self.t_log, self.steps_since_log = time.time(), 0
+    self.flush()
+    self.pending = (step, device_metrics)
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      step, device_metrics = self.pending
+      self.pending = None
+      self._report(step, {k: float(v) for k, v in jax.device_get(device_metrics).items()})
+
+  def _report(self, step: int, m: dict) -> None:
+    train_cfg = self.config.train
+    if not (math.isfinite(m["train/loss"]) and math.isfinite(m["train/grad_norm"])):
+      if self.skipped < train_cfg.max_nonfinite_skips:
+        self.skipped += 1
+        print(f"warning: non-finite loss at step {step}; update skipped ({self.skipped} of "
+              f"train.max_nonfinite_skips={train_cfg.max_nonfinite_skips})", flush=True)
+        self.writer.write(step, {"train/nonfinite_skips": self.skipped})
+        return
+      raise TrainingError(
+          f"loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
+          f"stopped without saving it. The last good checkpoint is kept in {self.workdir}/"
+          "checkpoints. Try a lower train.learning_rate, a longer train.warmup_steps or a "
+          "smaller train.grad_clip; train.max_nonfinite_skips=N skips up to N bad steps.")
+    if step % train_cfg.log_every and step != self.total:
+      return
+    now = time.time()
+    if self.steps_since_log == 0:  # only the compiling first step so far
+      self.steps_since_log, self.t_log = 1, self.t_start
+    dt = (now - self.t_log) / self.steps_since_log
+    m.update({"train/learning_rate": float(self.lr(step - 1)), "train/step_time_s": dt,
+              "train/tokens_per_s": self.tokens_per_step / dt})
+    self.writer.write(step, m)
+    self.last.update(m)
+    print(f"step {step}/{self.total} | loss {m['train/loss']:.4f} | "
+          f"{m['train/tokens_per_s']:,.0f} tok/s | {dt:.3f} s/step | "
+          f"ETA {_fmt_time(dt * (self.total - step))}", flush=True)
+    self.t_log, self.steps_since_log = now, 0
+
+  def evaluated(self, step: int, result: dict) -> None:
+    self.writer.write(step, result)
+    self.last.update(result)
+    print(f"eval at step {step} ({self.config.eval.split}): loss {result['eval/loss']:.4f} | "
+          f"perplexity {result['eval/perplexity']:.3f} | "
+          f"bits/byte {result['eval/bits_per_byte']:.4f}", flush=True)
+    self.t_log = time.time()  # evaluation time is not training time
+
+
+def _write_run_info(workdir, config, run: Run, facts: dict) -> None:
+  info = {"facts": facts, "config": config.to_dict(), "versions": metrics.versions(),
+          "git_sha": metrics.git_sha(), "mesh": dict(run.mesh.shape),
+          "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+          "tokens_per_step": config.data.batch_size * config.data.seq_len}
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(info, f, indent=2, default=str)
+
+
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
   """Trains to `config.train.steps`, resuming from `workdir`; returns last metrics."""
   run = build_run(config)
@@ -254,9 +339,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   writer = metrics.Writer(workdir, active=lead)
   total = config.train.steps
 
-  start = mngr.latest_step()
+  start, state = checkpoint.restore_latest(mngr, run.abstract_state, set_aside=lead)
   if start is not None:
-    state = checkpoint.restore(mngr, start, run.abstract_state)
     logging.info("resumed from checkpoint at step %d in %s", start, workdir)
     print(f"resumed at step {start}", flush=True)
   else:
@@ -267,14 +351,8 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   facts = compiled_facts(run, config)
   facts.update(metrics.param_counts(state.params))
-  tokens_per_step = config.data.batch_size * config.data.seq_len
   if lead:
-    info = {"facts": facts, "config": config.to_dict(), "versions": metrics.versions(),
-            "git_sha": metrics.git_sha(), "mesh": dict(run.mesh.shape),
-            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-            "tokens_per_step": tokens_per_step}
-    with open(os.path.join(workdir, "run_info.json"), "w") as f:
-      json.dump(info, f, indent=2, default=str)
+    _write_run_info(workdir, config, run, facts)
   writer.write(start, facts)
   print(f"model {config.model.name}: {facts['params/total']:,} params, XLA peak train-step "
         f"memory {facts.get('memory/xla_peak_bytes', 0) / 2**20:.1f} MiB", flush=True)
@@ -283,85 +361,42 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   batches = data.train_batches(config.data, config.data.batch_size, start, shard)
   eval_data = data.eval_batches(config.data, config.eval.split, config.eval.batch_size,
                                 config.eval.batches, shard)
-  lr = optimizer.schedule(config.train)
-  last: dict = {}
-  pending = None  # (step, metrics on device): fetched after the next step is dispatched
-  t_log, steps_since_log, t_start = time.time(), 0, time.time()
-
-  def report(step, device_metrics):
-    nonlocal t_log, steps_since_log
-    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if not math.isfinite(m["train/loss"]):
-      raise TrainingError(
-          f"loss is {m['train/loss']} at step {step}; the last good checkpoint is kept in "
-          f"{workdir}/checkpoints. Try a lower train.learning_rate, a longer "
-          "train.warmup_steps or a smaller train.grad_clip.")
-    if step % config.train.log_every and step != total:
-      return
-    now = time.time()
-    if steps_since_log == 0:  # only the compiling first step so far
-      steps_since_log, t_log = 1, t_start
-    dt = (now - t_log) / steps_since_log
-    m.update({"train/learning_rate": float(lr(step - 1)), "train/step_time_s": dt,
-              "train/tokens_per_s": tokens_per_step / dt})
-    writer.write(step, m)
-    last.update(m)
-    eta = _fmt_time(dt * (total - step))
-    print(f"step {step}/{total} | loss {m['train/loss']:.4f} | "
-          f"{m['train/tokens_per_s']:,.0f} tok/s | {dt:.3f} s/step | ETA {eta}", flush=True)
-    t_log, steps_since_log = now, 0
+  progress = _Progress(config, workdir, writer, start)
 
   def save(step):
+    progress.flush()  # a non-finite step must be caught before it is saved
     if mngr.latest_step() != step:
       checkpoint.save(mngr, step, state)
 
+  step = start
   try:
     with _StopRequest() as stop:
-      step = start
       while step < total:
-        batch = run.put_batch(next(batches))
-        state, step_metrics = run.train_step(state, batch)
+        state, step_metrics = run.train_step(state, run.put_batch(next(batches)))
         step += 1
-        steps_since_log += 1
-        if step == start + 1:  # the first call compiled; time from here on
-          t_log, steps_since_log = time.time(), 0
-        if pending is not None:
-          report(*pending)
-        pending = (step, step_metrics)
+        progress.step_dispatched(step, step_metrics)
         is_last = step == total
         if step % config.eval.every == 0 or is_last:
-          report(*pending)
-          pending = None
-          e = run.evaluate(state.params, eval_data)
-          writer.write(step, e)
-          last.update(e)
-          print(f"eval at step {step} ({config.eval.split}): loss {e['eval/loss']:.4f} | "
-                f"perplexity {e['eval/perplexity']:.3f} | bits/byte {e['eval/bits_per_byte']:.4f}",
-                flush=True)
-          t_log = time.time()  # evaluation time is not training time
+          progress.flush()
+          progress.evaluated(step, run.evaluate(state.params, eval_data))
         if step % config.train.checkpoint_every == 0 or is_last:
           save(step)
         if stop.signal and not is_last:
-          if pending is not None:
-            report(*pending)
           save(step)
           print(f"{stop.signal}: saved a checkpoint at step {step}; run the same command "
                 "to resume", flush=True)
           break
-      if pending is not None:
-        report(*pending)
+      progress.flush()
   finally:
     # An exception (or a second Ctrl-C) must not drop a save already under way.
-    mngr.wait_until_finished()
+    checkpoint.wait(mngr)
     writer.flush()
   peak = metrics.device_peak_bytes()
   if peak is not None:
     writer.write(step, {"memory/device_peak_bytes": peak})
   writer.close()
   mngr.close()
-  last["step"] = step
-  last["wall_time_s"] = time.time() - t_start
-  return last
+  return {**progress.last, "step": step, "wall_time_s": time.time() - progress.t_start}
 
 
 # ----------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def run(procs, workdir) -> int:
 def main(argv, overrides):
   del argv
   port = flags.FLAGS.port or free_port()
-  procs = commands(flags.FLAGS.config, flags.FLAGS.workdir, overrides, flags.FLAGS.num_processes, flags.FLAGS.devices_per_process, port,
+  f = flags.FLAGS
+  procs = commands(f.config, f.workdir, overrides, f.num_processes, f.devices_per_process, port,
                    flags.FLAGS.module)
   for env, args in procs:
     print(" ".join(f"{k}={v}" for k, v in env.items()), common.show(args), flush=True)

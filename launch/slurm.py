@@ -68,10 +68,11 @@ def render(config, workdir, overrides, nodes, gpus_per_node, cpus_per_task=16, p
 
 def main(argv, overrides):
   del argv
-  script = render(flags.FLAGS.config, flags.FLAGS.workdir, overrides, flags.FLAGS.nodes, flags.FLAGS.gpus_per_node,
-                  flags.FLAGS.cpus_per_task, flags.FLAGS.partition, flags.FLAGS.account, flags.FLAGS.time, flags.FLAGS.job_name,
-                  flags.FLAGS.setup, flags.FLAGS.array)
-  if flags.FLAGS.dry_run:
+  f = flags.FLAGS
+  script = render(f.config, f.workdir, overrides, f.nodes, f.gpus_per_node,
+                  f.cpus_per_task, f.partition, f.account, f.time, f.job_name,
+                  f.setup, f.array)
+  if f.dry_run:
     print(script, end="")
     return
   common.require("sbatch", "run this on a SLURM login node")

@@ -49,8 +49,8 @@ def render(tpu, zone, config, workdir, overrides, project=None, repo_dir="~/hier
 
 def main(argv, overrides):
   del argv
-  cmd = render(flags.FLAGS.tpu, flags.FLAGS.zone, flags.FLAGS.config, flags.FLAGS.workdir, overrides,
-               flags.FLAGS.project, flags.FLAGS.repo_dir, flags.FLAGS.setup)
+  f = flags.FLAGS
+  cmd = render(f.tpu, f.zone, f.config, f.workdir, overrides, f.project, f.repo_dir, f.setup)
   print(" ".join(shlex.quote(c) for c in cmd), flush=True)
   if not flags.FLAGS.dry_run:
     common.require("gcloud", "install the Google Cloud CLI")

@@ -59,6 +59,9 @@ def _bad(config_name, **fields):
     ("hourglass", dict(pooling="max"), "model.pooling"),
     ("top_down", dict(upsampling="nearest"), "model.upsampling"),
     ("vanilla", dict(max_len=16), "model.max_len"),
+    ("bottom_up", dict(pool_factors=(16, 8)), "model.pool_factors"),
+    ("hourglass", dict(hierarchy="1@1 1@128 1@1"), "model.hierarchy"),
+    ("retina", dict(windows=(2, 2, 2, 2, 2, 2, 2)), "model.windows"),
 ])
 def test_bad_model_configs_name_the_field(config_name, fields, field):
   with pytest.raises(ConfigError) as e:

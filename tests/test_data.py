@@ -112,3 +112,22 @@ def test_row_sharding_gives_each_process_its_rows_of_the_same_global_batch():
   np.testing.assert_array_equal(np.concatenate([p["targets"] for p in parts]), whole["targets"])
   src = next(data.train_batches(data_cfg(process_sharding="source"), 4, shard=data.Shard(1, 2)))
   assert src["targets"].shape == (2, 32)
+
+
+def test_sentencepiece_vocabulary(tmp_path, text_file):
+  import sentencepiece as spm  # noqa: PLC0415
+
+  prefix = str(tmp_path / "sp")
+  spm.SentencePieceTrainer.train(input=text_file, model_prefix=prefix, vocab_size=320,
+                                 model_type="unigram", byte_fallback=True, hard_vocab_limit=False,
+                                 minloglevel=2)
+  vocab = tasks.vocabulary(prefix + ".model")
+  tb = tasks.token_bytes(vocab)
+  assert tb.shape == (vocab.vocab_size,) and tb[0] == 0 and tb.max() > 1
+  cfg = data_cfg(text_files=text_file, vocab=prefix + ".model")
+  data.check_data(cfg)
+  evals = data.eval_batches(cfg, "validation", 4, 50)
+  targets = np.concatenate([b["targets"][b["weights"] > 0] for b in evals])
+  docs = tasks.text_file_documents(text_file, (0.9, 0.05, 0.05), True)
+  # The bytes the scored tokens stand for are the validation text's bytes.
+  assert int(tb[targets].sum()) == len(docs["validation"][0])

@@ -61,4 +61,5 @@ def test_multiprocess_and_local_dry_runs():
   assert len(procs) == 3 and not any(a.startswith("--config=") for _, a2 in procs for a in a2)
   out = _dry("local.py", "--config=configs/vanilla.py", "--workdir=/tmp/v", "--",
              "--config.train.steps=3")
-  assert "-m hiertx.train --config=configs/vanilla.py --workdir=/tmp/v --config.train.steps=3" in out
+  assert ("-m hiertx.train --config=configs/vanilla.py --workdir=/tmp/v "
+          "--config.train.steps=3") in out

@@ -127,3 +127,10 @@ def int_list(cfg, name: str, length: int | None = None, minimum: int = 1) -> lis
     if not isinstance(x, int) or isinstance(x, bool) or x < minimum:
       raise ConfigError(f"model.{name}", f"entries must be integers >= {minimum}, got {v}")
   return v
+
+
+def check_pooling_fits(field: str, total_factor: int, seq_len: int) -> None:
+  """The coarsest scale must hold more than position 0 for a sequence."""
+  if total_factor > seq_len:
+    raise ConfigError(field, f"total pooling factor {total_factor} exceeds data.seq_len="
+                      f"{seq_len}: the coarsest scale would only ever summarise token 0")

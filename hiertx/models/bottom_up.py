@@ -63,7 +63,8 @@ class BottomUpLM(base.LanguageModel):
   def check_config(cls, cfg, seq_len):
     super().check_config(cfg, seq_len)
     n = 1 if isinstance(cfg["pool_factors"], int) else len(cfg["pool_factors"])
-    base.int_list(cfg, "pool_factors", n, minimum=2)
+    factors = base.int_list(cfg, "pool_factors", n, minimum=2)
+    base.check_pooling_fits("model.pool_factors", math.prod(factors), seq_len)
     base.int_list(cfg, "layers_per_scale", n + 1, minimum=1)
     base._choice(cfg, "pooling", scales.POOLINGS)
     if not isinstance(cfg["post_layers"], int) or cfg["post_layers"] < 1:

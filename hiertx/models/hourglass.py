@@ -68,6 +68,7 @@ class HourglassLM(base.LanguageModel):
   @classmethod
   def check_config(cls, cfg, seq_len):
     super().check_config(cfg, seq_len)
-    parse_hierarchy(cfg["hierarchy"])
+    innermost = parse_hierarchy(cfg["hierarchy"])[2][-1]
+    base.check_pooling_fits("model.hierarchy", innermost, seq_len)
     base._choice(cfg, "pooling", scales.POOLINGS)
     base._choice(cfg, "upsampling", scales.UPSAMPLINGS)

@@ -16,6 +16,7 @@ queries, only the key windows that chunk can use, so activation memory grows
 near-linearly with T (the coarsest level, T / k^S keys, aside).
 """
 
+import dataclasses
 import math
 
 import jax
@@ -49,12 +50,31 @@ def region_mask(query: scales.Scale, key: scales.Scale, bounds, level: int,
   return inside_QxS[None] & (query.seg_BxL[:, :, None] == key.seg_BxL[:, None, :])
 
 
-class RetinaAttention(nn.Module):
-  cfg: layers.BlockConfig
+@dataclasses.dataclass(frozen=True)
+class RetinaSpec:
+  """Pooling factor k, windows (w_0, ..., w_{S-1}), query chunk, implementation."""
+
   k: int
   windows: tuple
   chunk_size: int
   implementation: str
+
+
+class RetinaAttention(nn.Module):
+  cfg: layers.BlockConfig
+  spec: RetinaSpec
+
+  @property
+  def k(self):
+    return self.spec.k
+
+  @property
+  def windows(self):
+    return self.spec.windows
+
+  @property
+  def chunk_size(self):
+    return self.spec.chunk_size
 
   @nn.compact
   def __call__(self, x_BxTxD, fine: scales.Scale):
@@ -73,7 +93,7 @@ class RetinaAttention(nn.Module):
       kk, vv = jnp.split(lv.reshape(b, g.length, h, 2 * dk), 2, axis=-1)
       keys.append(attn.rotate_k(kk, g.end_L))
       values.append(vv)
-    if self.implementation == "dense":
+    if self.spec.implementation == "dense":
       out = self._dense(q, keys, values, fine, grids)
     else:
       out = self._chunked(q, keys, values, fine, grids)
@@ -140,18 +160,14 @@ class RetinaAttention(nn.Module):
 
 class RetinaBlock(nn.Module):
   cfg: layers.BlockConfig
-  k: int
-  windows: tuple
-  chunk_size: int
-  implementation: str
+  spec: RetinaSpec
 
   @nn.compact
   def __call__(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
     c = self.cfg
     drop = lambda y: nn.Dropout(c.dropout)(y, deterministic=deterministic)  # noqa: E731
     h = layers.layer_norm("ln_attn", c.jnp_dtype)(x_BxTxD)
-    x_BxTxD = x_BxTxD + drop(RetinaAttention(
-        c, self.k, self.windows, self.chunk_size, self.implementation, name="retina")(h, fine))
+    x_BxTxD = x_BxTxD + drop(RetinaAttention(c, self.spec, name="retina")(h, fine))
     x_BxTxD = layers.constrain(x_BxTxD, "batch", "length", "embed")
     h = layers.layer_norm("ln_mlp", c.jnp_dtype)(x_BxTxD)
     x_BxTxD = x_BxTxD + drop(layers.Mlp(c, name="mlp")(h, deterministic))
@@ -173,10 +189,10 @@ class RetinaLM(base.LanguageModel):
     return math.lcm(m, self.chunk_size) if self.implementation == "chunked" else m
 
   def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
+    spec = RetinaSpec(self.pool_factor, tuple(self.windows), self.chunk_size,
+                      self.implementation)
     for i in range(self.num_layers):
-      x_BxTxD = RetinaBlock(self.block_cfg, self.pool_factor, tuple(self.windows),
-                            self.chunk_size, self.implementation, name=f"block_{i}")(
-                                x_BxTxD, fine, deterministic)
+      x_BxTxD = RetinaBlock(self.block_cfg, spec, name=f"block_{i}")(x_BxTxD, fine, deterministic)
     return x_BxTxD
 
   @classmethod
@@ -190,4 +206,6 @@ class RetinaLM(base.LanguageModel):
       raise ConfigError("model.windows", "must list at least one window (w_0, w_1, ...), "
                         "one per level below the coarsest")
     base.int_list(cfg, "windows", len(cfg["windows"]), minimum=1)
+    coarsest = cfg["pool_factor"] ** len(cfg["windows"])
+    base.check_pooling_fits("model.windows", coarsest, seq_len)
     base._choice(cfg, "implementation", IMPLEMENTATIONS)

@@ -45,7 +45,8 @@ class TopDownLM(base.LanguageModel):
   def check_config(cls, cfg, seq_len):
     super().check_config(cfg, seq_len)
     n = 1 if isinstance(cfg["pool_factors"], int) else len(cfg["pool_factors"])
-    base.int_list(cfg, "pool_factors", n, minimum=2)
+    factors = base.int_list(cfg, "pool_factors", n, minimum=2)
+    base.check_pooling_fits("model.pool_factors", math.prod(factors), seq_len)
     per_scale = base.int_list(cfg, "layers_per_scale", n + 1, minimum=0)
     if per_scale[0] < 1:
       raise ConfigError("model.layers_per_scale", "scale 0 needs at least one block after "

@@ -1,0 +1,196 @@
+"""Faults injected on purpose: kills, corrupted checkpoints, NaNs, full disks,
+bad workdirs and random config overrides. Nothing may be lost or crash."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import ROOT
+from hiertx import checkpoint, metrics, train
+from hiertx.errors import CheckpointError, HiertxError
+
+CLI_ARGS = ["--config=configs/vanilla.py:size=tiny", "--config.train.steps=40",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=10",
+            "--config.eval.every=1000"]
+
+
+def _env():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _train_cli(workdir, **kw):
+  return subprocess.run([sys.executable, "-m", "hiertx.train", f"--workdir={workdir}",
+                         *CLI_ARGS], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=300, **kw)
+
+
+def _losses(workdir):
+  """Loss per step; a step redone after a kill keeps its last value."""
+  return {r["step"]: r["train/loss"] for r in metrics.read_jsonl(
+      os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  assert _train_cli(workdir).returncode == 0
+  return workdir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_run_resumes_to_the_same_losses(sig, straight, tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen([sys.executable, "-m", "hiertx.train", f"--workdir={workdir}",
+                           *CLI_ARGS], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if line.startswith("step 25/"):
+      proc.send_signal(sig)
+      break
+  rest = proc.stdout.read()
+  code = proc.wait(timeout=120)
+  saved = checkpoint.manager(workdir).latest_step()
+  if sig == signal.SIGTERM:
+    assert code == 0 and "SIGTERM: saved a checkpoint at step" in rest
+    assert 25 <= saved < 40  # saved where it stopped
+  else:
+    assert code == -signal.SIGKILL and saved in (10, 20)  # work since then is redone
+  r = _train_cli(workdir)
+  assert r.returncode == 0 and f"resumed at step {saved}" in r.stdout
+  a, b = _losses(workdir), _losses(straight)
+  assert sorted(a) == sorted(b) == list(range(1, 41))
+  for step in a:
+    assert a[step] == pytest.approx(b[step], rel=1e-6), step
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path):
+  import shutil  # noqa: PLC0415
+
+  workdir = str(tmp_path / "corrupt")
+  shutil.copytree(straight, workdir)
+  newest = os.path.join(workdir, "checkpoints", "40")
+  for root, _, files in os.walk(newest):
+    for f in files:
+      if "params" in root or f.startswith("ocdbt") or f.endswith(".data") or "d" == root[-1]:
+        with open(os.path.join(root, f), "r+b") as fh:
+          fh.truncate(0)
+  r = _train_cli(workdir)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "checkpoint at step 40 is unreadable" in r.stdout and "resumed at step 30" in r.stdout
+  assert os.path.isdir(newest + ".corrupt")
+  assert _losses(workdir)[40] == pytest.approx(_losses(straight)[40], rel=1e-6)
+
+
+def _nan_nll(monkeypatch):
+  real = train.token_nll
+  monkeypatch.setattr(train, "token_nll", lambda logits, t: real(logits, t) * jnp.nan)
+
+
+def test_nonfinite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
+    tiny_config, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = tiny_config("vanilla", train__steps=10, eval__every=10)
+  train.train_and_evaluate(config, workdir)
+  _nan_nll(monkeypatch)
+  config = tiny_config("vanilla", train__steps=20, eval__every=20)
+  with pytest.raises(train.TrainingError, match=r"loss is nan .* at step 11.*max_nonfinite"):
+    train.train_and_evaluate(config, workdir)
+  assert checkpoint.manager(workdir).all_steps() == [10]
+
+
+def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path, monkeypatch):
+  _nan_nll(monkeypatch)
+  config = tiny_config("vanilla", train__steps=6, train__max_nonfinite_skips=3,
+                       train__log_every=1, eval__every=100, train__checkpoint_every=100)
+  with pytest.raises(train.TrainingError, match="at step 4"):
+    train.train_and_evaluate(config, str(tmp_path))
+  rows = metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["train/nonfinite_skips"] for r in rows if "train/nonfinite_skips" in r] == [1, 2, 3]
+  assert not checkpoint.has_checkpoints(str(tmp_path))
+
+
+def test_skipped_steps_leave_parameters_unchanged(tiny_config):
+  config = tiny_config("vanilla")
+  run = train.build_run(config)
+  state = run.init(jax.random.PRNGKey(0))
+  before = jax.device_get(state.params)
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, model=run.model, tx=run.tx, seed=0, skip_nonfinite=True))
+  batch = {k: jnp.zeros((8, 64), jnp.int32) for k in
+           ("inputs", "targets", "weights", "segment_ids", "positions")}
+  batch["weights"] = batch["weights"] + 1
+  real = train.token_nll
+  try:
+    train.token_nll = lambda logits, t: real(logits, t) * jnp.nan
+    new, m = step(state, batch)
+  finally:
+    train.token_nll = real
+  assert not np.isfinite(float(m["train/loss"])) and int(new.step) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(new.params), before)
+
+
+def test_full_disk_is_a_clear_error_and_the_next_run_resumes(tiny_config, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = tiny_config("vanilla", train__steps=10, eval__every=10)
+  train.train_and_evaluate(config, workdir)
+
+  def no_space(self, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+  with pytest.raises(CheckpointError, match="step 20 failed: No space left on device"):
+    train.train_and_evaluate(tiny_config("vanilla", eval__every=20), workdir)
+  monkeypatch.undo()
+  out = train.train_and_evaluate(tiny_config("vanilla", eval__every=20), workdir)
+  assert out["step"] == 20 and checkpoint.manager(workdir).latest_step() == 20
+
+
+def test_unwritable_workdir_is_a_clear_error(tiny_config, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(HiertxError, match="is not writable"):
+    train.train_and_evaluate(tiny_config("vanilla"), str(blocker / "run"))
+
+
+FUZZ_FIELDS = {
+    "model": ["d_model", "num_heads", "mlp_dim", "num_layers", "max_len", "dropout",
+              "positions", "dtype", "name", "bogus"],
+    "data": ["seq_len", "batch_size", "vocab", "task", "split_fractions", "pack"],
+    "train": ["steps", "learning_rate", "warmup_steps", "grad_clip", "log_every",
+              "checkpoint_every", "weight_decay", "max_nonfinite_skips"],
+    "eval": ["every", "batch_size", "batches", "split"],
+    "mesh": ["data", "fsdp", "tensor"],
+}
+FUZZ_VALUES = [0, -1, 1, 3, 7, 64, 10**9, 0.5, -2.5, "", "x", "rotary", (1,), (0.5, 0.5, 0.0),
+               None, True]
+
+
+def test_fuzzed_overrides_fail_cleanly_or_work(tiny_config):
+  rng = random.Random(0)
+  outcomes = {"ok": 0, "refused": 0}
+  for _ in range(80):
+    config = tiny_config("vanilla")
+    config.unlock()
+    for _ in range(rng.randint(1, 2)):
+      section = rng.choice(sorted(FUZZ_FIELDS))
+      try:
+        config[section][rng.choice(FUZZ_FIELDS[section])] = rng.choice(FUZZ_VALUES)
+      except (TypeError, ValueError):
+        pass  # ConfigDict's type check: the command line refuses these the same way
+    try:
+      train.build_run(config)  # validation, data and mesh checks, tracing the model's init
+      outcomes["ok"] += 1
+    except HiertxError:
+      outcomes["refused"] += 1
+  assert outcomes["refused"] > 10 and outcomes["ok"] > 0, outcomes
