@@ -11,17 +11,14 @@ override to every run (e.g. --set=model.d_model=512).
 """
 
 import os
-import sys
 
 import jax
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
+from hiertx import config as config_lib
+from hiertx import report, train
 
-from hiertx import config as config_lib  # noqa: E402
-from hiertx import report, train  # noqa: E402
-from pareto import apply_override  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DEFAULT_RUNS = [
     "vanilla.py:size=base", "vanilla.py:size=paper14",
@@ -31,11 +28,13 @@ DEFAULT_RUNS = [
     "hourglass.py:size=base", "hourglass.py:size=paper30",
 ]
 
-_RUNS = flags.DEFINE_list("runs", DEFAULT_RUNS, "Config files (under configs/) with args.")
-_BASELINE = flags.DEFINE_string("baseline", "vanilla.py:size=paper14", "Run the ratios use.")
-_SEQ = flags.DEFINE_integer("seq_len", 1024, "Sequence length of every run.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch of every run.")
-_SET = flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
+
+def define_flags() -> None:
+  flags.DEFINE_list("runs", DEFAULT_RUNS, "Config files (under configs/) with args.")
+  flags.DEFINE_string("baseline", "vanilla.py:size=paper14", "Run the ratios use.")
+  flags.DEFINE_integer("seq_len", 1024, "Sequence length of every run.")
+  flags.DEFINE_integer("batch_size", 8, "Global batch of every run.")
+  flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
 
 
 def config_for(spec: str, seq_len: int, batch: int, sets: list[str]):
@@ -48,7 +47,7 @@ def config_for(spec: str, seq_len: int, batch: int, sets: list[str]):
   config.eval.batch_size = batch
   config.model.max_len = max(config.model.max_len, seq_len)
   for s in sets:
-    apply_override(config, s)
+    config_lib.apply_override(config, s)
   return config
 
 
@@ -89,11 +88,13 @@ def table(rows, baseline: str) -> str:
 def main(argv):
   del argv
   train.quiet_library_logs()
-  rows = measure(_RUNS.value, _SEQ.value, _BATCH.value, _SET.value)
+  f = flags.FLAGS
+  rows = measure(f.runs, f.seq_len, f.batch_size, f.set)
   widths = sorted({r["width"] for r in rows})
-  print(f"\nseq_len {_SEQ.value}, batch {_BATCH.value}, width {widths}\n")
-  print(table(rows, _BASELINE.value))
+  print(f"\nseq_len {f.seq_len}, batch {f.batch_size}, width {widths}\n")
+  print(table(rows, f.baseline))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -21,30 +21,18 @@ from hiertx import config as config_lib
 from hiertx import report, train
 from hiertx.errors import HiertxError
 
-_CONFIGS = flags.DEFINE_list("configs", None, "Config files (path[:arg]) to compare.")
-_TEXT = flags.DEFINE_string("text_files", None, "Glob of text files (default: stdlib corpus).")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps for every config.")
-_SET = flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every config.")
-_OUT = flags.DEFINE_string("out", "/tmp/hiertx_pareto", "Output directory.")
+def define_flags() -> None:
+  flags.DEFINE_list("configs", None, "Config files (path[:arg]) to compare.")
+  flags.DEFINE_string("text_files", None, "Glob of text files (default: stdlib corpus).")
+  flags.DEFINE_integer("steps", 300, "Training steps for every config.")
+  flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every config.")
+  flags.DEFINE_string("out", "/tmp/hiertx_pareto", "Output directory.")
 
 
 def run_name(spec: str) -> str:
   path, _, arg = spec.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   return name + ("_" + arg.replace("=", "-").replace(",", "_") if arg else "")
-
-
-def apply_override(config, assignment: str) -> None:
-  """Sets `section.field=value`, parsing value like the command line would."""
-  import ast  # noqa: PLC0415
-
-  dotted, _, value = assignment.partition("=")
-  section, _, field = dotted.partition(".")
-  try:
-    parsed = ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    parsed = value
-  config[section][field] = parsed
 
 
 def prepare(spec: str, steps: int, text_files: str | None, sets: list[str]):
@@ -55,7 +43,7 @@ def prepare(spec: str, steps: int, text_files: str | None, sets: list[str]):
   if text_files:
     config.data.text_files = text_files
   for s in sets:
-    apply_override(config, s)
+    config_lib.apply_override(config, s)
   return config
 
 
@@ -112,18 +100,20 @@ def plot(rows, front, path):
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   train.quiet_library_logs()
-  if not _CONFIGS.value:
+  if not f.configs:
     sys.exit("error: --configs is required")
-  os.makedirs(_OUT.value, exist_ok=True)
+  os.makedirs(f.out, exist_ok=True)
   try:
-    rows = compare(_CONFIGS.value, _STEPS.value, _TEXT.value, _SET.value, _OUT.value)
+    rows = compare(f.configs, f.steps, f.text_files, f.set, f.out)
   except HiertxError as e:
     sys.exit(f"error: {e}")
-  corpus = _TEXT.value or "the stdlib corpus"
-  print(write_report(rows, _OUT.value, f"{_STEPS.value} steps on {corpus}"))
-  print(f"plot: {os.path.join(_OUT.value, 'pareto.png')}")
+  corpus = f.text_files or "the stdlib corpus"
+  print(write_report(rows, f.out, f"{f.steps} steps on {corpus}"))
+  print(f"plot: {os.path.join(f.out, 'pareto.png')}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -17,10 +17,11 @@ sys.path.insert(0, ROOT)
 
 from hiertx import metrics, report  # noqa: E402
 
-_CONFIG = flags.DEFINE_string("config", "configs/vanilla.py:size=tiny", "Config file[:arg].")
-_STEPS = flags.DEFINE_integer("steps", 10, "Training steps.")
-_DEVICES = flags.DEFINE_integer("devices", 8, "Simulated devices for the sharded runs.")
-_MESH = flags.DEFINE_string("mesh", "data=2,fsdp=2,tensor=2", "Mesh of the sharded runs.")
+def define_flags() -> None:
+  flags.DEFINE_string("config", "configs/vanilla.py:size=tiny", "Config file[:arg].")
+  flags.DEFINE_integer("steps", 10, "Training steps.")
+  flags.DEFINE_integer("devices", 8, "Simulated devices for the sharded runs.")
+  flags.DEFINE_string("mesh", "data=2,fsdp=2,tensor=2", "Mesh of the sharded runs.")
 
 
 def _overrides(steps: int, mesh: str | None) -> list[str]:
@@ -49,24 +50,26 @@ def _losses(workdir: str) -> dict[int, float]:
 
 def main(argv):
   del argv
+  f = flags.FLAGS
   tmp = tempfile.mkdtemp(prefix="hiertx_sharding_")
   one, many, procs = (os.path.join(tmp, n) for n in ("one", "many", "procs"))
-  base = ["-m", "hiertx.train", f"--config={_CONFIG.value}"]
-  _run([*base, f"--workdir={one}", *_overrides(_STEPS.value, "data=1")], None)
-  _run([*base, f"--workdir={many}", *_overrides(_STEPS.value, _MESH.value)], _DEVICES.value)
-  per_process = _DEVICES.value // 2
+  base = ["-m", "hiertx.train", f"--config={f.config}"]
+  _run([*base, f"--workdir={one}", *_overrides(f.steps, "data=1")], None)
+  _run([*base, f"--workdir={many}", *_overrides(f.steps, f.mesh)], f.devices)
+  per_process = f.devices // 2
   _run(["launch/multiprocess.py", "--num_processes=2", f"--devices_per_process={per_process}",
-        f"--config={_CONFIG.value}", f"--workdir={procs}", "--",
-        *_overrides(_STEPS.value, _MESH.value)], None)
+        f"--config={f.config}", f"--workdir={procs}", "--",
+        *_overrides(f.steps, f.mesh)], None)
   a, b, c = _losses(one), _losses(many), _losses(procs)
   rows = [[s, a[s], b[s], c[s], max(abs(b[s] - a[s]), abs(c[s] - a[s])) / abs(a[s])]
           for s in sorted(a)]
-  print(f"{_CONFIG.value}, mesh {_MESH.value} over {_DEVICES.value} devices\n")
+  print(f"{f.config}, mesh {f.mesh} over {f.devices} devices\n")
   print(report.markdown_table(
-      ["step", "1 device", f"{_DEVICES.value} devices, 1 process",
+      ["step", "1 device", f"{f.devices} devices, 1 process",
        f"2 processes x {per_process} devices", "max rel. diff"],
       [[r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", f"{r[4]:.1e}"] for r in rows]))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -6,6 +6,7 @@ command line (`--config.model.d_model=256`) and variants are picked in the
 path (`--config=configs/vanilla.py:size=tiny,runlocal`).
 """
 
+import ast
 import json
 from typing import Any
 
@@ -186,3 +187,14 @@ def apply_size_defaults(c: ml_collections.ConfigDict, arg) -> None:
     c.eval.every = 10
     c.eval.batch_size = 8
     c.eval.batches = 2
+
+
+def apply_override(config, assignment: str) -> None:
+  """Sets `section.field=value`, parsing value like the command line would."""
+  dotted, _, value = assignment.partition("=")
+  section, _, field = dotted.partition(".")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  config[section][field] = parsed

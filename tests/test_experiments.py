@@ -1,0 +1,43 @@
+"""The experiment scripts on tiny shapes: they run and report what they claim."""
+
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+from hiertx import report
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import memory_depth  # noqa: E402
+import pareto  # noqa: E402
+
+
+def test_pareto_front():
+  points = [(1.0, 3.0), (2.0, 2.0), (3.0, 3.0), (2.0, 1.5), (4.0, 1.0)]
+  assert report.pareto_front(points) == [True, False, False, True, True]
+
+
+def test_memory_depth_compiles_and_compares():
+  rows = memory_depth.measure(["vanilla.py:size=tiny", "bottom_up.py:size=tiny"], 64, 8, [])
+  assert [r["model"] for r in rows] == ["vanilla", "bottom_up"]
+  assert all(r["peak"] > r["temp"] > 0 for r in rows)
+  assert rows[1]["layers"] == 5  # 3 scales x 1 + aggregation + 1 post
+  text = memory_depth.table(rows, "vanilla.py:size=tiny")
+  assert "| vanilla.py:size=tiny | vanilla | 2 |" in text and "1.000" in text
+
+
+def test_pareto_trains_compares_and_plots(tmp_path):
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("".join(f"to be or not to be, line {i}\n" for i in range(3000)))
+  specs = [os.path.join(ROOT, "configs", f"{m}.py:size=tiny") for m in ("vanilla", "top_down")]
+  rows = pareto.compare(specs, 4, str(corpus), ["data.seq_len=32"], str(tmp_path / "out"))
+  assert [r["model"] for r in rows] == ["vanilla", "top_down"]
+  assert all(r["step"] == 4 and r["final_bpb"] > 0 and r["xla_peak_bytes"] > 0 for r in rows)
+  text = pareto.write_report(rows, str(tmp_path / "out"), "tiny")
+  assert text.count("\n| ") == 3 and "memory / vanilla" in text
+  assert os.path.getsize(tmp_path / "out" / "pareto.png") > 10_000
+  saved = report.summarize(str(tmp_path / "out" / "top_down_size-tiny"))
+  assert saved["params"] == rows[1]["params"]
+  with pytest.raises(Exception):
+    pareto.compare(["/nonexistent.py"], 4, None, [], str(tmp_path / "bad"))
