@@ -30,6 +30,7 @@ class BlockConfig:
   dropout: float = 0.0
   positions: str = "learned"  # "learned" | "rotary" | "none"
   dtype: str = "float32"
+  remat: str = "none"  # see REMAT_POLICIES
 
   @property
   def head_dim(self) -> int:
@@ -170,6 +171,24 @@ class Block(nn.Module):
     return constrain(x_BxQxD, "batch", "length", "embed")
 
 
+# Rematerialisation: which activations a block keeps for the backward pass.
+#   none:  all of them (fastest, most memory)
+#   block: only the block's input; everything inside is recomputed
+#   dots:  the outputs of matmuls without batch dimensions (projections, MLP)
+REMAT_POLICIES = {
+    "block": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(module_cls, cfg: BlockConfig, deterministic_argnum: int):
+  """`module_cls` wrapped per `cfg.remat`; `deterministic_argnum` counts self as 0."""
+  if cfg.remat == "none":
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[cfg.remat],
+                  static_argnums=(deterministic_argnum,))
+
+
 class Stack(nn.Module):
   """`num_blocks` self-attention blocks sharing one mask (one scale's stack)."""
 
@@ -178,9 +197,10 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxTxT, pos_T, deterministic: bool = True):
+    block = remat(Block, self.cfg, deterministic_argnum=6)
     for i in range(self.num_blocks):
-      x_BxTxD = Block(self.cfg, name=f"block_{i}")(
-          x_BxTxD, mask_BxTxT, pos_T, deterministic=deterministic)
+      x_BxTxD = block(self.cfg, name=f"block_{i}")(
+          x_BxTxD, mask_BxTxT, pos_T, None, None, deterministic)
     return x_BxTxD
 
 

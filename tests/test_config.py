@@ -58,6 +58,7 @@ def _bad(config_name, **fields):
     ("vanilla", dict(name="transformer"), "model.name"),
     ("hourglass", dict(pooling="max"), "model.pooling"),
     ("top_down", dict(upsampling="nearest"), "model.upsampling"),
+    ("retina", dict(remat="everything"), "model.remat"),
     ("vanilla", dict(max_len=16), "model.max_len"),
     ("bottom_up", dict(pool_factors=(16, 8)), "model.pool_factors"),
     ("hourglass", dict(hierarchy="1@1 1@128 1@1"), "model.hierarchy"),

@@ -32,11 +32,12 @@ class LanguageModel(nn.Module):
   positions: str = "learned"
   max_len: int = 2048
   dtype: str = "float32"
+  remat: str = "none"  # none | block | dots (hiertx.layers.REMAT_POLICIES)
 
   @property
   def block_cfg(self) -> layers.BlockConfig:
     return layers.BlockConfig(self.d_model, self.num_heads, self.mlp_dim,
-                              self.dropout, self.positions, self.dtype)
+                              self.dropout, self.positions, self.dtype, self.remat)
 
   @property
   def padded_vocab(self) -> int:
@@ -81,6 +82,7 @@ class LanguageModel(nn.Module):
       raise ConfigError("model.dropout", f"must be in [0, 1), got {cfg['dropout']}")
     _choice(cfg, "positions", POSITIONS)
     _choice(cfg, "dtype", DTYPES)
+    _choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
     if cfg["positions"] == "rotary" and (cfg["d_model"] // cfg["num_heads"]) % 2:
       raise ConfigError("model.positions", "rotary needs an even head width "
                         "(d_model / num_heads)")

@@ -191,8 +191,9 @@ class RetinaLM(base.LanguageModel):
   def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
     spec = RetinaSpec(self.pool_factor, tuple(self.windows), self.chunk_size,
                       self.implementation)
+    block = layers.remat(RetinaBlock, self.block_cfg, deterministic_argnum=3)
     for i in range(self.num_layers):
-      x_BxTxD = RetinaBlock(self.block_cfg, spec, name=f"block_{i}")(x_BxTxD, fine, deterministic)
+      x_BxTxD = block(self.block_cfg, spec, name=f"block_{i}")(x_BxTxD, fine, deterministic)
     return x_BxTxD
 
   @classmethod
