@@ -67,7 +67,7 @@ def measure(specs, seq_len, batch, sets) -> list[dict]:
   for spec in specs:
     config = config_for(spec, seq_len, batch, sets)
     run = train.build_run(config)
-    facts = train.compiled_facts(run, config)
+    _, facts = train.compile_train_step(run, config)
     params = sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params))
     rows.append({"run": spec, "model": config.model.name, "layers": layers_of(config.model),
                  "width": config.model.d_model,

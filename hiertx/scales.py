@@ -76,12 +76,15 @@ def shifted_groups(x_BxLxD: jax.Array, scale: Scale, k: int):
   return members_BxGxkxD, valid_BxGxk
 
 
+def _masked_mean(members_BxGxkxD, valid_BxGxk) -> jax.Array:
+  w = valid_BxGxk[..., None].astype(members_BxGxkxD.dtype)
+  # The end member is always valid, so the count is at least one.
+  return (members_BxGxkxD * w).sum(2) / w.sum(2)
+
+
 def mean_pool(x_BxLxD: jax.Array, scale: Scale, k: int) -> jax.Array:
   """Shifted average pooling over the valid members of each group -> [B, L/k, D]."""
-  members, valid = shifted_groups(x_BxLxD, scale, k)
-  w = valid[..., None].astype(x_BxLxD.dtype)
-  # The end member is always valid, so the count is at least one.
-  return (members * w).sum(2) / w.sum(2)
+  return _masked_mean(*shifted_groups(x_BxLxD, scale, k))
 
 
 def upsample_repeat(z_BxGxD: jax.Array, coarse: Scale, fine: Scale, k: int) -> jax.Array:
@@ -109,13 +112,12 @@ class Pool(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, scale: Scale, deterministic: bool = True):
     members, valid = shifted_groups(x_BxLxD, scale, self.k)
-    w = valid[..., None].astype(x_BxLxD.dtype)
-    mean_BxGxD = (members * w).sum(2) / w.sum(2)
+    mean_BxGxD = _masked_mean(members, valid)
     if self.kind == "mean":
       return mean_BxGxD
     b, g, k, d = members.shape
     if self.kind == "linear":
-      flat_BxGxkD = (members * w).reshape(b, g, k * d)
+      flat_BxGxkD = (members * valid[..., None]).reshape(b, g, k * d)
       return nn.Dense(d, use_bias=False, dtype=self.cfg.jnp_dtype, name="proj",
                       kernel_init=nn.with_logical_partitioning(
                           nn.initializers.lecun_normal(), ("mlp", "embed")))(flat_BxGxkD)

@@ -209,9 +209,18 @@ def batch_spec(config, run: Run) -> dict:
           for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
 
 
-def compiled_facts(run: Run, config) -> dict:
-  """Once-per-run numbers from the compiled train step (no device memory used)."""
+def compile_train_step(run: Run, config):
+  """Compiles the train step ahead of time (no device memory used).
+
+  Returns the executable, which the loop then calls (so the step is compiled
+  once), and the once-per-run numbers read from it.
+  """
   compiled = run.train_step.lower(run.abstract_state, batch_spec(config, run)).compile()
+  return compiled, compiled_facts(compiled, run)
+
+
+def compiled_facts(compiled, run: Run) -> dict:
+  """XLA memory analysis and FLOPs of a compiled train step."""
   facts = metrics.xla_memory(compiled)
   flops = metrics.xla_flops(compiled)
   if flops is not None:  # XLA counts one partition of the SPMD program
@@ -349,7 +358,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   if start >= total:
     print(f"already trained to step {start} (train.steps={total}); nothing to do", flush=True)
 
-  facts = compiled_facts(run, config)
+  step_fn, facts = compile_train_step(run, config)
   facts.update(metrics.param_counts(state.params))
   if lead:
     _write_run_info(workdir, config, run, facts)
@@ -372,7 +381,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   try:
     with _StopRequest() as stop:
       while step < total:
-        state, step_metrics = run.train_step(state, run.put_batch(next(batches)))
+        state, step_metrics = step_fn(state, run.put_batch(next(batches)))
         step += 1
         progress.step_dispatched(step, step_metrics)
         is_last = step == total
