@@ -31,6 +31,7 @@ class BlockConfig:
   positions: str = "learned"  # "learned" | "rotary" | "none"
   dtype: str = "float32"
   remat: str = "none"  # see REMAT_POLICIES
+  scan: bool = False  # repeated blocks as one lax.scan (see scan_blocks)
 
   @property
   def head_dim(self) -> int:
@@ -189,14 +190,53 @@ def remat(module_cls, cfg: BlockConfig, deterministic_argnum: int):
                   static_argnums=(deterministic_argnum,))
 
 
+class _ScannedBlock(nn.Module):
+  """One Block in the (carry, output) form `nn.scan` wants."""
+
+  cfg: BlockConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, mask_BxTxT, pos_T):
+    return Block(self.cfg, name="block")(
+        x_BxTxD, mask_BxTxT, pos_T, None, None, self.deterministic), None
+
+
+def scan_blocks(module_cls, cfg: BlockConfig, num_blocks: int, num_broadcast: int):
+  """`module_cls` repeated `num_blocks` times by `nn.scan`, parameters stacked.
+
+  The module maps (x, *broadcast) -> (x, None). One compiled body instead of
+  `num_blocks` copies: faster compiles, and with `cfg.remat` the backward pass
+  really recomputes per block. (On XLA:CPU, `remat` of an unrolled loop saves
+  nothing: the scheduler is free to run the recomputation early. Inside the
+  scan's backward loop it cannot.)
+  """
+  if cfg.remat != "none":
+    module_cls = nn.remat(module_cls, policy=REMAT_POLICIES[cfg.remat])
+  return nn.scan(module_cls, variable_axes={"params": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast,) * num_broadcast, length=num_blocks,
+                 metadata_params={nn.PARTITION_NAME: "layers"})
+
+
 class Stack(nn.Module):
-  """`num_blocks` self-attention blocks sharing one mask (one scale's stack)."""
+  """`num_blocks` self-attention blocks sharing one mask (one scale's stack).
+
+  With `cfg.scan` the blocks' parameters are stacked on a leading `layers` axis
+  and the loop is a `lax.scan`; otherwise each block is its own submodule.
+  """
 
   cfg: BlockConfig
   num_blocks: int
 
   @nn.compact
   def __call__(self, x_BxTxD, mask_BxTxT, pos_T, deterministic: bool = True):
+    if self.num_blocks == 0:
+      return x_BxTxD
+    if self.cfg.scan:
+      blocks = scan_blocks(_ScannedBlock, self.cfg, self.num_blocks, num_broadcast=2)
+      x_BxTxD, _ = blocks(self.cfg, deterministic, name="blocks")(x_BxTxD, mask_BxTxT, pos_T)
+      return x_BxTxD
     block = remat(Block, self.cfg, deterministic_argnum=6)
     for i in range(self.num_blocks):
       x_BxTxD = block(self.cfg, name=f"block_{i}")(

@@ -114,3 +114,56 @@ def versions() -> dict[str, str]:
           "flax": flax.__version__, "optax": optax.__version__,
           "orbax": getattr(orbax.checkpoint, "__version__", "?"),
           "seqio": getattr(seqio, "__version__", "?"), "hiertx": hiertx.__version__}
+
+
+# Dense matmul peaks per chip in FLOP/s, (float32, bfloat16), from the vendors'
+# data sheets. GPUs run float32 matmuls as TF32 by default, hence the TF32 figure;
+# TPUs run them as bfloat16 passes.
+DEVICE_PEAK_FLOPS = {
+    "H100": (494.7e12, 989.4e12),
+    "H200": (494.7e12, 989.4e12),
+    "A100": (156e12, 312e12),
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12),
+    "TPU v5e": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),
+    "TPU v6e": (918e12, 918e12),
+}
+
+
+def measured_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 0.5) -> float:
+  """FLOP/s of a square matmul on this host's default device, best of several runs."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  a = jnp.ones((n, n), dtype)
+  mm = jax.jit(lambda x, y: x @ y)
+  mm(a, a).block_until_ready()
+  best, t_end = float("inf"), time.time() + seconds
+  while time.time() < t_end or best == float("inf"):
+    t0 = time.perf_counter()
+    mm(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+_MEASURED: dict = {}
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+  """Peak matmul FLOP/s of all devices in the job and where the number comes from.
+
+  Accelerators: the data-sheet figure per chip times the device count. CPU:
+  a matmul measured on this host (all its cores) times the process count;
+  simulated CPU devices share the same cores, so they do not multiply it.
+  """
+  dev = jax.devices()[0]
+  column = 1 if dtype == "bfloat16" else 0
+  if dev.platform != "cpu":
+    for name, peaks in DEVICE_PEAK_FLOPS.items():
+      if name.lower() in dev.device_kind.lower():
+        return peaks[column] * jax.device_count(), f"data sheet ({dev.device_kind})"
+    return float("nan"), f"unknown device {dev.device_kind!r}"
+  if dtype not in _MEASURED:
+    _MEASURED[dtype] = measured_matmul_peak(dtype)
+  return _MEASURED[dtype] * jax.process_count(), "measured 1024x1024 matmul on this host"

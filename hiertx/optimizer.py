@@ -13,10 +13,16 @@ def schedule(train_cfg) -> optax.Schedule:
       end_value=train_cfg.learning_rate * train_cfg.end_learning_rate_fraction)
 
 
+def _decays(path, x) -> bool:
+  # Matrices only: not LayerNorm scales/biases (which scanned blocks stack into
+  # [layers, D], so ndim alone cannot tell), nor the position table.
+  name = getattr(path[-1], "key", str(path[-1]))
+  return x.ndim >= 2 and name not in ("scale", "bias") and "position" not in (
+      jax.tree_util.keystr(path))
+
+
 def _decay_mask(params):
-  # Decay matrices only: not LayerNorm scales/biases, nor the position table.
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim >= 2 and "position" not in jax.tree_util.keystr(path), params)
+  return jax.tree_util.tree_map_with_path(_decays, params)
 
 
 def make(train_cfg) -> optax.GradientTransformation:

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from hiertx import checkpoint
 from hiertx import config as config_lib
+from hiertx import cost
 from hiertx import data
 from hiertx import distributed
 from hiertx import metrics
@@ -220,12 +221,16 @@ def compile_train_step(run: Run, config):
 
 
 def compiled_facts(compiled, run: Run) -> dict:
-  """XLA memory analysis and FLOPs of a compiled train step."""
+  """XLA memory analysis and FLOPs of a compiled train step, next to the
+  analytic prediction (`hiertx.cost`) of both."""
   facts = metrics.xla_memory(compiled)
   flops = metrics.xla_flops(compiled)
-  if flops is not None:  # XLA counts one partition of the SPMD program
-    facts["flops/step_xla_per_device"] = flops
+  # XLA's cost analysis counts a loop body once, not once per iteration, so
+  # its FLOPs are only meaningful for unrolled blocks.
+  if flops is not None and not run.config.model.scan_layers:
+    facts["flops/step_xla_per_device"] = flops  # one partition of the SPMD program
     facts["flops/step_xla"] = flops * run.mesh.size
+  facts.update(cost.predict(run.config, run.vocab.vocab_size))
   return facts
 
 
@@ -268,10 +273,13 @@ class _Progress:
   """Step metrics, fetched one step late so logging never stalls the device;
   prints progress, writes metrics, and stops on a non-finite loss."""
 
-  def __init__(self, config, workdir: str, writer: metrics.Writer, start: int):
+  def __init__(self, config, workdir: str, writer: metrics.Writer, start: int,
+               flops_per_step: float, peak_flops: float):
     self.config, self.workdir, self.writer = config, workdir, writer
     self.total = config.train.steps
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
     self.lr = optimizer.schedule(config.train)
     self.pending = None  # (step, metrics still on device)
     self.start, self.t_start = start, time.time()
@@ -313,11 +321,12 @@ class _Progress:
       self.steps_since_log, self.t_log = 1, self.t_start
     dt = (now - self.t_log) / self.steps_since_log
     m.update({"train/learning_rate": float(self.lr(step - 1)), "train/step_time_s": dt,
-              "train/tokens_per_s": self.tokens_per_step / dt})
+              "train/tokens_per_s": self.tokens_per_step / dt,
+              "train/mfu": self.flops_per_step / dt / self.peak_flops})
     self.writer.write(step, m)
     self.last.update(m)
     print(f"step {step}/{self.total} | loss {m['train/loss']:.4f} | "
-          f"{m['train/tokens_per_s']:,.0f} tok/s | {dt:.3f} s/step | "
+          f"{m['train/tokens_per_s']:,.0f} tok/s | MFU {m['train/mfu']:.1%} | {dt:.3f} s/step | "
           f"ETA {_fmt_time(dt * (self.total - step))}", flush=True)
     self.t_log, self.steps_since_log = now, 0
 
@@ -360,17 +369,21 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
 
   step_fn, facts = compile_train_step(run, config)
   facts.update(metrics.param_counts(state.params))
+  peak, peak_source = metrics.peak_flops(config.model.dtype)
+  facts["mfu/peak_flops_per_s"] = peak
+  facts["mfu/peak_source"] = peak_source
   if lead:
     _write_run_info(workdir, config, run, facts)
-  writer.write(start, facts)
+  writer.write(start, {k: v for k, v in facts.items() if not isinstance(v, str)})
   print(f"model {config.model.name}: {facts['params/total']:,} params, XLA peak train-step "
-        f"memory {facts.get('memory/xla_peak_bytes', 0) / 2**20:.1f} MiB", flush=True)
+        f"memory {facts.get('memory/xla_peak_bytes', 0) / 2**20:.1f} MiB (analytic "
+        f"{facts['memory/analytic_peak_bytes'] / 2**20:.1f} MiB)", flush=True)
 
   shard = data.Shard(jax.process_index(), jax.process_count())
   batches = data.train_batches(config.data, config.data.batch_size, start, shard)
   eval_data = data.eval_batches(config.data, config.eval.split, config.eval.batch_size,
                                 config.eval.batches, shard)
-  progress = _Progress(config, workdir, writer, start)
+  progress = _Progress(config, workdir, writer, start, facts["flops/step_analytic"], peak)
 
   def save(step):
     progress.flush()  # a non-finite step must be caught before it is saved

@@ -5,11 +5,12 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hiertx import checkpoint, evaluate, metrics, train
+from hiertx import checkpoint, evaluate, metrics, optimizer, train
 from hiertx.errors import CheckpointError, ConfigError
 
 
@@ -43,13 +44,19 @@ def test_training_writes_the_metrics_design_asks_for(vanilla_run):
   assert once["memory/xla_peak_bytes"] > once["params/total"] * 4  # params + grads + Adam
   # Forward + backward is at least 6 FLOPs per matmul parameter per token.
   matmul_params = once["params/total"] - once["params/embed"]
-  assert once["flops/step_xla"] > 6 * matmul_params * 8 * 64
-  assert once["flops/step_xla"] == once["flops/step_xla_per_device"] * 8
+  assert once["flops/step_analytic"] > 6 * matmul_params * 8 * 64
+  assert once["params/analytic"] == once["params/total"]
+  # Scanned blocks: XLA counts a loop body once, so no XLA FLOPs are claimed.
+  assert "flops/step_xla" not in once
+  assert once["memory/analytic_peak_bytes"] > once["memory/analytic_state_bytes"] > 0
+  assert once["mfu/peak_flops_per_s"] > 1e9
   assert "memory/device_peak_bytes" not in {k for r in rows for k in r}  # CPU has no stats
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
   for r in train_rows:
     assert r["train/tokens_per_s"] > 0 and r["train/step_time_s"] > 0
+    assert r["train/mfu"] == pytest.approx(
+        once["flops/step_analytic"] / r["train/step_time_s"] / once["mfu/peak_flops_per_s"])
     assert r["train/grad_norm"] > 0 and 0 < r["train/learning_rate"] <= config.train.learning_rate
   assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"] - 0.5
   evals = [r for r in rows if "eval/loss" in r]
@@ -165,3 +172,15 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 61))
   for step in range(1, 61):
     assert a[step] == pytest.approx(b[step], rel=1e-6), step
+
+
+def test_weight_decay_skips_layer_norms_of_scanned_blocks():
+  params = {"blocks": {"blocks": {"block": {
+      "ln_attn": {"scale": jnp.ones((3, 8)), "bias": jnp.zeros((3, 8))},
+      "mlp": {"wi": {"kernel": jnp.ones((3, 8, 16))}}}}},
+      "embed": {"position": jnp.ones((4, 8)), "token": jnp.ones((5, 8))}}
+  mask = optimizer._decay_mask(params)
+  block = mask["blocks"]["blocks"]["block"]
+  assert not block["ln_attn"]["scale"] and not block["ln_attn"]["bias"]
+  assert block["mlp"]["wi"]["kernel"] and mask["embed"]["token"]
+  assert not mask["embed"]["position"]

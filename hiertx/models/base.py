@@ -33,11 +33,13 @@ class LanguageModel(nn.Module):
   max_len: int = 2048
   dtype: str = "float32"
   remat: str = "none"  # none | block | dots (hiertx.layers.REMAT_POLICIES)
+  scan_layers: bool = False  # repeated blocks as one lax.scan, parameters stacked
 
   @property
   def block_cfg(self) -> layers.BlockConfig:
     return layers.BlockConfig(self.d_model, self.num_heads, self.mlp_dim,
-                              self.dropout, self.positions, self.dtype, self.remat)
+                              self.dropout, self.positions, self.dtype, self.remat,
+                              self.scan_layers)
 
   @property
   def padded_vocab(self) -> int:
@@ -83,6 +85,8 @@ class LanguageModel(nn.Module):
     _choice(cfg, "positions", POSITIONS)
     _choice(cfg, "dtype", DTYPES)
     _choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
+    if not isinstance(cfg["scan_layers"], bool):
+      raise ConfigError("model.scan_layers", f"must be True or False, got {cfg['scan_layers']!r}")
     if cfg["positions"] == "rotary" and (cfg["d_model"] // cfg["num_heads"]) % 2:
       raise ConfigError("model.positions", "rotary needs an even head width "
                         "(d_model / num_heads)")

@@ -174,6 +174,16 @@ class RetinaBlock(nn.Module):
     return layers.constrain(x_BxTxD, "batch", "length", "embed")
 
 
+class _ScannedRetinaBlock(nn.Module):
+  cfg: layers.BlockConfig
+  spec: RetinaSpec
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x_BxTxD, fine: scales.Scale):
+    return RetinaBlock(self.cfg, self.spec, name="block")(x_BxTxD, fine, self.deterministic), None
+
+
 IMPLEMENTATIONS = ("chunked", "dense")
 
 
@@ -191,6 +201,10 @@ class RetinaLM(base.LanguageModel):
   def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
     spec = RetinaSpec(self.pool_factor, tuple(self.windows), self.chunk_size,
                       self.implementation)
+    if self.scan_layers:
+      blocks = layers.scan_blocks(_ScannedRetinaBlock, self.block_cfg, self.num_layers,
+                                  num_broadcast=1)
+      return blocks(self.block_cfg, spec, deterministic, name="blocks")(x_BxTxD, fine)[0]
     block = layers.remat(RetinaBlock, self.block_cfg, deterministic_argnum=3)
     for i in range(self.num_layers):
       x_BxTxD = block(self.block_cfg, spec, name=f"block_{i}")(x_BxTxD, fine, deterministic)

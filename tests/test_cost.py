@@ -1,0 +1,78 @@
+"""The analytic model (`hiertx.cost`) against the model and XLA's own numbers."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from conftest import config_path
+from hiertx import config as config_lib
+from hiertx import cost, metrics, models, tasks, train
+from tiny_models import MODELS, model_cfg
+
+MODEL_NAMES = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
+# Stated tolerance of the analytic peak against XLA's (DESIGN.md section 4).
+MEMORY_TOLERANCE = 0.15
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_analytic_parameter_count_is_exact(key):
+  mc = model_cfg(key)
+  model = models.build(mc, 23, 64)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 24), jnp.int32))
+  actual = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
+  config = ml_collections.ConfigDict({"model": {**models._resolved(mc)[1], "name": mc["name"]},
+                                      "data": {"seq_len": 24, "batch_size": 2}})
+  assert cost.predict(config, 23)["params/analytic"] == actual
+
+
+def _compiled(name, seq_len=128, **model_overrides):
+  # The shipped `small` size: the analytic model's stated domain (hiertx.cost).
+  config = config_lib.load(config_path(name) + ":size=small")
+  config.data.seq_len, config.data.batch_size, config.eval.batch_size = seq_len, 8, 8
+  for k, v in model_overrides.items():
+    config.model[k] = v
+  run = train.build_run(config, devices=jax.devices()[:1])
+  compiled, facts = train.compile_train_step(run, config)
+  return config, compiled, facts
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_analytic_memory_is_within_tolerance_of_xla(name, remat):
+  _, _, facts = _compiled(name, remat=remat)
+  ratio = facts["memory/analytic_peak_bytes"] / facts["memory/xla_peak_bytes"]
+  assert abs(ratio - 1) <= MEMORY_TOLERANCE, (name, remat, ratio)
+  parts = [v for k, v in facts.items() if k.startswith("memory/analytic_")
+           and k.endswith("_bytes") and k.count("_") == 2 and "peak" not in k]
+  assert sum(parts) == pytest.approx(facts["memory/analytic_peak_bytes"])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_analytic_flops_match_xla_for_unrolled_blocks(name):
+  """XLA counts a scan body once, so compare with blocks unrolled."""
+  config, compiled, facts = _compiled(name, scan_layers=False)
+  ratio = facts["flops/step_analytic"] / metrics.xla_flops(compiled)
+  assert 0.85 <= ratio <= 1.15, (name, ratio)
+  scanned = cost.predict(dict_config(config, scan_layers=True), tasks.vocabulary("byte")
+                         .vocab_size)
+  assert scanned["flops/step_analytic"] == facts["flops/step_analytic"]
+
+
+def dict_config(config, **model_overrides):
+  c = ml_collections.ConfigDict(config.to_dict())
+  for k, v in model_overrides.items():
+    c.model[k] = v
+  return c
+
+
+def test_remat_adds_one_forward_of_the_stacked_blocks():
+  config = config_lib.load(config_path("vanilla") + ":size=tiny")
+  v = tasks.vocabulary("byte").vocab_size
+  none = cost.predict(config, v)
+  block = cost.predict(dict_config(config, remat="block"), v)
+  s = cost.shape_of(config, v)
+  blocks, _ = cost.workloads(config.model, config.data.seq_len)
+  assert block["flops/step_analytic"] - none["flops/step_analytic"] == pytest.approx(
+      cost.forward_flops(s, blocks, head=False))
+  assert block["memory/analytic_activation_bytes"] < none["memory/analytic_activation_bytes"]
