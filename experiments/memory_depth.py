@@ -10,15 +10,9 @@ Each run is `config_file[:arg]` under configs/ (or a path); `--set` applies an
 override to every run (e.g. --set=model.d_model=512).
 """
 
-import os
-
-import jax
 from absl import app, flags
 
-from hiertx import config as config_lib
-from hiertx import report, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from hiertx import benchmark, report, train
 
 DEFAULT_RUNS = [
     "vanilla.py:size=base", "vanilla.py:size=paper14",
@@ -37,20 +31,6 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
 
 
-def config_for(spec: str, seq_len: int, batch: int, sets: list[str]):
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    path = os.path.join(ROOT, "configs", path)
-  config = config_lib.load(path + (f":{arg}" if arg else ""))
-  config.data.seq_len = seq_len
-  config.data.batch_size = batch
-  config.eval.batch_size = batch
-  config.model.max_len = max(config.model.max_len, seq_len)
-  for s in sets:
-    config_lib.apply_override(config, s)
-  return config
-
-
 def layers_of(model_cfg) -> int:
   m = model_cfg
   if m.name == "vanilla" or m.name == "retina":
@@ -65,14 +45,13 @@ def layers_of(model_cfg) -> int:
 def measure(specs, seq_len, batch, sets) -> list[dict]:
   rows = []
   for spec in specs:
-    config = config_for(spec, seq_len, batch, sets)
-    run = train.build_run(config)
-    _, facts = train.compile_train_step(run, config)
-    params = sum(x.size for x in jax.tree_util.tree_leaves(run.abstract_state.params))
+    config = benchmark.config_for(spec, seq_len, batch, sets)
+    _, _, facts = benchmark.compile_step(config)
     rows.append({"run": spec, "model": config.model.name, "layers": layers_of(config.model),
                  "width": config.model.d_model,
-                 "params": int(params), "peak": facts["memory/xla_peak_bytes"],
-                 "temp": facts["memory/xla_temp_bytes"]})
+                 "params": int(facts["params/total"]), "peak": facts["memory/xla_peak_bytes"],
+                 "temp": facts["memory/xla_temp_bytes"],
+                 "analytic": facts["memory/analytic_peak_bytes"]})
     print(f"{spec}: {rows[-1]['peak'] / 2**20:.1f} MiB", flush=True)
   return rows
 
@@ -80,8 +59,10 @@ def measure(specs, seq_len, batch, sets) -> list[dict]:
 def table(rows, baseline: str) -> str:
   base = next((r for r in rows if r["run"] == baseline), rows[0])
   return report.markdown_table(
-      ["run", "model", "layers", "params", "XLA peak MiB", "temp MiB", f"peak / {base['run']}"],
-      [[r["run"], r["model"], r["layers"], r["params"], r["peak"] / 2**20, r["temp"] / 2**20,
+      ["run", "model", "layers", "params", "XLA peak MiB", "analytic MiB", "analytic / XLA",
+       f"peak / {base['run']}"],
+      [[r["run"], r["model"], r["layers"], r["params"], r["peak"] / 2**20,
+        r["analytic"] / 2**20, f"{r['analytic'] / r['peak']:.3f}",
         f"{r['peak'] / base['peak']:.3f}"] for r in rows])
 
 
@@ -91,7 +72,8 @@ def main(argv):
   f = flags.FLAGS
   rows = measure(f.runs, f.seq_len, f.batch_size, f.set)
   widths = sorted({r["width"] for r in rows})
-  print(f"\nseq_len {f.seq_len}, batch {f.batch_size}, width {widths}\n")
+  print(f"\nseq_len {f.seq_len}, batch {f.batch_size}, width {widths}, "
+        f"overrides {f.set or 'none'}\n")
   print(table(rows, f.baseline))
 
 

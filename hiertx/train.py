@@ -35,6 +35,7 @@ from hiertx import metrics
 from hiertx import models
 from hiertx import optimizer
 from hiertx import sharding
+from hiertx import sweep
 from hiertx import tasks
 from hiertx.errors import ConfigError, HiertxError
 
@@ -349,10 +350,32 @@ def _write_run_info(workdir, config, run: Run, facts: dict) -> None:
 
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
-  """Trains to `config.train.steps`, resuming from `workdir`; returns last metrics."""
+  """Trains to `config.train.steps`, resuming from `workdir`; returns last metrics.
+
+  The run's state goes to `<workdir>/status.json` (running, finished,
+  interrupted or failed with the error), which sweeps read to skip or resume.
+  """
+  lead = jax.process_index() == 0
+  try:
+    out = _train_and_evaluate(config, workdir, allow_config_change)
+  except BaseException as e:
+    if lead and os.path.isdir(workdir) and os.access(workdir, os.W_OK):
+      sweep.write_status(workdir, "failed", error=f"{type(e).__name__}: {e}"[:2000],
+                         time=time.time())
+    raise
+  if lead:
+    state = "finished" if out["step"] >= config.train.steps else "interrupted"
+    sweep.write_status(workdir, state, step=out["step"], time=time.time(),
+                       wall_time_s=out["wall_time_s"])
+  return out
+
+
+def _train_and_evaluate(config, workdir: str, allow_config_change: bool) -> dict:
   run = build_run(config)
   lead = jax.process_index() == 0
   checkpoint.prepare_workdir(workdir, config, allow_config_change, write=lead)
+  if lead:
+    sweep.write_status(workdir, "running", pid=os.getpid(), time=time.time())
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   writer = metrics.Writer(workdir, active=lead)
   total = config.train.steps

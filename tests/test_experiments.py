@@ -9,8 +9,10 @@ from conftest import ROOT
 from hiertx import report
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import bench  # noqa: E402
 import memory_depth  # noqa: E402
 import pareto  # noqa: E402
+import seq_scaling  # noqa: E402
 
 
 def test_pareto_front():
@@ -23,8 +25,35 @@ def test_memory_depth_compiles_and_compares():
   assert [r["model"] for r in rows] == ["vanilla", "bottom_up"]
   assert all(r["peak"] > r["temp"] > 0 for r in rows)
   assert rows[1]["layers"] == 5  # 3 scales x 1 + aggregation + 1 post
+  assert all(r["analytic"] > 0 for r in rows)
   text = memory_depth.table(rows, "vanilla.py:size=tiny")
   assert "| vanilla.py:size=tiny | vanilla | 2 |" in text and "1.000" in text
+  assert "analytic / XLA" in text
+
+
+def test_seq_scaling_reports_growth_per_doubling():
+  rows = seq_scaling.measure(["vanilla.py:size=tiny", "retina.py:size=tiny"], [64, 128, 256],
+                             8, 64, [])
+  assert [(r["run"], r["seq_len"]) for r in rows][:3] == [
+      ("vanilla.py:size=tiny", 64), ("vanilla.py:size=tiny", 128), ("vanilla.py:size=tiny", 256)]
+  assert rows[0]["step_s"] > 0 and rows[1]["step_s"] is None  # timed only up to 64
+  vanilla = [r["activations"] for r in rows[:3]]
+  assert vanilla[0] < vanilla[1] < vanilla[2]
+  per, total = seq_scaling.growth(rows, "activations", 64)["vanilla.py:size=tiny"]
+  assert per[128] == pytest.approx(vanilla[1] / vanilla[0])
+  assert total == pytest.approx(vanilla[2] / vanilla[0])
+  text = seq_scaling.table(rows)
+  assert "activation x 64->256" in text and text.count("\n| retina.py:size=tiny |") == 4
+
+
+def test_bench_measures_mfu_against_a_peak():
+  rows = bench.measure(["vanilla.py:size=tiny", "top_down.py:size=tiny"], 64, 8, 2, [], 1e11)
+  assert [r["model"] for r in rows] == ["vanilla", "top_down"]
+  for r in rows:
+    assert r["step_s"] > 0
+    assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e11)
+    assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_s"])
+  assert "| vanilla.py:size=tiny |" in bench.table(rows)
 
 
 def test_pareto_trains_compares_and_plots(tmp_path):

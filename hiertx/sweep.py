@@ -1,0 +1,166 @@
+"""Sweeps written in Python next to a config, expanded into named runs.
+
+A config file defines `sweep_<name>()` returning a list of override dicts.
+Keys are dotted `config.*` paths (`"model.num_layers"`), or `"arg.<key>"`
+for the config file's own argument (`"arg.model"` -> `--config=x.py:model=...`):
+
+  def sweep_depth():
+    return sweep.product({"model.num_layers": [2, 4, 8]},
+                         sweep.zipped({"train.learning_rate": [1e-3, 5e-4],
+                                       "train.warmup_steps": [50, 100]}))
+
+Every run gets a directory named from its overrides, so re-running a sweep
+finds its earlier runs; a run's state lives in its own `status.json`, written
+by the trainer.
+"""
+
+import dataclasses
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+from typing import Any, Iterable
+
+from hiertx.errors import ConfigError
+
+Overrides = dict[str, Any]
+
+
+def _as_runs(part) -> list[Overrides]:
+  """A dict of axes (each a list of values) is their product; a list is runs."""
+  if isinstance(part, dict):
+    keys = list(part)
+    for k in keys:
+      if not isinstance(part[k], (list, tuple)) or not part[k]:
+        raise ConfigError(f"sweep[{k!r}]", f"must be a non-empty list of values, got {part[k]!r}")
+    return [dict(zip(keys, values)) for values in itertools.product(*part.values())]
+  return [dict(r) for r in part]
+
+
+def product(*parts) -> list[Overrides]:
+  """Every combination: of the values of each axis dict, and across `parts`."""
+  runs = [{}]
+  for part in parts:
+    runs = [{**a, **b} for a in runs for b in _as_runs(part)]
+  return runs
+
+
+def zipped(axes: dict[str, list]) -> list[Overrides]:
+  """Axes that move together: the i-th run takes the i-th value of every axis."""
+  lengths = {k: len(v) for k, v in axes.items()}
+  if len(set(lengths.values())) > 1:
+    raise ConfigError("sweep", f"zipped axes must have equal lengths, got {lengths}")
+  return [dict(zip(axes, values)) for values in zip(*axes.values())]
+
+
+def chain(*parts) -> list[Overrides]:
+  """Runs of every part, one after another."""
+  return [r for part in parts for r in _as_runs(part)]
+
+
+def format_value(v) -> str:
+  """A value as `--config.x=` and `:arg` parse it back."""
+  if isinstance(v, (list, tuple)):
+    return "(" + ",".join(format_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+  return str(v)
+
+
+def run_name(overrides: Overrides) -> str:
+  """`{"arg.model": "top_down", "train.seed": 1}` -> `model-top_down.seed-1`.
+
+  Keys are shortened to their last component unless that is ambiguous; names
+  longer than 120 characters keep a prefix and a hash.
+  """
+  if not overrides:
+    return "base"
+  last = [k.rsplit(".", 1)[-1] for k in overrides]
+  parts = []
+  for key, short in zip(overrides, last):
+    label = short if last.count(short) == 1 else key.removeprefix("arg.")
+    value = re.sub(r"[^A-Za-z0-9_.+-]+", "_", format_value(overrides[key])).strip("_")
+    parts.append(f"{label}-{value}")
+  name = ".".join(parts)
+  if len(name) > 120:
+    name = name[:100] + "." + hashlib.sha1(name.encode()).hexdigest()[:10]
+  return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  config: str  # config file with its argument, as --config= takes it
+  overrides: dict  # the sweep's overrides (names and report columns)
+  flags: tuple  # --config.x=v flags for the trainer
+
+  def to_dict(self) -> dict:
+    return {"name": self.name, "config": self.config, "overrides": self.overrides,
+            "flags": list(self.flags)}
+
+
+def load(config_file: str, name: str) -> list[Overrides]:
+  """Calls `sweep_<name>()` of the config file."""
+  path, _, _ = config_file.partition(":")
+  spec = importlib.util.spec_from_file_location("hiertx_sweep_config", path)
+  if spec is None or not os.path.exists(path):
+    raise ConfigError("--config", f"cannot load config file {path!r}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  fn = getattr(module, f"sweep_{name}", None)
+  if fn is None:
+    known = sorted(n[len("sweep_"):] for n in dir(module) if n.startswith("sweep_"))
+    raise ConfigError("--sweep", f"{path} has no sweep_{name}(); its sweeps: {known or 'none'}")
+  runs = fn()
+  if not runs:
+    raise ConfigError("--sweep", f"sweep_{name}() returned no runs")
+  return [dict(r) for r in runs]
+
+
+def expand(config_file: str, runs: Iterable[Overrides]) -> list[Run]:
+  """Named runs: `arg.*` keys join the config argument, the rest become flags."""
+  path, _, base_arg = config_file.partition(":")
+  runs = list(runs)
+  # Names show what varies: a value every run shares says nothing about the run.
+  keys = list(dict.fromkeys(k for r in runs for k in r))
+  varying = [k for k in keys if len({repr(r.get(k)) for r in runs}) > 1]
+  out, seen = [], {}
+  for overrides in runs:
+    args = [a for a in base_arg.split(",") if a]
+    flags = []
+    for key, value in overrides.items():
+      if key.startswith("arg."):
+        args.append(f"{key[4:]}={format_value(value)}")
+      elif "." in key:
+        flags.append(f"--config.{key}={format_value(value)}")
+      else:
+        raise ConfigError(f"sweep[{key!r}]", "keys are dotted config paths (model.d_model) "
+                          "or arg.<name> for the config file's argument")
+    name = run_name({k: overrides[k] for k in varying if k in overrides})
+    if name in seen:
+      raise ConfigError("sweep", f"runs {seen[name]} and {overrides} get the same name {name!r}")
+    seen[name] = overrides
+    config = path + (":" + ",".join(args) if args else "")
+    out.append(Run(name, config, overrides, tuple(flags)))
+  return out
+
+
+# --------------------------------------------------------------------------
+# Run state, as the trainer records it in <workdir>/status.json.
+
+def read_status(workdir: str) -> dict:
+  """{'state': 'finished'|'failed'|'interrupted'|'running', ...}, or 'not started'."""
+  try:
+    with open(os.path.join(workdir, "status.json")) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return {"state": "not started"}
+  except (OSError, json.JSONDecodeError) as e:
+    return {"state": "unknown", "error": str(e)}
+
+
+def write_status(workdir: str, state: str, **info) -> None:
+  tmp = os.path.join(workdir, "status.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump({"state": state, **info}, f)
+  os.replace(tmp, os.path.join(workdir, "status.json"))

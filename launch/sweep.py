@@ -1,0 +1,197 @@
+r"""Runs a sweep defined next to a config (`sweep_<name>()` in the config file)
+on this machine, as one SLURM job array, or on a TPU VM.
+
+  python launch/sweep.py --config=configs/compare.py --sweep=paper_claim \
+      --sweep_dir=/tmp/sweeps/paper_claim --target=local --parallel=1
+  python launch/sweep.py ... --target=slurm --partition=gpu --dry_run
+  python launch/sweep.py ... --target=tpu --tpu=my-v4-8 --zone=us-central2-b --dry_run
+  python launch/sweep.py ... -- --config.data.text_files=corpus/*.txt   # to every run
+
+Each run trains in `<sweep_dir>/<name>`, its name made from its overrides.
+Running the same command again skips finished runs and resumes the others
+from their checkpoints. `<sweep_dir>/sweep.json` lists the runs for
+`launch/report.py`.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import slurm  # noqa: E402
+import tpu  # noqa: E402
+from hiertx import sweep  # noqa: E402
+from hiertx.errors import HiertxError  # noqa: E402
+
+TARGETS = ("local", "slurm", "tpu")
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("config", None, "Config file[:arg] defining sweep_<name>().",
+                      required=True)
+  flags.DEFINE_string("sweep", None, "Sweep name (the config's sweep_<name>).", required=True)
+  flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs (default: "
+                      "/tmp/hiertx_sweeps/<config>-<sweep>).")
+  flags.DEFINE_enum("target", "local", TARGETS, "Where the runs go.")
+  flags.DEFINE_integer("parallel", 1, "local: runs at a time.")
+  flags.DEFINE_bool("dry_run", False, "Print what would run instead of running it.")
+  # slurm
+  flags.DEFINE_integer("nodes", 1, "slurm: hosts per run.")
+  flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per host (0 for CPU-only).")
+  flags.DEFINE_string("partition", None, "slurm: partition.")
+  flags.DEFINE_string("account", None, "slurm: account.")
+  flags.DEFINE_string("time", "24:00:00", "slurm: time limit per run.")
+  flags.DEFINE_integer("max_running", 0, "slurm: at most this many array tasks at once.")
+  # tpu
+  flags.DEFINE_string("tpu", None, "tpu: TPU VM name.")
+  flags.DEFINE_string("zone", None, "tpu: zone.")
+  flags.DEFINE_string("project", None, "tpu: GCP project.")
+  flags.DEFINE_string("repo_dir", "~/hiertx", "tpu: repository path on the workers.")
+  flags.DEFINE_string("setup", "source .venv/bin/activate", "Shell line run before training.")
+
+
+def default_dir(config: str, name: str) -> str:
+  stem = os.path.splitext(os.path.basename(config.partition(":")[0]))[0]
+  return os.path.join("/tmp/hiertx_sweeps", f"{stem}-{name}")
+
+
+def plan(config: str, name: str, sweep_dir: str, extra: list[str]) -> list[dict]:
+  """The runs with their workdirs, commands and current state; writes sweep.json."""
+  runs = sweep.expand(config, sweep.load(config, name))
+  out = []
+  for r in runs:
+    workdir = os.path.join(sweep_dir, r.name)
+    cmd = common.train_command(r.config, workdir, [*r.flags, *extra], python=sys.executable)
+    out.append({**r.to_dict(), "workdir": workdir, "command": cmd,
+                "state": sweep.read_status(workdir)["state"]})
+  os.makedirs(sweep_dir, exist_ok=True)
+  with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
+    json.dump({"config": config, "sweep": name, "extra_flags": extra,
+               "runs": [{k: v for k, v in r.items() if k != "state"} for r in out]}, f, indent=2)
+  return out
+
+
+def run_local(runs: list[dict], parallel: int) -> dict[str, int]:
+  """Runs every unfinished run, `parallel` at a time; returns exit codes by name."""
+  todo = [r for r in runs if r["state"] != "finished"]
+  for r in runs:
+    if r["state"] == "finished":
+      print(f"skip {r['name']}: finished", flush=True)
+  codes, active = {}, []
+  while todo or active:
+    while todo and len(active) < parallel:
+      r = todo.pop(0)
+      os.makedirs(r["workdir"], exist_ok=True)
+      log = open(os.path.join(r["workdir"], "train.log"), "a")  # noqa: SIM115
+      verb = "resume" if r["state"] in ("interrupted", "running", "failed") else "start"
+      print(f"{verb} {r['name']} ({len(codes) + len(active) + 1}/{len(runs)}; log "
+            f"{log.name})", flush=True)
+      active.append((r, log, subprocess.Popen(r["command"], stdout=log, stderr=subprocess.STDOUT,
+                                              cwd=_repo_root())))
+    time.sleep(0.5)
+    for item in list(active):
+      r, log, proc = item
+      if proc.poll() is not None:
+        log.close()
+        active.remove(item)
+        codes[r["name"]] = proc.returncode
+        if proc.returncode:
+          status = sweep.read_status(r["workdir"])
+          if status["state"] not in ("failed", "interrupted"):  # killed before it could say
+            sweep.write_status(r["workdir"], "failed", returncode=proc.returncode,
+                               time=time.time())
+          print(f"FAILED {r['name']} (exit {proc.returncode}); see {log.name}", flush=True)
+        else:
+          print(f"done {r['name']}", flush=True)
+  return codes
+
+
+def _remote(cmd: list[str]) -> list[str]:
+  """The command for another machine: its own `python3`, not this venv's path."""
+  return ["python3", *cmd[1:]]
+
+
+def _repo_root() -> str:
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def slurm_script(runs: list[dict], sweep_dir: str, f) -> str:
+  """One job array over the unfinished runs; task i runs the i-th command."""
+  todo = [r for r in runs if r["state"] != "finished"]
+  lines = ["RUNS=("]
+  lines += [f"  {shlex.quote(common.show(_remote(r['command'])))}" for r in todo]
+  lines.append(")")
+  body = "\n".join(lines) + "\nsrun bash -c \"${RUNS[$SLURM_ARRAY_TASK_ID]}\""
+  array = f"0-{len(todo) - 1}" + (f"%{f.max_running}" if f.max_running else "")
+  return slurm.render(None, sweep_dir, [], f.nodes, f.gpus_per_node, partition=f.partition,
+                      account=f.account, time=f.time, job_name=f"sweep-{f.sweep}",
+                      setup=f.setup, array=array, body=body)
+
+
+def tpu_commands(runs: list[dict], f) -> list[str]:
+  """One `gcloud ... ssh --worker=all` per unfinished run, in order."""
+  out = []
+  for r in runs:
+    if r["state"] == "finished":
+      continue
+    remote = f"cd {f.repo_dir} && {f.setup} && {common.show(_remote(r['command']))}"
+    out.append(common.show(tpu.render(f.tpu, f.zone, None, None, [], f.project, remote=remote)))
+  return out
+
+
+def main(argv, extra):
+  del argv
+  f = flags.FLAGS
+  sweep_dir = f.sweep_dir or default_dir(f.config, f.sweep)
+  try:
+    runs = plan(f.config, f.sweep, sweep_dir, extra)
+  except HiertxError as e:
+    sys.exit(f"error: {e}")
+  finished = sum(r["state"] == "finished" for r in runs)
+  print(f"sweep {f.sweep}: {len(runs)} runs in {sweep_dir} ({finished} finished)", flush=True)
+  if f.target == "local":
+    if f.dry_run:
+      for r in runs:
+        print(("# finished: " if r["state"] == "finished" else "") + common.show(r["command"]))
+      return
+    codes = run_local(runs, max(1, f.parallel))
+    failed = sorted(n for n, c in codes.items() if c)
+    print(f"sweep {f.sweep}: {len(runs) - len(failed)} of {len(runs)} runs finished; "
+          f"report: python launch/report.py --sweep_dir={sweep_dir}", flush=True)
+    if failed:
+      sys.exit(f"failed: {', '.join(failed)}")
+    return
+  if finished == len(runs):
+    print("every run is finished; nothing to submit")
+    return
+  if f.target == "slurm":
+    script = slurm_script(runs, sweep_dir, f)
+    if f.dry_run:
+      print(script, end="")
+      return
+    common.require("sbatch", "run this on a SLURM login node")
+    path = os.path.join(sweep_dir, "sweep.sbatch")
+    with open(path, "w") as out:
+      out.write(script)
+    sys.exit(subprocess.call(["sbatch", path]))
+  if not (f.tpu and f.zone):
+    sys.exit("error: --target=tpu needs --tpu and --zone")
+  commands = tpu_commands(runs, f)
+  print("\n".join(commands), flush=True)
+  if not f.dry_run:
+    common.require("gcloud", "install the Google Cloud CLI")
+    for c in commands:
+      if subprocess.call(c, shell=True):
+        sys.exit(f"failed: {c}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  common.main_guard(app.run, main)

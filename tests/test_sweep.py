@@ -1,0 +1,137 @@
+"""Sweeps: expansion and naming, skipping finished runs, a local sweep with a
+failing run end to end, and the SLURM/TPU renderings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from hiertx import sweep
+from hiertx.errors import ConfigError
+
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+import report as sweep_report  # noqa: E402  (launch/report.py)
+
+
+def test_product_zip_and_chain_expand():
+  runs = sweep.product({"model.num_layers": [2, 4], "train.seed": [0, 1, 2]},
+                       sweep.zipped({"train.learning_rate": [1e-3, 3e-4],
+                                     "train.warmup_steps": [10, 20]}))
+  assert len(runs) == 2 * 3 * 2
+  assert runs[0] == {"model.num_layers": 2, "train.seed": 0, "train.learning_rate": 1e-3,
+                     "train.warmup_steps": 10}
+  assert {(r["train.learning_rate"], r["train.warmup_steps"]) for r in runs} == {
+      (1e-3, 10), (3e-4, 20)}
+  assert len(sweep.chain({"a.b": [1, 2]}, [{"a.c": 3}])) == 3
+  with pytest.raises(ConfigError, match="equal lengths"):
+    sweep.zipped({"a.b": [1, 2], "a.c": [1]})
+  with pytest.raises(ConfigError, match="non-empty list"):
+    sweep.product({"a.b": 3})
+
+
+def test_runs_are_named_from_what_varies():
+  runs = sweep.expand("configs/compare.py:size=tiny", sweep.product(
+      {"arg.model": ["vanilla", "top_down"], "model.layers_per_scale": [(1, 2)]},
+      {"train.seed": [0, 1]}))
+  assert [r.name for r in runs] == ["model-vanilla.seed-0", "model-vanilla.seed-1",
+                                    "model-top_down.seed-0", "model-top_down.seed-1"]
+  assert runs[2].config == "configs/compare.py:size=tiny,model=top_down"
+  assert runs[2].flags == ("--config.model.layers_per_scale=(1,2)", "--config.train.seed=0")
+  assert sweep.run_name({"model.pool_factors": (4, 4), "data.seq_len": 512}) == (
+      "pool_factors-4_4.seq_len-512")
+  assert sweep.run_name({"model.dropout": 0.1, "train.dropout": 0.2}) == (
+      "model.dropout-0.1.train.dropout-0.2")
+  with pytest.raises(ConfigError, match="dotted config paths"):
+    sweep.expand("c.py", [{"seed": 1}])
+
+
+def test_the_shipped_sweeps_load():
+  runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "paper_claim")
+  assert len(runs) == 10 and {r["arg.model"] for r in runs} == {
+      "vanilla", "bottom_up", "top_down", "retina", "hourglass"}
+  with pytest.raises(ConfigError, match="its sweeps: .*paper_claim"):
+    sweep.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
+
+
+SWEEP_CONFIG = '''
+import os
+from hiertx import config as config_lib
+from hiertx import sweep
+
+def get_config(arg=None):
+  return config_lib.load(os.path.join({root!r}, "configs", "vanilla.py") + ":size=tiny")
+
+def sweep_three():
+  # num_heads=3 does not divide d_model=32: that run must fail cleanly.
+  return sweep.product({{"model.num_heads": [2, 4, 3]}},
+                       [{{"train.steps": 4, "eval.every": 4, "train.checkpoint_every": 4,
+                          "eval.batches": 1}}])
+'''
+
+
+def _sweep(*args):
+  return subprocess.run([sys.executable, "launch/sweep.py", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
+  config = tmp_path / "sweep_config.py"
+  config.write_text(SWEEP_CONFIG.format(root=ROOT))
+  sweep_dir = tmp_path / "sweep"
+  args = [f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}"]
+  first = _sweep(*args, "--parallel=2")
+  assert first.returncode != 0 and "failed: num_heads-3" in first.stderr
+  md, rows = sweep_report.write(str(sweep_dir))
+  assert [r["name"] for r in rows] == ["num_heads-2", "num_heads-4", "num_heads-3"]
+  assert [r["state"] for r in rows] == ["finished", "finished", "failed"]
+  assert "model.num_heads" in rows[2]["error"]
+  assert md.count("\n| num_heads-") == 3 and "**FAILED**" in md
+  assert rows[0]["step"] == 4 and rows[0]["final_bpb"] > 0 and rows[0]["xla_peak_bytes"] > 0
+  for png in ("loss_curves.png", "bpb_vs_memory.png"):
+    assert os.path.getsize(sweep_dir / png) > 10_000
+
+  again = _sweep(*args)
+  assert "skip num_heads-2: finished" in again.stdout
+  assert "skip num_heads-4: finished" in again.stdout
+  assert "num_heads-3" in again.stderr  # retried, and fails again
+  lines = (sweep_dir / "num_heads-2" / "metrics.jsonl").read_text().splitlines()
+  assert sum('"train/loss"' in line for line in lines) == 1  # not retrained
+
+
+def test_rerun_resumes_an_interrupted_run(tmp_path):
+  config = tmp_path / "sweep_config.py"
+  config.write_text(SWEEP_CONFIG.format(root=ROOT))
+  sweep_dir = tmp_path / "sweep"
+  out = _sweep(f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}", "--dry_run")
+  assert out.returncode == 0
+  plan = json.loads((sweep_dir / "sweep.json").read_text())
+  for run, state in zip(plan["runs"], ("interrupted", "finished")):
+    os.makedirs(run["workdir"])
+    sweep.write_status(run["workdir"], state, step=2)
+  out = _sweep(f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}", "--dry_run")
+  lines = out.stdout.splitlines()
+  assert any(line.startswith("# finished: ") and "num_heads-4" in line for line in lines)
+  assert any("num_heads-2" in line and not line.startswith("#") for line in lines)
+
+
+def test_slurm_array_and_tpu_renderings(tmp_path):
+  base = ["--config=configs/compare.py:size=tiny", "--sweep=paper_claim",
+          f"--sweep_dir={tmp_path}", "--dry_run"]
+  out = _sweep(*base, "--target=slurm", "--partition=gpu", "--gpus_per_node=1",
+               "--max_running=4").stdout
+  assert "#SBATCH --array=0-9%4" in out and "#SBATCH --partition=gpu" in out
+  runs = [line.strip() for line in out.splitlines() if line.startswith("  'python3 ")]
+  assert len(runs) == 10
+  assert runs[0] == ("'python3 -m hiertx.train --config=configs/compare.py:size=tiny,"
+                     f"model=vanilla --workdir={tmp_path}/model-vanilla.seed-0 "
+                     "--config.train.seed=0 --config.train.steps=300 --config.eval.every=100 "
+                     "--config.train.checkpoint_every=100'")
+  assert 'srun bash -c "${RUNS[$SLURM_ARRAY_TASK_ID]}"' in out
+  out = _sweep(*base, "--target=tpu", "--tpu=v4-8", "--zone=us-central2-b").stdout
+  cmds = [line for line in out.splitlines() if line.startswith("gcloud ")]
+  assert len(cmds) == 10 and all("--worker=all" in c for c in cmds)
+  assert "model=hourglass --workdir=" in cmds[-1] and "seed-1" in cmds[-1]
+  assert _sweep(*base, "--target=tpu").returncode != 0  # no --tpu/--zone: a clear error
