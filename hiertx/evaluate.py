@@ -30,16 +30,12 @@ def parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
-def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None = None,
-                        batches: int | None = None, mesh: str = "data=-1",
-                        devices=None) -> dict:
-  """Scores a checkpoint, restored onto `mesh` over `devices` (default: all,
-  data parallel), whatever mesh it was saved from."""
+def load_checkpoint(workdir: str, step: int | None = None, mesh: str = "data=-1",
+                    devices=None):
+  """(config, run, step, state) of a workdir's checkpoint (default: the newest),
+  restored onto `mesh` whatever mesh it was saved from."""
   config = checkpoint.load_config(workdir)
-  if batches is not None:
-    config.eval.batches = batches
   config.mesh.update(parse_mesh(mesh))
-  split = split or config.eval.split
   run = train.build_run(config, devices)
   mngr = checkpoint.manager(workdir)
   steps = mngr.all_steps()
@@ -50,6 +46,18 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
     raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has {sorted(steps)}")
   state = checkpoint.restore(mngr, step, run.abstract_state)
   mngr.close()
+  return config, run, step, state
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None = None,
+                        batches: int | None = None, mesh: str = "data=-1",
+                        devices=None) -> dict:
+  """Scores a checkpoint, restored onto `mesh` over `devices` (default: all,
+  data parallel), whatever mesh it was saved from."""
+  config, run, step, state = load_checkpoint(workdir, step, mesh, devices)
+  if batches is not None:
+    config.eval.batches = batches
+  split = split or config.eval.split
   eval_data = data.eval_batches(config.data, split, config.eval.batch_size,
                                 config.eval.batches,
                                 data.Shard(jax.process_index(), jax.process_count()))
