@@ -389,37 +389,58 @@ def _bottom_up(model, capacity):
   return init, step
 
 
+def retina_ring_sizes(k: int, windows, capacity: int) -> list[int]:
+  """Slots per level: the window of blocks a query can reach at levels < S
+  (its region holds fewer than w_s + k blocks, and the newest block may run
+  ahead of the region by w_{s-1}/k + 2), and every block at the coarsest."""
+  sizes = []
+  for s, w in enumerate(windows):
+    ahead = 1 if s == 0 else -(-windows[s - 1] // k) + 2
+    sizes.append(min(w + k + ahead, capacity // k ** s))
+  return sizes + [capacity // k ** len(windows)]
+
+
 def _retina(model, capacity):
+  """Per block and level, a ring of unrotated keys/values bounded by the window
+  (pooling averages them before rotary), with the end position of each slot."""
   cfg, k = model.block_cfg, model.pool_factor
   windows = tuple(model.windows)
   levels = len(windows) + 1
-  caps = [capacity // k ** s for s in range(levels)]
+  rings = retina_ring_sizes(k, windows, capacity)
   h, dk = cfg.num_heads, cfg.head_dim
 
   def init(b):
-    # Unrotated keys and values per level (pooling averages them before rotary).
-    return {"kv": [[jnp.zeros((b, c, 2 * h * dk)) for c in caps]
-                   for _ in range(model.num_layers)]}
+    return {"kv": [[{"kv": jnp.zeros((b, r, 2 * h * dk)),
+                     "end": jnp.full((r,), retina_lib._FAR, jnp.int32)}  # noqa: SLF001
+                    for r in rings] for _ in range(model.num_layers)]}
 
-  def attention(p_ret, x_BxD, levels_kv, t):
+  def write(level, s, g, value_BxE):
+    slot = g % rings[s]
+    return {"kv": level["kv"].at[:, slot].set(value_BxE),
+            "end": level["end"].at[slot].set(g * k ** s)}
+
+  def attention(p_ret, x_BxD, lv, t):
     p = p_ret["attn"]
     kv_new = jnp.concatenate([_proj(p["key"], x_BxD), _proj(p["value"], x_BxD)], -1)
-    lv = list(levels_kv)
-    lv[0] = lv[0].at[:, t].set(kv_new.reshape(kv_new.shape[0], -1))
+    lv = list(lv)
+    lv[0] = write(lv[0], 0, t, kv_new.reshape(kv_new.shape[0], -1))
     for s in range(1, levels):
       def pool(lvs, s=s):
         g = t // k ** s
-        return [*lvs[:s], lvs[s].at[:, g].set(_pool("mean", None, lvs[s - 1], g, k)),
-                *lvs[s + 1:]]
+        idx_k = g * k - k + 1 + jnp.arange(k)
+        valid_k = idx_k >= 0
+        members = jnp.take(lvs[s - 1]["kv"], jnp.maximum(idx_k, 0) % rings[s - 1], axis=1)
+        mean = (members * valid_k[None, :, None]).sum(1) / valid_k.sum()
+        return [*lvs[:s], write(lvs[s], s, g, mean), *lvs[s + 1:]]
       lv = _when(t % k ** s == 0, pool, lv)
     bounds = retina_lib.region_bounds(t[None], k, windows)
     keys, values, masks = [], [], []
     for s in range(levels):
-      end = _ends(capacity, k ** s)
-      kk, vv = jnp.split(lv[s].reshape(lv[s].shape[0], caps[s], h, 2 * dk), 2, axis=-1)
+      end = lv[s]["end"]
+      kk, vv = jnp.split(lv[s]["kv"].reshape(-1, rings[s], h, 2 * dk), 2, axis=-1)
       keys.append(_rotate(cfg, kk, end))
       values.append(vv)
-      inside = (end <= bounds[s][0]) & (jnp.arange(caps[s]) <= t // k ** s)
+      inside = end <= bounds[s][0]
       if s < levels - 1:
         inside &= end > bounds[s + 1][0]
       masks.append(inside)
@@ -433,8 +454,7 @@ def _retina(model, capacity):
     blocks = stack_blocks(params) if "blocks" in params else [
         params[f"block_{i}"] for i in range(model.num_layers)]
     for p, lv in zip(blocks, state["kv"]):
-      hh = _ln(p["ln_attn"], x)
-      a, lv = attention(p["retina"], hh, lv, t)
+      a, lv = attention(p["retina"], _ln(p["ln_attn"], x), lv, t)
       x = x + a
       x = x + _mlp(p["mlp"], _ln(p["ln_mlp"], x))
       new.append(lv)
@@ -449,6 +469,9 @@ _BUILDERS = {"vanilla": _vanilla, "top_down": _top_down, "hourglass": _hourglass
 
 def decoder(model, capacity: int, name: str) -> Decoder:
   """A cached decoder for `model` holding up to `capacity` fine positions."""
+  if model.positions == "learned" and capacity > model.max_len:
+    raise ConfigError("model.max_len", f"learned positions stop at {model.max_len}; cannot "
+                      f"decode {capacity} positions (prompt plus new tokens)")
   capacity = -(-capacity // model.length_multiple()) * model.length_multiple()
   init, step = _BUILDERS[name](model, capacity)
 

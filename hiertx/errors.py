@@ -19,3 +19,11 @@ class DataError(HiertxError):
 
 class CheckpointError(HiertxError):
   """A workdir's checkpoints do not fit the run that wants to use them."""
+
+
+class FlagError(HiertxError):
+  """A command-line flag has a value that cannot work; the message names the flag."""
+
+  def __init__(self, flag: str, message: str):
+    self.flag = flag
+    super().__init__(f"{flag}: {message}")

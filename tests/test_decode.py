@@ -50,3 +50,21 @@ def test_cached_decoding_equals_the_full_forward_pass(key):
   for length in (24, 25):
     full = apply({"params": params}, tokens[:, :length])
     np.testing.assert_allclose(cached[:, :length], full, atol=ATOL, rtol=1e-4)
+
+
+def test_retina_cache_is_bounded_by_its_windows():
+  """Levels below the coarsest keep a fixed ring; only the coarsest grows (T / k^S)."""
+  model = models.build(model_cfg("retina", windows=(3, 2), pool_factor=2, max_len=4096), V, 64)
+  sizes = {c: decode.retina_ring_sizes(2, (3, 2), c) for c in (256, 4096)}
+  assert sizes[256][:2] == sizes[4096][:2] == [6, 8]
+  assert (sizes[256][2], sizes[4096][2]) == (64, 1024)
+  dec = decode.decoder(model, 4096, "retina")
+  state = jax.eval_shape(lambda: dec.init(1))
+  level_slots = [lv["kv"].shape[1] for lv in state["kv"][0]]
+  assert level_slots == [6, 8, 1024]
+  # Long enough that the rings wrap many times, still equal to the full pass.
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (1, 61), 1, V)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
+  full = jax.jit(model.apply)({"params": params}, tokens)
+  np.testing.assert_allclose(cached_logits(model, params, tokens, "retina"), full, atol=ATOL,
+                             rtol=1e-4)
