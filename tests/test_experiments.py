@@ -10,6 +10,7 @@ from hiertx import report
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench  # noqa: E402
+import decode_bench  # noqa: E402
 import memory_depth  # noqa: E402
 import pareto  # noqa: E402
 import seq_scaling  # noqa: E402
@@ -70,3 +71,16 @@ def test_pareto_trains_compares_and_plots(tmp_path):
   assert saved["params"] == rows[1]["params"]
   with pytest.raises(Exception):
     pareto.compare(["/nonexistent.py"], 4, None, [], str(tmp_path / "bad"))
+
+
+def test_decode_bench_compares_cached_and_recomputed_generation():
+  rows = decode_bench.measure(["vanilla.py:size=tiny", "retina.py:size=tiny"], [64, 128], 4, 1,
+                              [])
+  assert [(r["model"], r["context"]) for r in rows] == [
+      ("vanilla", 64), ("vanilla", 128), ("retina", 64), ("retina", 128)]
+  for r in rows:
+    assert r["cached_tok_s"] > 0 and r["recompute_tok_s"] > 0
+    assert r["speedup"] == pytest.approx(r["cached_tok_s"] / r["recompute_tok_s"])
+  # Vanilla keeps every key: its cache doubles with the context.
+  assert rows[1]["cache_bytes"] == 2 * rows[0]["cache_bytes"]
+  assert "cache / first context" in decode_bench.table(rows)
