@@ -44,10 +44,10 @@ def _ln(p, x_BxD):
 
 
 def _mlp(p, x_BxD):
-  return nn_gelu(x_BxD @ p["wi"]["kernel"]) @ p["wo"]["kernel"]
+  return _gelu(x_BxD @ p["wi"]["kernel"]) @ p["wo"]["kernel"]
 
 
-def nn_gelu(x):
+def _gelu(x):
   return jax.nn.gelu(x, approximate=True)  # flax.linen.gelu's default
 
 

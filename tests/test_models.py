@@ -136,11 +136,12 @@ def test_rematerialisation_keeps_the_gradients(key, scan):
   """remat=block|dots recomputes activations; gradients must not change."""
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 13), 1, V)
   grads = {}
-  for policy in ("none", "block", "dots"):
+  policies = ("none", "block", "dots") if key == "vanilla" else ("none", "block")
+  for policy in policies:
     model = models.build(model_cfg(key, remat=policy, scan_layers=scan), V, 64)
     params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
     grads[policy] = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))(params)
-  for policy in ("block", "dots"):
+  for policy in policies[1:]:
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                            grads[policy], grads["none"])
 
