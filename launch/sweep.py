@@ -16,6 +16,7 @@ from their checkpoints. `<sweep_dir>/sweep.json` lists the runs for
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +86,30 @@ def run_local(runs: list[dict], parallel: int) -> dict[str, int]:
     if r["state"] == "finished":
       print(f"skip {r['name']}: finished", flush=True)
   codes, active = {}, []
+  # SIGTERM (e.g. a preempted login node) stops the sweep like Ctrl-C: every
+  # running trainer gets SIGTERM, saves a checkpoint and exits; rerun to resume.
+  old = signal.signal(signal.SIGTERM, _raise_interrupt)
+  try:
+    _loop(runs, todo, active, codes, parallel)
+  except KeyboardInterrupt:
+    for _, log, proc in active:
+      proc.send_signal(signal.SIGTERM)
+    for r, log, proc in active:
+      proc.wait()
+      log.close()
+      print(f"stopped {r['name']} (saved; rerun the sweep to resume)", flush=True)
+    sys.exit("sweep interrupted")
+  finally:
+    signal.signal(signal.SIGTERM, old)
+  return codes
+
+
+def _raise_interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def _loop(runs, todo, active, codes, parallel) -> None:
   while todo or active:
     while todo and len(active) < parallel:
       r = todo.pop(0)
@@ -110,7 +135,6 @@ def run_local(runs: list[dict], parallel: int) -> dict[str, int]:
           print(f"FAILED {r['name']} (exit {proc.returncode}); see {log.name}", flush=True)
         else:
           print(f"done {r['name']}", flush=True)
-  return codes
 
 
 def _remote(cmd: list[str]) -> list[str]:

@@ -3,8 +3,10 @@ failing run end to end, and the SLURM/TPU renderings."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,6 +60,7 @@ def test_the_shipped_sweeps_load():
 
 SWEEP_CONFIG = '''
 import os
+import signal
 from hiertx import config as config_lib
 from hiertx import sweep
 
@@ -135,3 +138,28 @@ def test_slurm_array_and_tpu_renderings(tmp_path):
   assert len(cmds) == 10 and all("--worker=all" in c for c in cmds)
   assert "model=hourglass --workdir=" in cmds[-1] and "seed-1" in cmds[-1]
   assert _sweep(*base, "--target=tpu").returncode != 0  # no --tpu/--zone: a clear error
+
+
+def test_sigterm_stops_the_sweep_and_its_runs_resume(tmp_path):
+  config = tmp_path / "sweep_config.py"
+  config.write_text(SWEEP_CONFIG.replace('"train.steps": 4', '"train.steps": 100').replace(
+      '[2, 4, 3]', '[2]').format(root=ROOT))
+  sweep_dir = tmp_path / "sweep"
+  args = [sys.executable, "launch/sweep.py", f"--config={config}", "--sweep=three",
+          f"--sweep_dir={sweep_dir}"]
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  log = sweep_dir / "base" / "train.log"
+  deadline = time.time() + 300
+  while not (log.exists() and "step 20/100" in log.read_text()):
+    assert time.time() < deadline and proc.poll() is None, "the run never got going"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode != 0 and "sweep interrupted" in err and "stopped base" in out
+  status = sweep.read_status(str(sweep_dir / "base"))
+  assert status["state"] == "interrupted" and 20 <= status["step"] < 100
+  again = _sweep(f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}")
+  assert again.returncode == 0 and "resume base" in again.stdout
+  assert f"resumed at step {status['step']}" in log.read_text()
+  assert sweep.read_status(str(sweep_dir / "base"))["state"] == "finished"
