@@ -161,9 +161,16 @@ def write(sweep_dir: str) -> tuple[str, list[dict]]:
   with open(path) as f:
     spec = json.load(f)
   rows = [load_run(r) for r in spec["runs"]]
+  # Overrides every run shares are stated once; the table shows what differs.
+  shared = {k: v for k, v in rows[0]["overrides"].items()
+            if all(k in r["overrides"] and r["overrides"][k] == v for r in rows)} if rows else {}
+  for r in rows:
+    r["overrides"] = {k: v for k, v in r["overrides"].items() if k not in shared}
   counts = {s: sum(r["state"] == s for r in rows) for s in dict.fromkeys(r["state"] for r in rows)}
   text = [f"# Sweep `{spec['sweep']}` of `{spec['config']}`", "",
           f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()), "",
+          f"Every run: `{_overrides_text(shared)}` {' '.join(spec.get('extra_flags', []))}"
+          if shared or spec.get("extra_flags") else "", "",
           run_table(rows)]
   seeds = seed_table(rows)
   if seeds:
