@@ -37,8 +37,8 @@ def _compiled(name, seq_len=128, **model_overrides):
   return config, compiled, facts
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
-@pytest.mark.parametrize("remat", ["none", "block"])
+@pytest.mark.parametrize("name,remat", [(n, "none") for n in MODEL_NAMES]
+                         + [("bottom_up", "block"), ("retina", "block")])
 def test_analytic_memory_is_within_tolerance_of_xla(name, remat):
   _, _, facts = _compiled(name, remat=remat)
   ratio = facts["memory/analytic_peak_bytes"] / facts["memory/xla_peak_bytes"]

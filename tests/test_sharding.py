@@ -29,8 +29,8 @@ def _losses(config, devices, steps=2):
   return out, state
 
 
-# Every model on the mesh that uses all three axes; two models on each axis alone.
-ALL_MESHES = ("vanilla", "bottom_up")
+# Every model on the mesh that uses all three axes; vanilla on each axis alone.
+ALL_MESHES = ("vanilla",)
 
 
 @pytest.mark.parametrize("name", ["vanilla", "bottom_up", "top_down", "retina", "hourglass"])
