@@ -86,7 +86,7 @@ def model_config(name: str, size: str, **fields) -> ml_collections.ConfigDict:
   d, h, f = WIDTHS[width]
   return ml_collections.ConfigDict(dict(
       name=name, d_model=d, num_heads=h, mlp_dim=f, dropout=0.0, positions="learned",
-      max_len=2048, dtype="float32", remat="none", scan_layers=True, **fields))
+      max_len=2048, dtype="float32", remat="none", scan_layers=False, **fields))
 
 
 def load(path_and_arg: str) -> ml_collections.ConfigDict:

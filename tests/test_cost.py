@@ -37,10 +37,11 @@ def _compiled(name, seq_len=128, **model_overrides):
   return config, compiled, facts
 
 
-@pytest.mark.parametrize("name,remat", [(n, "none") for n in MODEL_NAMES]
-                         + [("bottom_up", "block"), ("retina", "block")])
-def test_analytic_memory_is_within_tolerance_of_xla(name, remat):
-  _, _, facts = _compiled(name, remat=remat)
+@pytest.mark.parametrize("name,remat,scan", [(n, "none", False) for n in MODEL_NAMES]
+                         + [("vanilla", "none", True), ("bottom_up", "block", True),
+                            ("retina", "block", True)])
+def test_analytic_memory_is_within_tolerance_of_xla(name, remat, scan):
+  _, _, facts = _compiled(name, remat=remat, scan_layers=scan)
   ratio = facts["memory/analytic_peak_bytes"] / facts["memory/xla_peak_bytes"]
   assert abs(ratio - 1) <= MEMORY_TOLERANCE, (name, remat, ratio)
   parts = [v for k, v in facts.items() if k.startswith("memory/analytic_")

@@ -35,11 +35,12 @@ ALL_MESHES = ("vanilla",)
 
 @pytest.mark.parametrize("name", ["vanilla", "bottom_up", "top_down", "retina", "hourglass"])
 def test_sharded_training_matches_one_device(name, tiny_config):
-  single, _ = _losses(tiny_config(name, mesh__data=1), jax.devices()[:1])
+  scan = name == "vanilla"  # vanilla with scanned blocks (stacked parameters)
+  single, _ = _losses(tiny_config(name, mesh__data=1, model__scan_layers=scan), jax.devices()[:1])
   for mesh_name, mesh in MESHES.items():
     if name not in ALL_MESHES and mesh_name != "d2f2t2":
       continue
-    config = tiny_config(name)
+    config = tiny_config(name, model__scan_layers=scan)
     config.mesh.update(mesh)
     got, state = _losses(config, jax.devices())
     # Different reduction orders across devices: equal to float32 round-off.

@@ -46,8 +46,10 @@ def test_training_writes_the_metrics_design_asks_for(vanilla_run):
   matmul_params = once["params/total"] - once["params/embed"]
   assert once["flops/step_analytic"] > 6 * matmul_params * 8 * 64
   assert once["params/analytic"] == once["params/total"]
-  # Scanned blocks: XLA counts a loop body once, so no XLA FLOPs are claimed.
-  assert "flops/step_xla" not in once
+  assert once["flops/step_xla"] == once["flops/step_xla_per_device"] * 8
+  # Matmuls only: at width 32 XLA's elementwise FLOPs are a larger share
+  # (tests/test_cost.py holds the 15% bound at the shipped sizes).
+  assert 0.7 < once["flops/step_analytic"] / once["flops/step_xla"] < 1.0
   assert once["memory/analytic_peak_bytes"] > once["memory/analytic_state_bytes"] > 0
   assert once["mfu/peak_flops_per_s"] > 1e9
   assert "memory/device_peak_bytes" not in {k for r in rows for k in r}  # CPU has no stats

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -87,6 +88,10 @@ class LanguageModel(nn.Module):
     _choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
     if not isinstance(cfg["scan_layers"], bool):
       raise ConfigError("model.scan_layers", f"must be True or False, got {cfg['scan_layers']!r}")
+    if cfg["remat"] != "none" and not cfg["scan_layers"]:
+      logging.warning("model.remat=%s with unrolled blocks: XLA:CPU may schedule the "
+                      "recomputation early and save no memory; set model.scan_layers=True",
+                      cfg["remat"])
     if cfg["positions"] == "rotary" and (cfg["d_model"] // cfg["num_heads"]) % 2:
       raise ConfigError("model.positions", "rotary needs an even head width "
                         "(d_model / num_heads)")
