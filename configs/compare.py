@@ -7,7 +7,7 @@ Sweeps (run with launch/sweep.py, summarised with launch/report.py):
 
   paper_claim  memory vs perplexity (Subramanian et al. 2020): the five models
                at the same width, sequence length, batch and steps, two seeds;
-               10 runs of 300 steps, about 30 minutes on 2 CPU cores.
+               10 runs of 300 steps, about 40 minutes on 2 CPU cores.
   depth        vanilla at 2, 4 and 8 layers against top_down at 1, 2 and 4
                blocks per scale (the paper's "more layers for less memory").
 """
