@@ -112,11 +112,13 @@ def stack_blocks(tree) -> list[dict]:
   return [tree[f"block_{i}"] for i in range(n)]
 
 
-def _members(cache_CxD, g, k):
-  """Shifted group g of a cached scale: positions gk-k+1 .. gk, [B, k, D], and validity."""
+def _members(cache_CxD, g, k, ring: int | None = None):
+  """Shifted group g of a cached scale: positions gk-k+1 .. gk, [B, k, D], and
+  validity; with `ring`, the cache holds position i in slot i % ring."""
   idx_k = g * k - k + 1 + jnp.arange(k)
   valid_k = idx_k >= 0
-  members = jnp.take(cache_CxD, jnp.maximum(idx_k, 0), axis=1)
+  slots_k = jnp.maximum(idx_k, 0) % ring if ring else jnp.maximum(idx_k, 0)
+  members = jnp.take(cache_CxD, slots_k, axis=1)
   return members * valid_k[None, :, None].astype(members.dtype), valid_k
 
 
@@ -130,8 +132,8 @@ def _cross_block(cfg, p, x_BxD, q_end, kv_BxNxD, k_end_N, mask_N):
   return x_BxD + _mlp(p["mlp"], _ln(p["ln_mlp"], x_BxD))
 
 
-def _pool(kind, p, cache_BxCxD, g, k, cfg=None):
-  members_BxkxD, valid_k = _members(cache_BxCxD, g, k)
+def _pool(kind, p, cache_BxCxD, g, k, cfg=None, ring=None):
+  members_BxkxD, valid_k = _members(cache_BxCxD, g, k, ring)
   mean_BxD = members_BxkxD.sum(1) / valid_k.sum().astype(members_BxkxD.dtype)
   if kind == "mean":
     return mean_BxD
@@ -427,10 +429,7 @@ def _retina(model, capacity):
     for s in range(1, levels):
       def pool(lvs, s=s):
         g = t // k ** s
-        idx_k = g * k - k + 1 + jnp.arange(k)
-        valid_k = idx_k >= 0
-        members = jnp.take(lvs[s - 1]["kv"], jnp.maximum(idx_k, 0) % rings[s - 1], axis=1)
-        mean = (members * valid_k[None, :, None]).sum(1) / valid_k.sum()
+        mean = _pool("mean", None, lvs[s - 1]["kv"], g, k, ring=rings[s - 1])
         return [*lvs[:s], write(lvs[s], s, g, mean), *lvs[s + 1:]]
       lv = _when(t % k ** s == 0, pool, lv)
     bounds = retina_lib.region_bounds(t[None], k, windows)
