@@ -6,8 +6,10 @@ context lengths; with the bytes each model's caches hold.
   python experiments/decode_bench.py --runs=vanilla.py:size=base,retina.py:size=base
 
 Parameters are random (speed does not depend on them). The cached rate is
-`--new_tokens` steps after the context has been fed through the caches; the
-recompute rate is one full forward pass over the context per token.
+`--new_tokens` steps after the context has been through the caches; the
+recompute rate is one full forward pass over the context per token. The
+prompt columns time building the caches for the context: one parallel pass
+(`Decoder.prefill`) against feeding it one token at a time.
 """
 
 import functools
@@ -50,13 +52,6 @@ def measure_one(spec, context, new_tokens, repeats, sets) -> dict:
   dec = decode.decoder(model, context + new_tokens, config.model.name)
 
   @jax.jit
-  def prefill(params, tokens):
-    def feed(state, inp):
-      return dec.step(params, state, inp[0], inp[1])
-    state, logits = jax.lax.scan(feed, dec.init(1), (tokens.T, jnp.arange(context)))
-    return state, logits[-1]
-
-  @jax.jit
   def decode_n(params, state, logits):
     def gen(carry, i):
       state, logits = carry
@@ -64,6 +59,11 @@ def measure_one(spec, context, new_tokens, repeats, sets) -> dict:
       return dec.step(params, state, token, context + i), token
     return jax.lax.scan(gen, (state, logits), jnp.arange(new_tokens))[1]
 
+  prefill = jax.jit(dec.prefill)
+  feed = jax.jit(functools.partial(decode.feed, dec))
+  prefill_s = _best_time(lambda: prefill(params, tokens), repeats)
+  # The token-by-token prompt pass is slow at long contexts: timed once.
+  feed_s = _best_time(lambda: feed(params, tokens), 1)
   state, logits = prefill(params, tokens)
   cached_s = _best_time(functools.partial(decode_n, params, state, logits), repeats) / new_tokens
   full = jax.jit(model.apply)
@@ -71,7 +71,8 @@ def measure_one(spec, context, new_tokens, repeats, sets) -> dict:
   cache_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
   return {"run": spec, "model": config.model.name, "context": context,
           "cached_tok_s": 1 / cached_s, "recompute_tok_s": 1 / recompute_s,
-          "speedup": recompute_s / cached_s, "cache_bytes": cache_bytes}
+          "speedup": recompute_s / cached_s, "cache_bytes": cache_bytes,
+          "prefill_s": prefill_s, "feed_s": feed_s}
 
 
 def measure(specs, contexts, new_tokens, repeats, sets) -> list[dict]:
@@ -81,7 +82,8 @@ def measure(specs, contexts, new_tokens, repeats, sets) -> list[dict]:
       rows.append(measure_one(spec, c, new_tokens, repeats, sets))
       r = rows[-1]
       print(f"{spec} context {c}: cached {r['cached_tok_s']:,.0f} tok/s, recompute "
-            f"{r['recompute_tok_s']:,.1f} tok/s ({r['speedup']:.0f}x)", flush=True)
+            f"{r['recompute_tok_s']:,.1f} tok/s ({r['speedup']:.0f}x); prompt pass "
+            f"{r['prefill_s']:.3f} s parallel, {r['feed_s']:.3f} s token by token", flush=True)
   return rows
 
 
@@ -91,10 +93,12 @@ def table(rows) -> str:
     first.setdefault(r["run"], r["cache_bytes"])
   return report.markdown_table(
       ["run", "context", "cached tok/s", "recompute tok/s", "speedup", "cache MiB",
-       "cache / first context"],
+       "cache / first context", "prompt s (parallel)", "prompt s (token by token)",
+       "prompt speedup"],
       [[r["run"], r["context"], f"{r['cached_tok_s']:,.0f}", f"{r['recompute_tok_s']:,.1f}",
         f"{r['speedup']:.1f}x", r["cache_bytes"] / 2**20,
-        f"{r['cache_bytes'] / first[r['run']]:.2f}"] for r in rows])
+        f"{r['cache_bytes'] / first[r['run']]:.2f}", f"{r['prefill_s']:.3f}",
+        f"{r['feed_s']:.3f}", f"{r['feed_s'] / r['prefill_s']:.1f}x"] for r in rows])
 
 
 def main(argv):

@@ -16,6 +16,10 @@ predicting `t + 1`, reading everything earlier from `state`:
 Everything runs on fixed-capacity buffers, so `step` compiles once. The
 computations mirror the full forward pass (`hiertx.models`), which tests
 compare it with at every position.
+
+A prompt does not need P steps: `prefill` runs the full forward pass once,
+in parallel, and builds the same state from what it records (each stack's
+output and each block's normalised input).
 """
 
 import dataclasses
@@ -25,8 +29,10 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hiertx import layers
+from hiertx import scales
 from hiertx.errors import ConfigError
 from hiertx.models import hourglass as hourglass_lib
 from hiertx.models import retina as retina_lib
@@ -186,15 +192,70 @@ def _when(pred, fn, state):
 
 
 # ----------------------------------------------------------------------------
+# Caches from one parallel pass over the prompt. The full forward pass (with
+# `capture_intermediates`) yields each stack's output and each block's
+# normalised input; keys, values and states are recomputed from those for all
+# positions at once. Entries past the prompt are zeroed, so the state equals
+# the one token-by-token steps would have built.
+
+def _out(tree):
+  """A captured module output."""
+  return tree["__call__"][0]
+
+
+def _count(p: int, factor: int) -> int:
+  """Entries a scale of `factor` holds once fine positions 0 .. p-1 are in: g k^s <= p-1."""
+  return (p - 1) // factor + 1
+
+
+def _filled(values_BxLx, capacity: int, count: int):
+  """A cache buffer of `capacity` slots holding the first `count` entries of `values`."""
+  n = values_BxLx.shape[1]
+  keep = (jnp.arange(n) < count).reshape((1, n) + (1,) * (values_BxLx.ndim - 2))
+  pad = [(0, 0), (0, capacity - n)] + [(0, 0)] * (values_BxLx.ndim - 2)
+  return jnp.pad(values_BxLx * keep.astype(values_BxLx.dtype), pad)
+
+
+def _kv_cache(cfg, p_attn, h_BxLxD, factor: int, capacity: int, p: int) -> KV:
+  """The KV cache of one block at a scale of `factor` from its normalised inputs."""
+  end_L = jnp.arange(h_BxLxD.shape[1], dtype=jnp.int32) * factor
+  k = _rotate(cfg, jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["key"]), end_L)
+  v = jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["value"])
+  cap, count = capacity // factor, _count(p, factor)
+  return KV(_filled(k, cap, count), _filled(v, cap, count))
+
+
+def _stack_kv(cfg, param_tree, inter_tree, factor: int, capacity: int, p: int) -> list[KV]:
+  """KV caches of every block of a stack (none for an empty stack)."""
+  return [_kv_cache(cfg, bp["attn"], _out(bi["ln_attn"]), factor, capacity, p)
+          for bp, bi in zip(stack_blocks(param_tree or {}), stack_blocks(inter_tree))]
+
+
+def _cross_kv(cfg, p_block, z_BxGxD, factor: int, capacity: int, p: int) -> KV:
+  """Keys/values a cross-attention block reads from coarse states (own LayerNorm)."""
+  return _kv_cache(cfg, p_block["attn"], _ln(p_block["ln_kv"], z_BxGxD), factor, capacity, p)
+
+
+def _captured(module, method: str) -> bool:
+  """What the prompt pass records: stack, pooling and embedding outputs, and
+  every LayerNorm's output (a block's normalised input)."""
+  return method == "__call__" and isinstance(
+      module, (flax.linen.LayerNorm, layers.Stack, scales.Pool, layers.Embed))
+
+
+# ----------------------------------------------------------------------------
 # The models.
 
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-  """`init(batch) -> state`; `step(params, state, token_B, t) -> (state, logits_BxV)`."""
+  """`init(batch) -> state`; `step(params, state, token_B, t) -> (state, logits_BxV)`
+  adds fine position t; `prefill(params, prompt_BxP) -> (state, logits_BxV)` adds
+  positions 0 .. P-1 in one parallel pass (logits predict position P)."""
 
   capacity: int  # fine positions the caches hold
   init: Callable[[int], Any]
   step: Callable[..., tuple]
+  prefill: Callable[..., tuple]
 
 
 def _ends(capacity, factor):
@@ -214,7 +275,10 @@ def _vanilla(model, capacity):
     x, kvs = _stack_step(cfg, stack_blocks(params["blocks"]), x, state["kv"], t, t, end_C)
     return {"kv": kvs}, _head(params, model, x)
 
-  return init, step
+  def fill(params, inter, p):
+    return {"kv": _stack_kv(cfg, params["blocks"], inter["blocks"], 1, capacity, p)}
+
+  return init, step, fill
 
 
 def _top_down(model, capacity):
@@ -270,7 +334,18 @@ def _top_down(model, capacity):
     state = run_scale(0)(state)
     return state, _head(params, model, jnp.take(state["z"][0], t, axis=1))
 
-  return init, step
+  def fill(params, inter, p):
+    e = [_out(inter["embed"])] + [_out(inter[f"pool_{s}"]) for s in range(1, top + 1)]
+    z = [_out(inter[f"scale_{s}"]) for s in range(top + 1)]
+    cap = lambda s: capacity // total[s]  # noqa: E731
+    return {"e": [_filled(x, cap(s), _count(p, total[s])) for s, x in enumerate(e)],
+            "z": [_filled(x, cap(s), _count(p, total[s])) for s, x in enumerate(z)],
+            "kv": [_stack_kv(cfg, params.get(f"scale_{s}"), inter[f"scale_{s}"], total[s],
+                             capacity, p) for s in range(top + 1)],
+            "up": [_cross_kv(cfg, params[f"upsample_{s}"]["block"], z[s + 1], total[s + 1],
+                             capacity, p) for s in range(top)] if attention_up else []}
+
+  return init, step, fill
 
 
 def _hourglass(model, capacity):
@@ -328,7 +403,19 @@ def _hourglass(model, capacity):
     del st["x0_in"]
     return st, _head(params, model, jnp.take(st["z"][0], t, axis=1))
 
-  return init, step
+  def fill(params, inter, p):
+    x = [_out(inter[f"pre_{i}"]) for i in range(depth + 1)]
+    z = [_out(inter[f"post_{i}"]) for i in range(depth)] + [x[depth]]
+    return {"up": [_cross_kv(cfg, params[f"upsample_{i}"]["block"], z[i + 1], factors[i + 1],
+                             capacity, p) for i in range(depth)] if attention_up else [],
+            "x": [_filled(v, capacity // f, _count(p, f)) for v, f in zip(x, factors)],
+            "z": [_filled(v, capacity // f, _count(p, f)) for v, f in zip(z, factors)],
+            "pre": [_stack_kv(cfg, params.get(f"pre_{i}"), inter[f"pre_{i}"], f, capacity, p)
+                    for i, f in enumerate(factors)],
+            "post": [_stack_kv(cfg, params.get(f"post_{i}"), inter[f"post_{i}"], factors[i],
+                               capacity, p) for i in range(depth)]}
+
+  return init, step, fill
 
 
 def _bottom_up(model, capacity):
@@ -388,7 +475,17 @@ def _bottom_up(model, capacity):
                          _ends(capacity, 1))
     return dict(state, post=kvs), _head(params, model, x)
 
-  return init, step
+  def fill(params, inter, p):
+    h = [_out(inter[f"scale_{s}"]) for s in range(top + 1)]
+    agg_p = params["aggregate"]
+    return {"h": [_filled(x, caps[s], _count(p, total[s])) for s, x in enumerate(h)],
+            "kv": [_stack_kv(cfg, params[f"scale_{s}"], inter[f"scale_{s}"], total[s],
+                             capacity, p) for s in range(top + 1)],
+            "agg": [_cross_kv(cfg, agg_p, x + params["scale_embedding"][s], total[s],
+                              capacity, p) for s, x in enumerate(h)],
+            "post": _stack_kv(cfg, params["post"], inter["post"], 1, capacity, p)}
+
+  return init, step, fill
 
 
 def retina_ring_sizes(k: int, windows, capacity: int) -> list[int]:
@@ -459,7 +556,34 @@ def _retina(model, capacity):
       new.append(lv)
     return {"kv": new}, _head(params, model, x)
 
-  return init, step
+  def ring(level_BxNxE, s, p):
+    """The ring of level s after the prompt: slot j holds the newest entry g = j mod r."""
+    last = _count(p, k ** s) - 1
+    g_r = last - (last - np.arange(rings[s])) % rings[s]
+    valid_r = g_r >= 0
+    kv = jnp.take(level_BxNxE, np.maximum(g_r, 0), axis=1) * valid_r[None, :, None]
+    return {"kv": kv, "end": jnp.asarray(np.where(valid_r, g_r * k ** s, retina_lib._FAR),  # noqa: SLF001
+                                         jnp.int32)}
+
+  def fill(params, inter, p):
+    state = []
+    for bp, bi in zip(stack_blocks(params), stack_blocks(inter)):
+      h_BxLxD = _out(bi["ln_attn"])
+      b, length, _ = h_BxLxD.shape
+      attn = bp["retina"]["attn"]
+      kv = jnp.concatenate([jnp.einsum("bld,dhk->blhk", h_BxLxD, attn["key"]),
+                            jnp.einsum("bld,dhk->blhk", h_BxLxD, attn["value"])], -1)
+      grid = scales.fine_scale(jnp.ones((b, length), jnp.int32))
+      level = kv.reshape(b, length, -1)
+      block_rings = [ring(level, 0, p)]
+      for s in range(1, levels):
+        level = scales.mean_pool(level, grid, k)
+        grid = scales.coarser(grid, k)
+        block_rings.append(ring(level, s, p))
+      state.append(block_rings)
+    return {"kv": state}
+
+  return init, step, fill
 
 
 _BUILDERS = {"vanilla": _vanilla, "top_down": _top_down, "hourglass": _hourglass,
@@ -472,9 +596,35 @@ def decoder(model, capacity: int, name: str) -> Decoder:
     raise ConfigError("model.max_len", f"learned positions stop at {model.max_len}; cannot "
                       f"decode {capacity} positions (prompt plus new tokens)")
   capacity = -(-capacity // model.length_multiple()) * model.length_multiple()
-  init, step = _BUILDERS[name](model, capacity)
+  init, step, fill = _BUILDERS[name](model, capacity)
+  # Inference needs no rematerialisation; it would only wrap what is captured.
+  forward = model.clone(remat="none")
 
   def step_fn(params, state, token_B, t):
     return step(flax.linen.unbox(params), state, token_B, jnp.asarray(t, jnp.int32))
 
-  return Decoder(capacity, init, step_fn)
+  def prefill(params, prompt_BxP):
+    b, p = prompt_BxP.shape
+    if not 1 <= p <= capacity:
+      raise ValueError(f"a prompt of {p} tokens does not fit a decoder of capacity {capacity}")
+    params = flax.linen.unbox(params)
+    logits_BxPxV, captured = forward.apply({"params": params}, prompt_BxP,
+                                           capture_intermediates=_captured,
+                                           mutable=["intermediates"])
+    state = fill(params, captured["intermediates"], p)
+    # The same buffers (shapes, dtypes) as init, so steps continue from either.
+    like = jax.eval_shape(lambda: init(b))
+    state = jax.tree_util.tree_map(lambda x, ref: x.astype(ref.dtype), state, like)
+    return state, logits_BxPxV[:, -1]
+
+  return Decoder(capacity, init, step_fn, prefill)
+
+
+def feed(dec: Decoder, params, prompt_BxP):
+  """The prompt through `step` one token at a time (the reference for `prefill`):
+  (state, logits_PxBxV)."""
+  def body(state, inp):
+    token_B, t = inp
+    return dec.step(params, state, token_B, t)
+  p = prompt_BxP.shape[1]
+  return jax.lax.scan(body, dec.init(prompt_BxP.shape[0]), (prompt_BxP.T, jnp.arange(p)))

@@ -3,8 +3,9 @@ r"""Samples from a checkpoint with cached incremental decoding (`hiertx.decode`)
   python -m hiertx.generate --workdir=/tmp/hiertx_run --prompt='def main(' \
       --max_new_tokens=200 --temperature=0.8 --top_k=40 --seed=1
 
-Loads the newest checkpoint (or --step), processes the prompt, then decodes
-token by token; both phases are one jitted program. --temperature=0 is
+Loads the newest checkpoint (or --step), builds the caches from one parallel
+pass over the prompt, then decodes token by token; both phases are one jitted
+program. --temperature=0 is
 greedy decoding.
 """
 
@@ -51,14 +52,9 @@ def check_sampling(temperature, top_k, top_p) -> None:
                                              "top_p"))
 def generate_cached(params, prompt_BxP, seed, *, dec: decode.Decoder, new_tokens: int,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
-  """Prompt through the caches, then `new_tokens` cached steps -> [B, new_tokens]."""
-  b, p = prompt_BxP.shape
-
-  def feed(state, inp):
-    token_B, t = inp
-    return dec.step(params, state, token_B, t)
-
-  state, logits_PxBxV = jax.lax.scan(feed, dec.init(b), (prompt_BxP.T, jnp.arange(p)))
+  """The prompt in one parallel pass, then `new_tokens` cached steps -> [B, new_tokens]."""
+  p = prompt_BxP.shape[1]
+  state, logits_BxV = dec.prefill(params, prompt_BxP)
   rng = jax.random.PRNGKey(seed)
 
   def gen(carry, i):
@@ -67,7 +63,7 @@ def generate_cached(params, prompt_BxP, seed, *, dec: decode.Decoder, new_tokens
     state, logits_BxV = dec.step(params, state, token, p + i)
     return (state, logits_BxV), token
 
-  _, tokens_NxB = jax.lax.scan(gen, (state, logits_PxBxV[-1]), jnp.arange(new_tokens))
+  _, tokens_NxB = jax.lax.scan(gen, (state, logits_BxV), jnp.arange(new_tokens))
   return tokens_NxB.T
 
 

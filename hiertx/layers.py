@@ -213,7 +213,7 @@ def scan_blocks(module_cls, cfg: BlockConfig, num_blocks: int, num_broadcast: in
   """
   if cfg.remat != "none":
     module_cls = nn.remat(module_cls, policy=REMAT_POLICIES[cfg.remat])
-  return nn.scan(module_cls, variable_axes={"params": 0},
+  return nn.scan(module_cls, variable_axes={"params": 0, "intermediates": 0},
                  split_rngs={"params": True, "dropout": True},
                  in_axes=(nn.broadcast,) * num_broadcast, length=num_blocks,
                  metadata_params={nn.PARTITION_NAME: "layers"})

@@ -26,31 +26,54 @@ def _setup(key, scan):
   return model, params, tokens
 
 
-def cached_logits(model, params, tokens_BxT, name):
-  dec = decode.decoder(model, tokens_BxT.shape[1], name)
-
+def continuation(dec, steps):
+  """Jitted: `steps` cached steps from `state`, feeding tokens[:, start:start+steps]."""
   @jax.jit
-  def run(params, tokens_BxT):
+  def run(params, state, tokens_BxN, start):
     def body(state, inp):
       token_B, t = inp
       return dec.step(params, state, token_B, t)
-    _, logits_TxBxV = jax.lax.scan(body, dec.init(tokens_BxT.shape[0]),
-                                   (tokens_BxT.T, jnp.arange(tokens_BxT.shape[1])))
-    return logits_TxBxV.transpose(1, 0, 2)
-  return run(params, tokens_BxT)
+    _, logits_NxBxV = jax.lax.scan(body, state, (tokens_BxN.T, start + jnp.arange(steps)))
+    return logits_NxBxV.transpose(1, 0, 2)
+  return run
+
+
+def assert_trees_close(a, b):
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("key", DECODABLE)
 def test_cached_decoding_equals_the_full_forward_pass(key):
-  """At every position of prompts of 24 tokens (divisible by every tiny model's
-  k^S) and 25 (not), crossing several coarse-block boundaries at every scale."""
+  """Every position of a 25-token sequence: the first 13 token by token, the
+  rest continued from that state; and the same continuations after a parallel
+  prompt pass of 12 tokens (divisible by every tiny model's k^S) and 13 (not).
+  The steps cross several coarse-block boundaries at every scale."""
   model, params, tokens = _setup(key, key in ("vanilla", "retina", "hourglass",
                                               "top_down_attention"))
-  cached = cached_logits(model, params, tokens, model_cfg(key)["name"])
-  apply = jax.jit(model.apply)
-  for length in (24, 25):
-    full = apply({"params": params}, tokens[:, :length])
-    np.testing.assert_allclose(cached[:, :length], full, atol=ATOL, rtol=1e-4)
+  full = jax.jit(model.apply)({"params": params}, tokens)
+  dec = decode.decoder(model, tokens.shape[1], model_cfg(key)["name"])
+  cont = continuation(dec, 12)
+  state, logits_PxBxV = jax.jit(functools.partial(decode.feed, dec))(params, tokens[:, :13])
+  np.testing.assert_allclose(logits_PxBxV.transpose(1, 0, 2), full[:, :13], atol=ATOL,
+                             rtol=1e-4)
+  np.testing.assert_allclose(cont(params, state, tokens[:, 13:], 13), full[:, 13:], atol=ATOL,
+                             rtol=1e-4)
+  prefill = jax.jit(dec.prefill)
+  for p in (12, 13):
+    state_p, last_BxV = prefill(params, tokens[:, :p])
+    np.testing.assert_allclose(last_BxV, full[:, p - 1], atol=ATOL, rtol=1e-4)
+    np.testing.assert_allclose(cont(params, state_p, tokens[:, p:p + 12], p),
+                               full[:, p:p + 12], atol=ATOL, rtol=1e-4)
+  # The parallel pass builds the very state the token-by-token steps build.
+  assert_trees_close(state_p, state)
+
+
+def test_prefill_refuses_a_prompt_longer_than_its_capacity():
+  model, params, tokens = _setup("vanilla", True)
+  dec = decode.decoder(model, 8, "vanilla")
+  with pytest.raises(ValueError, match="25 tokens does not fit a decoder of capacity 8"):
+    dec.prefill(params, tokens)
 
 
 def test_retina_cache_is_bounded_by_its_windows():
@@ -63,9 +86,19 @@ def test_retina_cache_is_bounded_by_its_windows():
   state = jax.eval_shape(lambda: dec.init(1))
   level_slots = [lv["kv"].shape[1] for lv in state["kv"][0]]
   assert level_slots == [6, 8, 1024]
-  # Long enough that the rings wrap many times, still equal to the full pass.
+  # Long enough that the rings wrap many times, still equal to the full pass;
+  # also after a parallel prompt pass that leaves every ring wrapped.
   tokens = jax.random.randint(jax.random.PRNGKey(5), (1, 61), 1, V)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
   full = jax.jit(model.apply)({"params": params}, tokens)
-  np.testing.assert_allclose(cached_logits(model, params, tokens, "retina"), full, atol=ATOL,
+  dec = decode.decoder(model, 61, "retina")
+  cont = continuation(dec, 24)
+  state, logits_PxBxV = jax.jit(functools.partial(decode.feed, dec))(params, tokens[:, :37])
+  np.testing.assert_allclose(logits_PxBxV.transpose(1, 0, 2), full[:, :37], atol=ATOL,
                              rtol=1e-4)
+  np.testing.assert_allclose(cont(params, state, tokens[:, 37:], 37), full[:, 37:], atol=ATOL,
+                             rtol=1e-4)
+  state_p, _ = jax.jit(dec.prefill)(params, tokens[:, :37])
+  assert_trees_close(state_p, state)
+  np.testing.assert_allclose(cont(params, state_p, tokens[:, 37:], 37), full[:, 37:],
+                             atol=ATOL, rtol=1e-4)

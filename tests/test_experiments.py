@@ -80,8 +80,10 @@ def test_decode_bench_compares_cached_and_recomputed_generation():
   for r in rows:
     assert r["cached_tok_s"] > 0 and r["recompute_tok_s"] > 0
     assert r["speedup"] == pytest.approx(r["cached_tok_s"] / r["recompute_tok_s"])
+    assert r["prefill_s"] > 0 and r["feed_s"] > 0
   # Vanilla keeps every key: its cache grows with the positions it holds
   # (context + new tokens, 68 then 132); retina's window rings do not grow.
   assert rows[1]["cache_bytes"] * 68 == rows[0]["cache_bytes"] * 132
   assert rows[3]["cache_bytes"] / rows[2]["cache_bytes"] < 132 / 68
-  assert "cache / first context" in decode_bench.table(rows)
+  table = decode_bench.table(rows)
+  assert "cache / first context" in table and "prompt s (parallel)" in table
