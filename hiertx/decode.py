@@ -87,12 +87,22 @@ class KV:
     return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
 
 
+def _keys_values(cfg, p_attn, h_BxLxD, end_L):
+  """Keys (rotated at `end_L`) and values [B, L, H, K] of normalised inputs."""
+  k = _rotate(cfg, jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["key"]), end_L)
+  return k, jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["value"])
+
+
+def _kv_at(cfg, p_attn, kv: KV, h_BxD, idx, end) -> KV:
+  """`kv` with slot `idx` set to the keys/values of one normalised input."""
+  k, v = _keys_values(cfg, p_attn, h_BxD[:, None], end[None])
+  return KV(kv.k.at[:, idx].set(k[:, 0]), kv.v.at[:, idx].set(v[:, 0]))
+
+
 def _block_step(cfg, p, x_BxD, kv: KV, idx, end, end_C):
   """A self-attention block at one new position `idx` (end position `end`) of its scale."""
   h = _ln(p["ln_attn"], x_BxD)
-  k = _rotate(cfg, _proj(p["attn"]["key"], h)[:, None], end[None])[:, 0]
-  v = _proj(p["attn"]["value"], h)
-  kv = KV(kv.k.at[:, idx].set(k), kv.v.at[:, idx].set(v))
+  kv = _kv_at(cfg, p["attn"], kv, h, idx, end)
   mask_C = jnp.arange(end_C.shape[0]) <= idx
   x_BxD = x_BxD + _attend_one(cfg, p["attn"], h, end, kv.k, kv.v, mask_C)
   return x_BxD + _mlp(p["mlp"], _ln(p["ln_mlp"], x_BxD)), kv
@@ -131,9 +141,7 @@ def _members(cache_CxD, g, k, ring: int | None = None):
 def _cross_block(cfg, p, x_BxD, q_end, kv_BxNxD, k_end_N, mask_N):
   """A cross-attention block (own LayerNorm on the keys) at one query."""
   h = _ln(p["ln_attn"], x_BxD)
-  kv = _ln(p["ln_kv"], kv_BxNxD)
-  keys = _rotate(cfg, jnp.einsum("bnd,dhk->bnhk", kv, p["attn"]["key"]), k_end_N)
-  values = jnp.einsum("bnd,dhk->bnhk", kv, p["attn"]["value"])
+  keys, values = _keys_values(cfg, p["attn"], _ln(p["ln_kv"], kv_BxNxD), k_end_N)
   x_BxD = x_BxD + _attend_one(cfg, p["attn"], h, q_end, keys, values, mask_N)
   return x_BxD + _mlp(p["mlp"], _ln(p["ln_mlp"], x_BxD))
 
@@ -170,9 +178,7 @@ def _upsample(kind, p, fine_BxD, z_BxGxD, t, k, cfg=None, up_kv=None, t_end=None
 
 def _up_kv(cfg, p, up: KV, z_BxD, g, end) -> KV:
   """Appends coarse state g to an attention upsampling block's key/value cache."""
-  kv = _ln(p["block"]["ln_kv"], z_BxD)
-  k = _rotate(cfg, _proj(p["block"]["attn"]["key"], kv)[:, None], end[None])[:, 0]
-  return KV(up.k.at[:, g].set(k), up.v.at[:, g].set(_proj(p["block"]["attn"]["value"], kv)))
+  return _kv_at(cfg, p["block"]["attn"], up, _ln(p["block"]["ln_kv"], z_BxD), g, end)
 
 
 def _embed(params, model, token_B, t):
@@ -218,9 +224,8 @@ def _filled(values_BxLx, capacity: int, count: int):
 
 def _kv_cache(cfg, p_attn, h_BxLxD, factor: int, capacity: int, p: int) -> KV:
   """The KV cache of one block at a scale of `factor` from its normalised inputs."""
-  end_L = jnp.arange(h_BxLxD.shape[1], dtype=jnp.int32) * factor
-  k = _rotate(cfg, jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["key"]), end_L)
-  v = jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["value"])
+  k, v = _keys_values(cfg, p_attn, h_BxLxD,
+                      jnp.arange(h_BxLxD.shape[1], dtype=jnp.int32) * factor)
   cap, count = capacity // factor, _count(p, factor)
   return KV(_filled(k, cap, count), _filled(v, cap, count))
 
@@ -446,11 +451,8 @@ def _bottom_up(model, capacity):
         x, kvs = _stack_step(cfg, stack_blocks(params[f"scale_{s}"]), x, st["kv"][s], g,
                              g * total[s], _ends(capacity, total[s]))
         # Aggregation keys/values of this scale's new state (scale embedding, own LayerNorm).
-        kv_in = _ln(agg_p["ln_kv"], x + params["scale_embedding"][s])
-        end = g * total[s]
-        k = _rotate(cfg, _proj(agg_p["attn"]["key"], kv_in)[:, None], end[None])[:, 0]
-        v = _proj(agg_p["attn"]["value"], kv_in)
-        agg = KV(st["agg"][s].k.at[:, g].set(k), st["agg"][s].v.at[:, g].set(v))
+        agg = _kv_at(cfg, agg_p["attn"], st["agg"][s],
+                     _ln(agg_p["ln_kv"], x + params["scale_embedding"][s]), g, g * total[s])
         return dict(st, h=[*st["h"][:s], st["h"][s].at[:, g].set(x), *st["h"][s + 1:]],
                     kv=[*st["kv"][:s], kvs, *st["kv"][s + 1:]],
                     agg=[*st["agg"][:s], agg, *st["agg"][s + 1:]])
@@ -513,6 +515,12 @@ def _retina(model, capacity):
                      "end": jnp.full((r,), retina_lib._FAR, jnp.int32)}  # noqa: SLF001
                     for r in rings] for _ in range(model.num_layers)]}
 
+  def unrotated(p_attn, h_BxLxD):
+    """Keys and values before rotary (pooling averages them first), [B, L, 2 H K]."""
+    kv = jnp.concatenate([jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["key"]),
+                          jnp.einsum("bld,dhk->blhk", h_BxLxD, p_attn["value"])], -1)
+    return kv.reshape(*h_BxLxD.shape[:2], -1)
+
   def write(level, s, g, value_BxE):
     slot = g % rings[s]
     return {"kv": level["kv"].at[:, slot].set(value_BxE),
@@ -520,9 +528,8 @@ def _retina(model, capacity):
 
   def attention(p_ret, x_BxD, lv, t):
     p = p_ret["attn"]
-    kv_new = jnp.concatenate([_proj(p["key"], x_BxD), _proj(p["value"], x_BxD)], -1)
     lv = list(lv)
-    lv[0] = write(lv[0], 0, t, kv_new.reshape(kv_new.shape[0], -1))
+    lv[0] = write(lv[0], 0, t, unrotated(p, x_BxD[:, None])[:, 0])
     for s in range(1, levels):
       def pool(lvs, s=s):
         g = t // k ** s
@@ -568,13 +575,8 @@ def _retina(model, capacity):
   def fill(params, inter, p):
     state = []
     for bp, bi in zip(stack_blocks(params), stack_blocks(inter)):
-      h_BxLxD = _out(bi["ln_attn"])
-      b, length, _ = h_BxLxD.shape
-      attn = bp["retina"]["attn"]
-      kv = jnp.concatenate([jnp.einsum("bld,dhk->blhk", h_BxLxD, attn["key"]),
-                            jnp.einsum("bld,dhk->blhk", h_BxLxD, attn["value"])], -1)
-      grid = scales.fine_scale(jnp.ones((b, length), jnp.int32))
-      level = kv.reshape(b, length, -1)
+      level = unrotated(bp["retina"]["attn"], _out(bi["ln_attn"]))
+      grid = scales.fine_scale(jnp.ones(level.shape[:2], jnp.int32))
       block_rings = [ring(level, 0, p)]
       for s in range(1, levels):
         level = scales.mean_pool(level, grid, k)

@@ -142,7 +142,10 @@ def test_slurm_array_and_tpu_renderings(tmp_path):
 
 def test_sigterm_stops_the_sweep_and_its_runs_resume(tmp_path):
   config = tmp_path / "sweep_config.py"
+  # Scheduled evals and checkpoints only at 50 and 100: the SIGTERM one is what matters.
   config.write_text(SWEEP_CONFIG.replace('"train.steps": 4', '"train.steps": 100').replace(
+      '"eval.every": 4, "train.checkpoint_every": 4',
+      '"eval.every": 50, "train.checkpoint_every": 50').replace(
       '[2, 4, 3]', '[2]').format(root=ROOT))
   sweep_dir = tmp_path / "sweep"
   args = [sys.executable, "launch/sweep.py", f"--config={config}", "--sweep=three",
