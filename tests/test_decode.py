@@ -26,6 +26,7 @@ def _setup(key, scan):
   return model, params, tokens
 
 
+@functools.lru_cache(maxsize=None)  # one compiled continuation per decoder and length
 def continuation(dec, steps):
   """Jitted: `steps` cached steps from `state`, feeding tokens[:, start:start+steps]."""
   @jax.jit
@@ -43,6 +44,18 @@ def assert_trees_close(a, b):
     np.testing.assert_allclose(x, y, atol=ATOL, rtol=1e-4)
 
 
+def check_token_by_token(dec, params, tokens_BxT, full_BxTxV, p):
+  """Positions 0..p-1 fed one at a time, then the rest as cached steps, all equal
+  to the full pass; returns the state after the first p positions."""
+  state, logits_PxBxV = jax.jit(functools.partial(decode.feed, dec))(params, tokens_BxT[:, :p])
+  np.testing.assert_allclose(logits_PxBxV.transpose(1, 0, 2), full_BxTxV[:, :p], atol=ATOL,
+                             rtol=1e-4)
+  cont = continuation(dec, tokens_BxT.shape[1] - p)
+  np.testing.assert_allclose(cont(params, state, tokens_BxT[:, p:], p), full_BxTxV[:, p:],
+                             atol=ATOL, rtol=1e-4)
+  return state
+
+
 @pytest.mark.parametrize("key", DECODABLE)
 def test_cached_decoding_equals_the_full_forward_pass(key):
   """Every position of a 25-token sequence: the first 13 token by token, the
@@ -53,12 +66,8 @@ def test_cached_decoding_equals_the_full_forward_pass(key):
                                               "top_down_attention"))
   full = jax.jit(model.apply)({"params": params}, tokens)
   dec = decode.decoder(model, tokens.shape[1], model_cfg(key)["name"])
+  state = check_token_by_token(dec, params, tokens, full, 13)
   cont = continuation(dec, 12)
-  state, logits_PxBxV = jax.jit(functools.partial(decode.feed, dec))(params, tokens[:, :13])
-  np.testing.assert_allclose(logits_PxBxV.transpose(1, 0, 2), full[:, :13], atol=ATOL,
-                             rtol=1e-4)
-  np.testing.assert_allclose(cont(params, state, tokens[:, 13:], 13), full[:, 13:], atol=ATOL,
-                             rtol=1e-4)
   prefill = jax.jit(dec.prefill)
   for p in (12, 13):
     state_p, last_BxV = prefill(params, tokens[:, :p])
@@ -92,13 +101,8 @@ def test_retina_cache_is_bounded_by_its_windows():
   params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
   full = jax.jit(model.apply)({"params": params}, tokens)
   dec = decode.decoder(model, 61, "retina")
-  cont = continuation(dec, 24)
-  state, logits_PxBxV = jax.jit(functools.partial(decode.feed, dec))(params, tokens[:, :37])
-  np.testing.assert_allclose(logits_PxBxV.transpose(1, 0, 2), full[:, :37], atol=ATOL,
-                             rtol=1e-4)
-  np.testing.assert_allclose(cont(params, state, tokens[:, 37:], 37), full[:, 37:], atol=ATOL,
-                             rtol=1e-4)
+  state = check_token_by_token(dec, params, tokens, full, 37)
   state_p, _ = jax.jit(dec.prefill)(params, tokens[:, :37])
   assert_trees_close(state_p, state)
-  np.testing.assert_allclose(cont(params, state_p, tokens[:, 37:], 37), full[:, 37:],
-                             atol=ATOL, rtol=1e-4)
+  np.testing.assert_allclose(continuation(dec, 24)(params, state_p, tokens[:, 37:], 37),
+                             full[:, 37:], atol=ATOL, rtol=1e-4)
