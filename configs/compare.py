@@ -16,6 +16,7 @@ import os
 
 from hiertx import config as config_lib
 from hiertx import sweep
+from hiertx.errors import ConfigError
 
 MODELS = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,7 +25,6 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="vanilla", size="small", runlocal=False)
   if arg.model not in MODELS:
-    from hiertx.errors import ConfigError  # noqa: PLC0415
     raise ConfigError("<arg>.model", f"{arg.model!r} is not one of {MODELS}")
   extra = ",runlocal" if arg.runlocal else ""
   return config_lib.load(os.path.join(_HERE, f"{arg.model}.py") + f":size={arg.size}{extra}")

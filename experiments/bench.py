@@ -13,7 +13,7 @@ printed: a gap between them means the machine was busy).
 
 from absl import app, flags
 
-from hiertx import benchmark, metrics, report, train
+from hiertx import benchmark, cli, metrics, report
 
 DEFAULT_RUNS = ["vanilla.py", "bottom_up.py", "top_down.py", "retina.py", "hourglass.py"]
 
@@ -50,7 +50,7 @@ def table(rows) -> str:
 
 def main(argv):
   del argv
-  train.quiet_library_logs()
+  cli.quiet_library_logs()
   f = flags.FLAGS
   peak, source = metrics.peak_flops("float32")
   rows = measure(f.runs, f.seq_len, f.batch_size, f.steps, f.set, peak)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from hiertx import benchmark, decode, models, report, tasks, train
+from hiertx import benchmark, cli, decode, models, report, tasks
 
 DEFAULT_RUNS = ["vanilla.py", "bottom_up.py", "top_down.py", "retina.py", "hourglass.py"]
 
@@ -49,7 +49,7 @@ def measure_one(spec, context, new_tokens, repeats, sets) -> dict:
   model = models.build(config.model, vocab.vocab_size, context)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (1, context), 1, 256)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
-  dec = decode.decoder(model, context + new_tokens, config.model.name)
+  dec = decode.decoder(model, context + new_tokens)
 
   @jax.jit
   def decode_n(params, state, logits):
@@ -103,7 +103,7 @@ def table(rows) -> str:
 
 def main(argv):
   del argv
-  train.quiet_library_logs()
+  cli.quiet_library_logs()
   f = flags.FLAGS
   rows = measure(f.runs, [int(c) for c in f.contexts], f.new_tokens, f.repeats, f.set)
   print(f"\nbatch 1, {f.new_tokens} cached steps per context, overrides {f.set or 'none'}\n")

@@ -12,7 +12,7 @@ override to every run (e.g. --set=model.d_model=512).
 
 from absl import app, flags
 
-from hiertx import benchmark, report, train
+from hiertx import benchmark, cli, report
 
 DEFAULT_RUNS = [
     "vanilla.py:size=base", "vanilla.py:size=paper14",
@@ -68,7 +68,7 @@ def table(rows, baseline: str) -> str:
 
 def main(argv):
   del argv
-  train.quiet_library_logs()
+  cli.quiet_library_logs()
   f = flags.FLAGS
   rows = measure(f.runs, f.seq_len, f.batch_size, f.set)
   widths = sorted({r["width"] for r in rows})

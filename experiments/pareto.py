@@ -101,7 +101,7 @@ def plot(rows, front, path):
 def main(argv):
   del argv
   f = flags.FLAGS
-  train.quiet_library_logs()
+  cli.quiet_library_logs()
   if not f.configs:
     sys.exit("error: --configs is required")
   os.makedirs(f.out, exist_ok=True)

@@ -12,7 +12,7 @@ table with the growth factor per doubling and over the whole range.
 
 from absl import app, flags
 
-from hiertx import benchmark, report, train
+from hiertx import benchmark, cli, report
 
 DEFAULT_RUNS = ["vanilla.py:size=base", "bottom_up.py:size=base", "top_down.py:size=base",
                 "retina.py:size=base", "hourglass.py:size=base"]
@@ -86,7 +86,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  train.quiet_library_logs()
+  cli.quiet_library_logs()
   f = flags.FLAGS
   rows = measure(f.runs, [int(t) for t in f.seq_lens], f.batch_size, f.time_max_len, f.set)
   print(f"\nbatch {f.batch_size}, overrides {f.set or 'none'}\n")

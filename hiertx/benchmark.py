@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from hiertx import config as config_lib
-from hiertx import train
+from hiertx import steps
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "configs")
@@ -33,8 +33,8 @@ def config_for(spec: str, seq_len: int, batch: int, sets=()):
 
 def compile_step(config, devices=None):
   """(run, compiled train step, facts: XLA and analytic memory/FLOPs)."""
-  run = train.build_run(config, devices)
-  compiled, facts = train.compile_train_step(run, config)
+  run = steps.build_run(config, devices)
+  compiled, facts = steps.compile_train_step(run, config)
   facts["params/total"] = sum(x.size for x in jax.tree_util.tree_leaves(
       run.abstract_state.params))
   return run, compiled, facts

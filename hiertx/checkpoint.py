@@ -5,8 +5,10 @@ Layout of a workdir:
   checkpoints/<step> Orbax checkpoints (params, optimizer state, step)
   metrics.jsonl      scalars per logged step (hiertx.metrics)
   run_info.json      once-per-run facts: memory, FLOPs, params, versions, mesh
+  status.json        running, finished, interrupted, or failed with the error
 """
 
+import json
 import os
 
 import orbax.checkpoint as ocp
@@ -116,3 +118,21 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool)
         os.rename(path, path + ".corrupt")
       mngr.reload()
   return None, None
+
+
+def read_status(workdir: str) -> dict:
+  """{'state': 'finished'|'failed'|'interrupted'|'running', ...}, or 'not started'."""
+  try:
+    with open(os.path.join(workdir, "status.json")) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return {"state": "not started"}
+  except (OSError, json.JSONDecodeError) as e:
+    return {"state": "unknown", "error": str(e)}
+
+
+def write_status(workdir: str, state: str, **info) -> None:
+  tmp = os.path.join(workdir, "status.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump({"state": state, **info}, f)
+  os.replace(tmp, os.path.join(workdir, "status.json"))

@@ -7,11 +7,14 @@ path (`--config=configs/vanilla.py:size=tiny,runlocal`).
 """
 
 import ast
+import importlib.util
 import json
 from typing import Any
 
 import ml_collections
 
+from hiertx import models
+from hiertx import profiling
 from hiertx.errors import ConfigError
 
 # Sections a resumed run must share with the run that wrote the checkpoints.
@@ -47,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=100,
       keep_checkpoints=3,
       max_nonfinite_skips=0,  # >0: skip up to this many steps with a NaN/Inf loss
+      profile_steps="",  # "N,M": trace steps N..M into <workdir>/profile (hiertx.profiling)
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every=200,  # also evaluated at the last step
@@ -86,13 +90,12 @@ def model_config(name: str, size: str, **fields) -> ml_collections.ConfigDict:
   d, h, f = WIDTHS[width]
   return ml_collections.ConfigDict(dict(
       name=name, d_model=d, num_heads=h, mlp_dim=f, dropout=0.0, positions="learned",
-      max_len=2048, dtype="float32", remat="none", scan_layers=False, **fields))
+      max_len=2048, dtype="float32", remat="none", scan_layers=False,
+      attention="blockwise", attention_q_chunk=256, attention_k_chunk=256, **fields))
 
 
 def load(path_and_arg: str) -> ml_collections.ConfigDict:
   """Loads `configs/x.py[:arg]` the way `--config=` does (for tests, sweeps, scripts)."""
-  import importlib.util  # noqa: PLC0415
-
   path, _, arg = path_and_arg.partition(":")
   spec = importlib.util.spec_from_file_location("hiertx_config_file", path)
   if spec is None:
@@ -124,8 +127,6 @@ def _positive_int(section, name, value):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field that can be checked without data or devices."""
-  from hiertx import models  # noqa: PLC0415  (models import jax; keep this module light)
-
   for name in ("seq_len", "batch_size"):
     _positive_int("data", name, config.data[name])
   for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -146,6 +147,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.process_sharding not in ("rows", "source"):
     raise ConfigError("data.process_sharding", f"{config.data.process_sharding!r} is not "
                       "'rows' or 'source'")
+  profiling.parse_steps(config.train.profile_steps)
   if config.eval.split not in ("train", "validation", "test"):
     raise ConfigError("eval.split", f"{config.eval.split!r} is not train/validation/test")
   models.check(config.model, config.data.seq_len)

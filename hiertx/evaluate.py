@@ -8,16 +8,17 @@ and writes them to `<workdir>/eval_<split>_<step>.json`.
 
 import json
 import os
-import sys
 
 import jax
 from absl import app, flags
 
 from hiertx import checkpoint
+from hiertx import cli
 from hiertx import data
 from hiertx import distributed
-from hiertx import train
-from hiertx.errors import CheckpointError, ConfigError, HiertxError
+from hiertx import steps
+from hiertx.errors import CheckpointError, ConfigError
+
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
@@ -36,14 +37,14 @@ def load_checkpoint(workdir: str, step: int | None = None, mesh: str = "data=-1"
   restored onto `mesh` whatever mesh it was saved from."""
   config = checkpoint.load_config(workdir)
   config.mesh.update(parse_mesh(mesh))
-  run = train.build_run(config, devices)
+  run = steps.build_run(config, devices)
   mngr = checkpoint.manager(workdir)
-  steps = mngr.all_steps()
-  if not steps:
+  saved = mngr.all_steps()
+  if not saved:
     raise CheckpointError(f"{workdir!r} has no checkpoints")
-  step = max(steps) if step is None else step
-  if step not in steps:
-    raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has {sorted(steps)}")
+  step = max(saved) if step is None else step
+  if step not in saved:
+    raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has {sorted(saved)}")
   state = checkpoint.restore(mngr, step, run.abstract_state)
   mngr.close()
   return config, run, step, state
@@ -71,13 +72,10 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train.quiet_library_logs()
+  cli.quiet_library_logs()
   distributed.initialize_from_flags()
-  try:
-    f = flags.FLAGS
-    r = evaluate_checkpoint(f.workdir, f.step, f.split, f.batches, f.mesh)
-  except HiertxError as e:
-    sys.exit(f"error: {e}")
+  f = flags.FLAGS
+  r = cli.run(evaluate_checkpoint, f.workdir, f.step, f.split, f.batches, f.mesh)
   print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
         f"{r['eval/perplexity']:.3f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
         f"{r['eval/tokens']:.0f} tokens", flush=True)

@@ -1,23 +1,32 @@
 """Transformer pieces shared by every model: embeddings, attention, MLP, blocks.
 
 Shapes are in names: B batch, T/Q/S lengths (queries, keys), D model width,
-H heads, K head width, V vocabulary, F feed-forward width.
+H heads, K head width, V vocabulary, F feed-forward width, C cache slots,
+N blocks of a stack.
 
 Parameters and activations carry logical axis names (`batch`, `length`,
 `embed`, `mlp`, `heads`, `kv`, `vocab`); `hiertx.sharding` maps them to mesh
 axes, so the modules never name devices.
+
+Every module here serves the forward pass and incremental decoding alike
+(DESIGN.md section 5): a block's `step` runs one new position against its
+key/value cache with the same submodules its `__call__` uses, and the forward
+pass `remember`s what a decoder's caches are built from.
 """
 
 import dataclasses
 from typing import Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Additive mask value: large enough that exp() underflows to exactly 0 in f32,
-# so masked keys get exactly zero weight and exactly zero gradient.
-_MASKED = -1e30
+from hiertx import attention as attention_lib
+
+# The variable collection the forward pass fills for a decoder's prompt pass;
+# not mutable (so free) everywhere else.
+DECODE = "decode"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +41,7 @@ class BlockConfig:
   dtype: str = "float32"
   remat: str = "none"  # see REMAT_POLICIES
   scan: bool = False  # repeated blocks as one lax.scan (see scan_blocks)
+  attention: attention_lib.AttentionConfig = attention_lib.AttentionConfig()
 
   @property
   def head_dim(self) -> int:
@@ -51,11 +61,16 @@ def _init(axes, init=nn.initializers.lecun_normal()):
   return nn.with_logical_partitioning(init, axes)
 
 
-def rotary(x_BxLxHxK: jax.Array, pos_L: jax.Array) -> jax.Array:
+def remember(module: nn.Module, name: str, value) -> None:
+  """Keeps `value` for a decoder's prompt pass (a no-op unless DECODE is mutable)."""
+  module.sow(DECODE, name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+
+
+def rotary(x_BxLxHxK: jax.Array, pos_L) -> jax.Array:
   """Rotary position embedding at explicit (possibly coarse) positions."""
   half = x_BxLxHxK.shape[-1] // 2
   freq_K2 = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angle_LxK2 = pos_L.astype(jnp.float32)[:, None] * freq_K2[None, :]
+  angle_LxK2 = jnp.asarray(pos_L).astype(jnp.float32)[:, None] * freq_K2[None, :]
   sin = jnp.sin(angle_LxK2)[None, :, None, :]
   cos = jnp.cos(angle_LxK2)[None, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)
@@ -64,30 +79,50 @@ def rotary(x_BxLxHxK: jax.Array, pos_L: jax.Array) -> jax.Array:
   return out.astype(x_BxLxHxK.dtype)
 
 
-def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask_BxQxS) -> jax.Array:
-  """Softmax attention of queries over an arbitrary key set.
+@flax.struct.dataclass
+class KV:
+  """Keys (rotated at their end positions) and values, [..., B, C, H, K]."""
 
-  A query whose keys are all masked gets a zero output: e.g. a fine position
-  at the start of a packed document, before its document has any complete
-  coarse block, must read nothing from a coarse scale (not an average of
-  other documents).
-  """
-  scale = q_BxQxHxK.shape[-1] ** -0.5
-  logits_BxHxQxS = jnp.einsum(
-      "bqhk,bshk->bhqs", q_BxQxHxK, k_BxSxHxK, preferred_element_type=jnp.float32
-  ) * scale
-  logits_BxHxQxS = jnp.where(mask_BxQxS[:, None], logits_BxHxQxS, _MASKED)
-  weights = jax.nn.softmax(logits_BxHxQxS, axis=-1) * mask_BxQxS[:, None]
-  weights = weights.astype(v_BxSxHxK.dtype)
-  return jnp.einsum("bhqs,bshk->bqhk", weights, v_BxSxHxK)
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def empty(cls, cfg: BlockConfig, *shape: int) -> "KV":
+    """Zeros of shape (*shape, H, K) in the model's dtype."""
+    full = (*shape, cfg.num_heads, cfg.head_dim)
+    return cls(jnp.zeros(full, cfg.jnp_dtype), jnp.zeros(full, cfg.jnp_dtype))
+
+  def set(self, idx, new: "KV") -> "KV":
+    """Slot `idx` of the cache axis (-3) set to `new`'s single entry."""
+    put = lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x[..., 0, :, :], idx, c.ndim - 3)  # noqa: E731
+    return KV(put(self.k, new.k), put(self.v, new.v))
+
+  def filled(self, capacity: int, count: int) -> "KV":
+    """A buffer of `capacity` slots holding the first `count` entries (rest 0)."""
+    return KV(filled(self.k, capacity, count, axis=-3), filled(self.v, capacity, count, axis=-3))
+
+
+def filled(values, capacity: int, count: int, axis: int = 1):
+  """`values` along `axis` cut or zero-padded to `capacity`, entries >= count zeroed."""
+  axis = axis % values.ndim
+  n = values.shape[axis]
+  shape = [1] * values.ndim
+  shape[axis] = n
+  keep = (jnp.arange(n) < count).reshape(shape).astype(values.dtype)
+  values = values * keep
+  if n >= capacity:
+    return jax.lax.slice_in_dim(values, 0, capacity, axis=axis)
+  pad = [(0, 0)] * values.ndim
+  pad[axis] = (0, capacity - n)
+  return jnp.pad(values, pad)
 
 
 class Attention(nn.Module):
-  """Multi-head attention from queries to any key set under an explicit mask.
+  """Multi-head attention from queries to any key set under the end rule.
 
-  Positions passed as `q_pos`/`k_pos` are the *end positions* of the vectors
-  (DESIGN.md section 2), used by rotary embeddings so coarse keys sit where
-  the information they summarise ends.
+  Positions given to `project_q` / `keys_values` are the *end positions* of
+  the vectors (DESIGN.md section 2), used by rotary embeddings so coarse keys
+  sit where the information they summarise ends.
   """
 
   cfg: BlockConfig
@@ -105,71 +140,129 @@ class Attention(nn.Module):
   def _in(self, w_DxHxK, x_BxLxD):
     return jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK.astype(self.cfg.jnp_dtype))
 
-  def project_q(self, x_BxQxD, pos_Q):
-    q = self._in(self.wq, x_BxQxD)
-    return rotary(q, pos_Q) if self.cfg.positions == "rotary" else q
+  def _rotate(self, x_BxLxHxK, pos_L):
+    return rotary(x_BxLxHxK, pos_L) if self.cfg.positions == "rotary" else x_BxLxHxK
+
+  def project_q(self, x_BxQxD, end_Q):
+    return self._rotate(self._in(self.wq, x_BxQxD), end_Q)
 
   def project_kv(self, x_BxSxD):
     """Keys and values before rotary, so callers may pool them first."""
     return self._in(self.wk, x_BxSxD), self._in(self.wv, x_BxSxD)
 
-  def rotate_k(self, k_BxSxHxK, pos_S):
-    return rotary(k_BxSxHxK, pos_S) if self.cfg.positions == "rotary" else k_BxSxHxK
+  def rotate_k(self, k_BxSxHxK, end_S):
+    return self._rotate(k_BxSxHxK, end_S)
+
+  def keys_values(self, x_BxSxD, end_S) -> KV:
+    k, v = self.project_kv(x_BxSxD)
+    return KV(self.rotate_k(k, end_S), v)
 
   def output(self, o_BxQxHxK):
     return jnp.einsum("bqhk,hkd->bqd", o_BxQxHxK, self.wo.astype(self.cfg.jnp_dtype))
 
-  def __call__(self, x_BxQxD, kv_BxSxD, mask_BxQxS, q_pos_Q, k_pos_S):
-    q = self.project_q(x_BxQxD, q_pos_Q)
-    k, v = self.project_kv(kv_BxSxD)
-    k = self.rotate_k(k, k_pos_S)
-    return self.output(attend(q, k, v, mask_BxQxS))
+  def __call__(self, x_BxQxD, query, kv: KV, key):
+    """Queries from `x` (a Scale `query`) over rotated keys/values (a Scale `key`)."""
+    q = self.project_q(x_BxQxD, query.end_L)
+    o = attention_lib.attend(q, kv.k, kv.v, query.end_L, key.end_L, query.seg_BxL, key.seg_BxL,
+                         self.cfg.attention)
+    return self.output(o)
+
+  def over_cache(self, x_BxD, end, kv: KV, mask_C):
+    """One decoding query (ending at `end`) over cached keys/values [B, C, H, K]."""
+    q = self.project_q(x_BxD[:, None], end[None])
+    mask_Bx1xC = jnp.broadcast_to(mask_C[None, None], (x_BxD.shape[0], 1, mask_C.shape[0]))
+    o, _ = attention_lib.dense(q, kv.k, kv.v, mask_Bx1xC)
+    return self.output(o)[:, 0]
 
 
 class Mlp(nn.Module):
   cfg: BlockConfig
 
-  @nn.compact
-  def __call__(self, x_BxTxD, deterministic: bool):
+  def setup(self):
     c = self.cfg
-    h_BxTxF = nn.Dense(c.mlp_dim, use_bias=False, dtype=c.jnp_dtype,
-                       kernel_init=_init(("embed", "mlp")), name="wi")(x_BxTxD)
-    h_BxTxF = constrain(nn.gelu(h_BxTxF), "batch", "length", "mlp")
-    h_BxTxF = nn.Dropout(c.dropout)(h_BxTxF, deterministic=deterministic)
-    return nn.Dense(c.d_model, use_bias=False, dtype=c.jnp_dtype,
-                    kernel_init=_init(("mlp", "embed")), name="wo")(h_BxTxF)
+    self.wi = nn.Dense(c.mlp_dim, use_bias=False, dtype=c.jnp_dtype,
+                       kernel_init=_init(("embed", "mlp")))
+    self.wo = nn.Dense(c.d_model, use_bias=False, dtype=c.jnp_dtype,
+                       kernel_init=_init(("mlp", "embed")))
+    self.drop = nn.Dropout(c.dropout)
+
+  def __call__(self, x_BxTxD, deterministic: bool = True):
+    h_BxTxF = nn.gelu(self.wi(x_BxTxD))
+    if h_BxTxF.ndim == 3:
+      h_BxTxF = constrain(h_BxTxF, "batch", "length", "mlp")
+    return self.wo(self.drop(h_BxTxF, deterministic=deterministic))
 
 
-def layer_norm(name: str, dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(dtype=dtype, name=name,
-                      scale_init=_init(("embed",), nn.initializers.ones),
+def layer_norm(dtype) -> nn.LayerNorm:
+  # Flax computes the statistics in float32 whatever `dtype` (mixed precision).
+  return nn.LayerNorm(dtype=dtype, scale_init=_init(("embed",), nn.initializers.ones),
                       bias_init=_init(("embed",), nn.initializers.zeros))
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block; attends to itself, or to `kv` when given.
-
-  With `kv` (cross-attention between scales, e.g. the aggregation layer or
-  attention upsampling) the keys are normalised by their own LayerNorm.
-  """
+  """Pre-LN transformer block; attends to itself, or (`cross`) to another
+  sequence, whose keys are normalised by their own LayerNorm (the bottom-up
+  aggregation layer, attention pooling and upsampling)."""
 
   cfg: BlockConfig
+  cross: bool = False
 
-  @nn.compact
-  def __call__(self, x_BxQxD, mask_BxQxS, q_pos_Q, kv_BxSxD=None, k_pos_S=None,
-               deterministic: bool = True):
+  def setup(self):
     c = self.cfg
-    drop = lambda y: nn.Dropout(c.dropout)(y, deterministic=deterministic)  # noqa: E731
-    h = layer_norm("ln_attn", c.jnp_dtype)(x_BxQxD)
-    if kv_BxSxD is None:
-      kv, k_pos_S = h, q_pos_Q
-    else:
-      kv = layer_norm("ln_kv", c.jnp_dtype)(kv_BxSxD)
-    x_BxQxD = x_BxQxD + drop(Attention(c, name="attn")(h, kv, mask_BxQxS, q_pos_Q, k_pos_S))
-    x_BxQxD = constrain(x_BxQxD, "batch", "length", "embed")
-    h = layer_norm("ln_mlp", c.jnp_dtype)(x_BxQxD)
-    x_BxQxD = x_BxQxD + drop(Mlp(c, name="mlp")(h, deterministic))
+    self.ln_attn = layer_norm(c.jnp_dtype)
+    if self.cross:
+      self.ln_kv = layer_norm(c.jnp_dtype)
+    self.attn = Attention(c)
+    self.ln_mlp = layer_norm(c.jnp_dtype)
+    self.mlp = Mlp(c)
+    self.drop = nn.Dropout(c.dropout)
+
+  def __call__(self, x_BxQxD, query, deterministic: bool = True):
+    """Self-attention over the vectors of one scale (a Scale `query`)."""
+    h = self.ln_attn(x_BxQxD)
+    return self._attend(x_BxQxD, h, query, self.attn.keys_values(h, query.end_L), query,
+                        deterministic)
+
+  def attend_to(self, x_BxQxD, query, kv_BxSxD, key, deterministic: bool = True):
+    """Cross-attention from `x` (Scale `query`) to `kv` (Scale `key`)."""
+    return self._attend(x_BxQxD, self.ln_attn(x_BxQxD), query,
+                        self.cross_keys(kv_BxSxD, key.end_L), key, deterministic)
+
+  def _attend(self, x_BxQxD, h_BxQxD, query, keys: KV, key, deterministic: bool):
+    remember(self, "kv", keys)  # a decoder's key/value cache
+    a = self.attn(h_BxQxD, query, keys, key)
+    x_BxQxD = constrain(x_BxQxD + self.drop(a, deterministic=deterministic),
+                        "batch", "length", "embed")
+    x_BxQxD = x_BxQxD + self.drop(self.mlp(self.ln_mlp(x_BxQxD), deterministic),
+                                  deterministic=deterministic)
     return constrain(x_BxQxD, "batch", "length", "embed")
+
+  def prompt_keys(self, slots: int, count: int) -> KV:
+    """The keys/values this block read in a prompt's forward pass, as a
+    decoding cache of `slots` holding the first `count`."""
+    return self.variables[DECODE]["kv"].filled(slots, count)
+
+  def cross_keys(self, kv_BxSxD, end_S) -> KV:
+    """Keys/values a cross block reads from another sequence."""
+    return self.attn.keys_values(self.ln_kv(kv_BxSxD), end_S)
+
+  def _finish(self, x_BxD, a_BxD):
+    x_BxD = x_BxD + a_BxD
+    return x_BxD + self.mlp(self.ln_mlp(x_BxD))
+
+  def step(self, x_BxD, kv: KV, idx, end):
+    """Self-attention decoding: the new vector at slot `idx` of this block's
+    cache (ending at `end`) joins the cache and reads slots 0 .. idx."""
+    h = self.ln_attn(x_BxD)
+    kv = kv.set(idx, self.attn.keys_values(h[:, None], end[None]))
+    a = self.attn.over_cache(h, end, kv, jnp.arange(kv.k.shape[-3]) <= idx)
+    return self._finish(x_BxD, a), kv
+
+  def cross_step(self, x_BxD, end, kv: KV, key_end_C):
+    """Cross-attention decoding: one query over cached keys of the other
+    sequence; slots whose vectors end after `end` are not read."""
+    a = self.attn.over_cache(self.ln_attn(x_BxD), end, kv, key_end_C <= end)
+    return self._finish(x_BxD, a)
 
 
 # Rematerialisation: which activations a block keeps for the backward pass.
@@ -182,66 +275,137 @@ REMAT_POLICIES = {
 }
 
 
-def remat(module_cls, cfg: BlockConfig, deterministic_argnum: int):
-  """`module_cls` wrapped per `cfg.remat`; `deterministic_argnum` counts self as 0."""
+def remat(module_cls, cfg: BlockConfig):
+  """`module_cls` wrapped per `cfg.remat` (its `deterministic` argument static)."""
   if cfg.remat == "none":
     return module_cls
-  return nn.remat(module_cls, policy=REMAT_POLICIES[cfg.remat],
-                  static_argnums=(deterministic_argnum,))
+  return nn.remat(module_cls, policy=REMAT_POLICIES[cfg.remat], static_argnums=(3,))
 
 
-class _ScannedBlock(nn.Module):
-  """One Block in the (carry, output) form `nn.scan` wants."""
+class _Scanned(nn.Module):
+  """One block in the (carry, output) form `nn.scan` wants; `block_fields`
+  are extra fields of the block class (retina's spec)."""
 
+  block_cls: type
   cfg: BlockConfig
-  deterministic: bool
+  block_fields: tuple
 
-  @nn.compact
-  def __call__(self, x_BxTxD, mask_BxTxT, pos_T):
-    return Block(self.cfg, name="block")(
-        x_BxTxD, mask_BxTxT, pos_T, None, None, self.deterministic), None
+  def setup(self):
+    self.block = self.block_cls(self.cfg, *self.block_fields)
+
+  def __call__(self, x_BxTxD, scale, deterministic: bool):
+    return self.block(x_BxTxD, scale, deterministic), None
+
+  def step(self, x_BxD, cache, *broadcast):
+    return self.block.step(x_BxD, cache, *broadcast)
 
 
-def scan_blocks(module_cls, cfg: BlockConfig, num_blocks: int, num_broadcast: int):
-  """`module_cls` repeated `num_blocks` times by `nn.scan`, parameters stacked.
+def scan_blocks(block_cls, cfg: BlockConfig, num_blocks: int, *block_fields,
+                step_args: int = 2) -> nn.Module:
+  """`num_blocks` of `block_cls` as one `nn.scan`, parameters stacked on a
+  leading `layers` axis. The forward pass broadcasts its scale; decoding
+  (`step`) scans the stacked caches and broadcasts `step_args` more arguments.
 
-  The module maps (x, *broadcast) -> (x, None). One compiled body instead of
-  `num_blocks` copies: faster compiles, and with `cfg.remat` the backward pass
-  really recomputes per block. (On XLA:CPU, `remat` of an unrolled loop saves
-  nothing: the scheduler is free to run the recomputation early. Inside the
-  scan's backward loop it cannot.)
+  One compiled body instead of `num_blocks` copies: faster compiles, and with
+  `cfg.remat` the backward pass really recomputes per block. (On XLA:CPU,
+  `remat` of an unrolled loop saves nothing: the scheduler is free to run the
+  recomputation early. Inside the scan's backward loop it cannot.)
   """
-  if cfg.remat != "none":
-    module_cls = nn.remat(module_cls, policy=REMAT_POLICIES[cfg.remat])
-  return nn.scan(module_cls, variable_axes={"params": 0, "intermediates": 0},
-                 split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * num_broadcast, length=num_blocks,
-                 metadata_params={nn.PARTITION_NAME: "layers"})
+  cls = remat(_Scanned, cfg)
+
+  def kwargs(in_axes):
+    return dict(variable_axes={"params": 0, "intermediates": 0, DECODE: 0},
+                split_rngs={"params": True, "dropout": True}, in_axes=in_axes,
+                length=num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})
+
+  scanned = nn.scan(cls, methods={
+      "__call__": kwargs((nn.broadcast, nn.broadcast)),
+      "step": kwargs((0,) + (nn.broadcast,) * step_args)})
+  return scanned(block_cls, cfg, block_fields)
 
 
-class Stack(nn.Module):
-  """`num_blocks` self-attention blocks sharing one mask (one scale's stack).
+def unstack(tree, i: int):
+  return jax.tree_util.tree_map(lambda x: x[i], tree)
 
-  With `cfg.scan` the blocks' parameters are stacked on a leading `layers` axis
-  and the loop is a `lax.scan`; otherwise each block is its own submodule.
+
+def restack(trees):
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+class Blocks(nn.Module):
+  """`num_blocks` blocks applied in sequence (one scale's stack), unrolled
+  (`block_0`, `block_1`, ...) or, with `cfg.scan`, scanned (`blocks/block`).
+
+  Used as a mixin by `Stack` and by retina, which keeps its blocks at the top
+  of its parameter tree.
   """
+
+  def setup_blocks(self, block_cls, cfg: BlockConfig, n: int, *block_fields, step_args=2):
+    self._blocks_n = n
+    if n and cfg.scan:
+      self.blocks = scan_blocks(block_cls, cfg, n, *block_fields, step_args=step_args)
+    elif n:
+      cls = remat(block_cls, cfg)
+      self.block = {str(i): cls(cfg, *block_fields) for i in range(n)}
+
+  def run_blocks(self, x, scale, deterministic: bool):
+    if not self._blocks_n:
+      return x
+    if hasattr(self, "blocks"):
+      return self.blocks(x, scale, deterministic)[0]
+    for i in range(self._blocks_n):
+      x = self.block[str(i)](x, scale, deterministic)
+    return x
+
+  def step_blocks(self, x_BxD, cache_N, *broadcast):
+    """Decoding through every block; `cache_N` is stacked on a leading axis."""
+    if not self._blocks_n:
+      return x_BxD, cache_N
+    if hasattr(self, "blocks"):
+      return self.blocks.step(x_BxD, cache_N, *broadcast)
+    new = []
+    for i in range(self._blocks_n):
+      x_BxD, c = self.block[str(i)].step(x_BxD, unstack(cache_N, i), *broadcast)
+      new.append(c)
+    return x_BxD, restack(new)
+
+  def remembered(self, *path: str):
+    """What every block `remember`ed at `path` (below the block), stacked on a
+    leading axis."""
+    sown = self.variables[DECODE]
+    trees = [sown["blocks"]["block"]] if "blocks" in sown else [
+        sown[f"block_{i}"] for i in range(self._blocks_n)]
+    for key in path:
+      trees = [t[key] for t in trees]
+    return trees[0] if "blocks" in sown else restack(trees)
+
+
+class Stack(Blocks):
+  """`num_blocks` self-attention blocks at one scale."""
 
   cfg: BlockConfig
   num_blocks: int
 
-  @nn.compact
-  def __call__(self, x_BxTxD, mask_BxTxT, pos_T, deterministic: bool = True):
-    if self.num_blocks == 0:
-      return x_BxTxD
-    if self.cfg.scan:
-      blocks = scan_blocks(_ScannedBlock, self.cfg, self.num_blocks, num_broadcast=2)
-      x_BxTxD, _ = blocks(self.cfg, deterministic, name="blocks")(x_BxTxD, mask_BxTxT, pos_T)
-      return x_BxTxD
-    block = remat(Block, self.cfg, deterministic_argnum=6)
-    for i in range(self.num_blocks):
-      x_BxTxD = block(self.cfg, name=f"block_{i}")(
-          x_BxTxD, mask_BxTxT, pos_T, None, None, deterministic)
-    return x_BxTxD
+  def setup(self):
+    self.setup_blocks(Block, self.cfg, self.num_blocks)
+
+  def __call__(self, x_BxTxD, scale, deterministic: bool = True):
+    return self.run_blocks(x_BxTxD, scale, deterministic)
+
+  def init_cache(self, batch: int, slots: int) -> KV:
+    """Empty key/value caches of every block, [N, B, slots, H, K]."""
+    return KV.empty(self.cfg, self.num_blocks, batch, slots)
+
+  def step(self, x_BxD, kv_N: KV, idx, end):
+    """A new vector at slot `idx` of this scale (ending at `end`) through every block."""
+    return self.step_blocks(x_BxD, kv_N, idx, end)
+
+  def prompt_cache(self, slots: int, count: int) -> KV:
+    """The caches after the forward pass over a prompt whose first `count`
+    vectors at this scale are real."""
+    if not self.num_blocks:
+      return self.init_cache(1, slots)
+    return self.remembered("kv").filled(slots, count)
 
 
 class Embed(nn.Module):
@@ -251,18 +415,28 @@ class Embed(nn.Module):
   cfg: BlockConfig
   max_len: int
 
-  @nn.compact
+  def setup(self):
+    c = self.cfg
+    self.token = self.param("token", _init(("vocab", "embed"), nn.initializers.normal(1.0)),
+                            (self.vocab_size, c.d_model))
+    if c.positions == "learned":
+      self.position = self.param("position", _init((None, "embed"), nn.initializers.normal(0.02)),
+                                 (self.max_len, c.d_model))
+    self.drop = nn.Dropout(c.dropout)
+
   def __call__(self, tokens_BxT, positions_BxT, deterministic: bool = True):
     c = self.cfg
-    table_VxD = self.param("token", _init(("vocab", "embed"), nn.initializers.normal(1.0)),
-                           (self.vocab_size, c.d_model))
-    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(c.jnp_dtype)
+    x_BxTxD = jnp.take(self.token, tokens_BxT, axis=0).astype(c.jnp_dtype)
     if c.positions == "learned":
-      pos_PxD = self.param("position", _init((None, "embed"), nn.initializers.normal(0.02)),
-                           (self.max_len, c.d_model))
-      x_BxTxD = x_BxTxD + jnp.take(pos_PxD, positions_BxT, axis=0).astype(c.jnp_dtype)
-    x_BxTxD = nn.Dropout(c.dropout)(x_BxTxD, deterministic=deterministic)
+      pos_BxT = jnp.minimum(positions_BxT, self.max_len - 1)
+      x_BxTxD = x_BxTxD + jnp.take(self.position, pos_BxT, axis=0).astype(c.jnp_dtype)
+    x_BxTxD = self.drop(x_BxTxD, deterministic=deterministic)
     return constrain(x_BxTxD, "batch", "length", "embed")
+
+  def step(self, token_B, t):
+    """The embedding of one token at position t, [B, D]."""
+    b = token_B.shape[0]
+    return self(token_B[:, None], jnp.full((b, 1), t, jnp.int32))[:, 0]
 
 
 class Head(nn.Module):
@@ -271,9 +445,13 @@ class Head(nn.Module):
   vocab_size: int
   cfg: BlockConfig
 
-  @nn.compact
+  def setup(self):
+    self.ln_final = layer_norm(self.cfg.jnp_dtype)
+    self.logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32,
+                           kernel_init=_init(("embed", "vocab")))
+
   def __call__(self, x_BxTxD):
-    h = layer_norm("ln_final", self.cfg.jnp_dtype)(x_BxTxD)
-    logits_BxTxV = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32,
-                            kernel_init=_init(("embed", "vocab")), name="logits")(h)
-    return constrain(logits_BxTxV, "batch", "length", "vocab")
+    logits_BxTxV = self.logits(self.ln_final(x_BxTxD))
+    if logits_BxTxV.ndim == 3:
+      logits_BxTxV = constrain(logits_BxTxV, "batch", "length", "vocab")
+    return logits_BxTxV

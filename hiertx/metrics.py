@@ -1,4 +1,4 @@
-"""What a run reports (DESIGN.md section 4): JSONL + TensorBoard writers, the
+"""What a run reports (DESIGN.md section 6): JSONL + TensorBoard writers, the
 XLA memory/cost analysis of a compiled step, parameter counts, run facts."""
 
 import json
@@ -8,9 +8,16 @@ import platform
 import subprocess
 import time
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint
+import seqio
 from clu import metric_writers
+
+import hiertx
 
 
 class Writer:
@@ -103,13 +110,6 @@ def git_sha() -> str:
 
 
 def versions() -> dict[str, str]:
-  import flax  # noqa: PLC0415
-  import optax  # noqa: PLC0415
-  import orbax.checkpoint  # noqa: PLC0415
-  import seqio  # noqa: PLC0415
-
-  import hiertx  # noqa: PLC0415
-
   return {"python": platform.python_version(), "jax": jax.__version__,
           "flax": flax.__version__, "optax": optax.__version__,
           "orbax": getattr(orbax.checkpoint, "__version__", "?"),
@@ -134,8 +134,6 @@ DEVICE_PEAK_FLOPS = {
 
 def measured_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 0.5) -> float:
   """FLOP/s of a square matmul on this host's default device, best of several runs."""
-  import jax.numpy as jnp  # noqa: PLC0415
-
   a = jnp.ones((n, n), dtype)
   mm = jax.jit(lambda x, y: x @ y)
   mm(a, a).block_until_ready()

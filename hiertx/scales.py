@@ -10,42 +10,66 @@ Shifted pooling makes coarse index g pool fine positions gk-k+1 .. gk, so it
 ends at gk; upsampling hands coarse index floor(t/k) to fine position t.
 Segments make packed rows safe: a coarse vector belongs to the document of its
 end position and pools only members of that document.
+
+End positions are static (numpy, known when a function is traced): they are
+determined by the shapes and pooling factors alone. That is what lets
+blockwise attention skip the chunk pairs the rule forbids.
 """
 
-from typing import NamedTuple
-
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hiertx import layers
 
 
-class Scale(NamedTuple):
-  """Where each vector of one scale ends, and which document it belongs to."""
+@flax.struct.dataclass
+class Scale:
+  """Where each vector of one scale ends, and which document it belongs to.
 
-  end_L: jax.Array  # int32 [L], fine position of the vector's last input
+  `spans` lists runs of vectors as (count, factor, offset): `count` vectors
+  ending at offset, offset + factor, offset + 2 factor, ... A scale made by
+  pooling has one span; the key set of the bottom-up aggregation layer has one
+  per scale. Spans are static (not traced), so `end_L` is a numpy array.
+  """
+
   seg_BxL: jax.Array  # int32 [B, L], document id (0 is packing padding)
+  spans: tuple = flax.struct.field(pytree_node=False)
+
+  @property
+  def end_L(self) -> np.ndarray:
+    return np.concatenate([offset + np.arange(n, dtype=np.int32) * f
+                           for n, f, offset in self.spans]).astype(np.int32)
 
   @property
   def length(self) -> int:
-    return self.end_L.shape[0]
+    return sum(n for n, _, _ in self.spans)
+
+  @property
+  def factor(self) -> int:
+    """The pooling factor of a single-span scale (1 for tokens)."""
+    if len(self.spans) != 1:
+      raise ValueError("a concatenation of scales has no single factor")
+    return self.spans[0][1]
 
 
 def fine_scale(seg_BxT: jax.Array) -> Scale:
-  return Scale(jnp.arange(seg_BxT.shape[1], dtype=jnp.int32), seg_BxT)
+  return Scale(seg_BxT, ((seg_BxT.shape[1], 1, 0),))
 
 
 def coarser(scale: Scale, k: int) -> Scale:
   """The scale made by shifted pooling with factor k: index g ends where gk does."""
   if scale.length % k:
     raise ValueError(f"length {scale.length} is not a multiple of pooling factor {k}")
-  return Scale(scale.end_L[::k], scale.seg_BxL[:, ::k])
+  (n, f, offset), = scale.spans
+  return Scale(scale.seg_BxL[:, ::k], ((n // k, f * k, offset),))
 
 
 def concat_scales(*scales: Scale) -> Scale:
-  return Scale(jnp.concatenate([s.end_L for s in scales]),
-               jnp.concatenate([s.seg_BxL for s in scales], axis=1))
+  return Scale(jnp.concatenate([s.seg_BxL for s in scales], axis=1),
+               sum((s.spans for s in scales), ()))
 
 
 def mask(query: Scale, key: Scale) -> jax.Array:
@@ -76,7 +100,20 @@ def shifted_groups(x_BxLxD: jax.Array, scale: Scale, k: int):
   return members_BxGxkxD, valid_BxGxk
 
 
-def _masked_mean(members_BxGxkxD, valid_BxGxk) -> jax.Array:
+def cached_group(cache_BxCxD: jax.Array, g, k: int, ring: int | None = None):
+  """Group g (positions gk-k+1 .. gk) of a decoding cache holding one scale:
+  members [B, 1, k, D] and valid [B, 1, k] (left padding is invalid). With
+  `ring`, the cache holds position i in slot i % ring."""
+  idx_k = g * k - k + 1 + jnp.arange(k)
+  valid_k = idx_k >= 0
+  slots_k = jnp.maximum(idx_k, 0) % ring if ring else jnp.maximum(idx_k, 0)
+  members_BxkxD = jnp.take(cache_BxCxD, slots_k, axis=1)
+  members_BxkxD = members_BxkxD * valid_k[None, :, None].astype(members_BxkxD.dtype)
+  valid_Bx1xk = jnp.broadcast_to(valid_k, (members_BxkxD.shape[0], 1, k))
+  return members_BxkxD[:, None], valid_Bx1xk
+
+
+def masked_mean(members_BxGxkxD, valid_BxGxk) -> jax.Array:
   w = valid_BxGxk[..., None].astype(members_BxGxkxD.dtype)
   # The end member is always valid, so the count is at least one.
   return (members_BxGxkxD * w).sum(2) / w.sum(2)
@@ -84,7 +121,7 @@ def _masked_mean(members_BxGxkxD, valid_BxGxk) -> jax.Array:
 
 def mean_pool(x_BxLxD: jax.Array, scale: Scale, k: int) -> jax.Array:
   """Shifted average pooling over the valid members of each group -> [B, L/k, D]."""
-  return _masked_mean(*shifted_groups(x_BxLxD, scale, k))
+  return masked_mean(*shifted_groups(x_BxLxD, scale, k))
 
 
 def upsample_repeat(z_BxGxD: jax.Array, coarse: Scale, fine: Scale, k: int) -> jax.Array:
@@ -102,34 +139,48 @@ class Pool(nn.Module):
   """Shifted pooling by factor k: mean, linear (concat + project) or attention.
 
   Attention pooling (Hourglass, Nawrot et al. 2021) lets the group mean
-  attend to the group's members, followed by a feed-forward layer.
+  attend to the group's members, followed by a feed-forward layer. The forward
+  pass and a decoding step share `group`, which pools prepared groups.
   """
 
   kind: str
   k: int
   cfg: layers.BlockConfig
 
-  @nn.compact
+  def setup(self):
+    if self.kind == "linear":
+      self.proj = nn.Dense(self.cfg.d_model, use_bias=False, dtype=self.cfg.jnp_dtype,
+                           kernel_init=nn.with_logical_partitioning(
+                               nn.initializers.lecun_normal(), ("mlp", "embed")))
+    elif self.kind == "attention":
+      self.block = layers.Block(self.cfg, cross=True)
+    elif self.kind != "mean":
+      raise ValueError(f"unknown pooling {self.kind!r}; expected one of {POOLINGS}")
+
   def __call__(self, x_BxLxD, scale: Scale, deterministic: bool = True):
-    members, valid = shifted_groups(x_BxLxD, scale, self.k)
-    mean_BxGxD = _masked_mean(members, valid)
+    """[B, L, D] -> [B, L/k, D]."""
+    return self.group(*shifted_groups(x_BxLxD, scale, self.k), deterministic)
+
+  def group(self, members_BxGxkxD, valid_BxGxk, deterministic: bool = True):
+    """Pools each group of k members (invalid members are ignored) -> [B, G, D]."""
+    mean_BxGxD = masked_mean(members_BxGxkxD, valid_BxGxk)
     if self.kind == "mean":
       return mean_BxGxD
-    b, g, k, d = members.shape
+    b, g, k, d = members_BxGxkxD.shape
     if self.kind == "linear":
-      flat_BxGxkD = (members * valid[..., None]).reshape(b, g, k * d)
-      return nn.Dense(d, use_bias=False, dtype=self.cfg.jnp_dtype, name="proj",
-                      kernel_init=nn.with_logical_partitioning(
-                          nn.initializers.lecun_normal(), ("mlp", "embed")))(flat_BxGxkD)
-    if self.kind == "attention":
-      q_NxD = mean_BxGxD.reshape(b * g, 1, d)
-      kv_NxkxD = members.reshape(b * g, k, d)
-      mask_Nx1xk = valid.reshape(b * g, 1, k)
-      out = layers.Block(self.cfg, name="block")(
-          q_NxD, mask_Nx1xk, jnp.array([k - 1]), kv_BxSxD=kv_NxkxD,
-          k_pos_S=jnp.arange(k), deterministic=deterministic)
-      return out.reshape(b, g, d)
-    raise ValueError(f"unknown pooling {self.kind!r}; expected one of {POOLINGS}")
+      valid = valid_BxGxk[..., None].astype(members_BxGxkxD.dtype)
+      return self.proj((members_BxGxkxD * valid).reshape(b, g, k * d))
+    # attention: the mean (at the group's end, k-1) reads the members (0 .. k-1)
+    # of its own group; invalid members sit in another "document".
+    query = Scale(jnp.ones((b * g, 1), jnp.int32), ((1, 1, k - 1),))
+    keys = Scale(valid_BxGxk.reshape(b * g, k).astype(jnp.int32), ((k, 1, 0),))
+    out = self.block.attend_to(mean_BxGxD.reshape(b * g, 1, d), query,
+                           members_BxGxkxD.reshape(b * g, k, d), keys, deterministic)
+    return out.reshape(b, g, d)
+
+  def step(self, cache_BxCxD, g, ring: int | None = None):
+    """Decoding: group g of a cached finer scale, pooled -> [B, D]."""
+    return self.group(*cached_group(cache_BxCxD, g, self.k, ring))[:, 0]
 
 
 class Upsample(nn.Module):
@@ -145,27 +196,41 @@ class Upsample(nn.Module):
   k: int
   cfg: layers.BlockConfig
 
-  @nn.compact
+  def setup(self):
+    if self.kind == "linear":
+      self.proj = nn.Dense(self.k * self.cfg.d_model, use_bias=False, dtype=self.cfg.jnp_dtype,
+                           kernel_init=nn.with_logical_partitioning(
+                               nn.initializers.lecun_normal(), ("embed", "mlp")))
+    elif self.kind == "attention":
+      self.block = layers.Block(self.cfg, cross=True)
+    elif self.kind != "repeat":
+      raise ValueError(f"unknown upsampling {self.kind!r}; expected one of {UPSAMPLINGS}")
+
   def __call__(self, fine_BxLxD, z_BxGxD, fine: Scale, coarse: Scale,
                deterministic: bool = True):
     if self.kind == "repeat":
       return fine_BxLxD + upsample_repeat(z_BxGxD, coarse, fine, self.k)
     if self.kind == "linear":
       b, g, d = z_BxGxD.shape
-      proj = nn.Dense(self.k * d, use_bias=False, dtype=self.cfg.jnp_dtype, name="proj",
-                      kernel_init=nn.with_logical_partitioning(
-                          nn.initializers.lecun_normal(), ("embed", "mlp")))
-      z_BxLxD = proj(z_BxGxD).reshape(b, g * self.k, d)
-      return fine_BxLxD + upsample_repeat(z_BxLxD, coarse_segments_at_fine(coarse, fine), fine, 1)
-    if self.kind == "attention":
-      x = fine_BxLxD + upsample_repeat(z_BxGxD, coarse, fine, self.k)
-      return layers.Block(self.cfg, name="block")(
-          x, mask(fine, coarse), fine.end_L, kv_BxSxD=z_BxGxD, k_pos_S=coarse.end_L,
-          deterministic=deterministic)
-    raise ValueError(f"unknown upsampling {self.kind!r}; expected one of {UPSAMPLINGS}")
+      z_BxLxD = self.proj(z_BxGxD).reshape(b, g * self.k, d)
+      per_offset = Scale(jnp.repeat(coarse.seg_BxL, self.k, axis=1), fine.spans)
+      return fine_BxLxD + upsample_repeat(z_BxLxD, per_offset, fine, 1)
+    x = fine_BxLxD + upsample_repeat(z_BxGxD, coarse, fine, self.k)
+    return self.block.attend_to(x, fine, z_BxGxD, coarse, deterministic)
 
+  def step(self, fine_BxD, z_BxGxD, i, end, coarse_kv: "layers.KV | None" = None,
+           coarse_end_G=None):
+    """Decoding: fine index i (ending at `end`) of this level, given the cached
+    coarse outputs; attention reads `coarse_kv` (keys/values of every cached
+    coarse vector, ending at `coarse_end_G`)."""
+    z_BxD = jnp.take(z_BxGxD, i // self.k, axis=1)
+    if self.kind == "repeat":
+      return fine_BxD + z_BxD
+    if self.kind == "linear":
+      d = z_BxD.shape[-1]
+      return fine_BxD + jax.lax.dynamic_slice_in_dim(self.proj(z_BxD), (i % self.k) * d, d, 1)
+    return self.block.cross_step(fine_BxD + z_BxD, end, coarse_kv, coarse_end_G)
 
-def coarse_segments_at_fine(coarse: Scale, fine: Scale) -> Scale:
-  """The coarse segments repeated to fine length (for per-offset upsampling)."""
-  k = fine.length // coarse.length
-  return Scale(fine.end_L, jnp.repeat(coarse.seg_BxL, k, axis=1))
+  def coarse_keys(self, z_BxD, end) -> "layers.KV":
+    """Keys/values of one new coarse vector for the attention cache, [B, 1, H, K]."""
+    return self.block.cross_keys(z_BxD[:, None], end[None])

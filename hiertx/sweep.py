@@ -11,14 +11,13 @@ for the config file's own argument (`"arg.model"` -> `--config=x.py:model=...`):
 
 Every run gets a directory named from its overrides, so re-running a sweep
 finds its earlier runs; a run's state lives in its own `status.json`, written
-by the trainer.
+by the trainer (`hiertx.checkpoint.read_status`).
 """
 
 import dataclasses
 import hashlib
 import importlib.util
 import itertools
-import json
 import os
 import re
 from typing import Any, Iterable
@@ -143,24 +142,3 @@ def expand(config_file: str, runs: Iterable[Overrides]) -> list[Run]:
     config = path + (":" + ",".join(args) if args else "")
     out.append(Run(name, config, overrides, tuple(flags)))
   return out
-
-
-# --------------------------------------------------------------------------
-# Run state, as the trainer records it in <workdir>/status.json.
-
-def read_status(workdir: str) -> dict:
-  """{'state': 'finished'|'failed'|'interrupted'|'running', ...}, or 'not started'."""
-  try:
-    with open(os.path.join(workdir, "status.json")) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return {"state": "not started"}
-  except (OSError, json.JSONDecodeError) as e:
-    return {"state": "unknown", "error": str(e)}
-
-
-def write_status(workdir: str, state: str, **info) -> None:
-  tmp = os.path.join(workdir, "status.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump({"state": state, **info}, f)
-  os.replace(tmp, os.path.join(workdir, "status.json"))

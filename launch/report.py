@@ -17,6 +17,7 @@ import sys
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hiertx import checkpoint  # noqa: E402
 from hiertx import metrics  # noqa: E402
 from hiertx import report as report_lib  # noqa: E402
 from hiertx import sweep  # noqa: E402
@@ -31,7 +32,7 @@ def define_flags() -> None:
 def load_run(run: dict) -> dict:
   """One run's status, headline numbers and curves; missing files give NaNs."""
   workdir = run["workdir"]
-  status = sweep.read_status(workdir)
+  status = checkpoint.read_status(workdir)
   row = {"name": run["name"], "overrides": run["overrides"], "state": status["state"],
          "error": status.get("error", ""), "params": None, "xla_peak_bytes": NAN,
          "analytic_peak_bytes": NAN, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,

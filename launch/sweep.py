@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import slurm  # noqa: E402
 import tpu  # noqa: E402
+from hiertx import checkpoint  # noqa: E402
 from hiertx import sweep  # noqa: E402
 from hiertx.errors import HiertxError  # noqa: E402
 
@@ -71,7 +72,7 @@ def plan(config: str, name: str, sweep_dir: str, extra: list[str]) -> list[dict]
     workdir = os.path.join(sweep_dir, r.name)
     cmd = common.train_command(r.config, workdir, [*r.flags, *extra], python=sys.executable)
     out.append({**r.to_dict(), "workdir": workdir, "command": cmd,
-                "state": sweep.read_status(workdir)["state"]})
+                "state": checkpoint.read_status(workdir)["state"]})
   os.makedirs(sweep_dir, exist_ok=True)
   with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
     json.dump({"config": config, "sweep": name, "extra_flags": extra,
@@ -128,9 +129,9 @@ def _loop(runs, todo, active, codes, parallel) -> None:
         active.remove(item)
         codes[r["name"]] = proc.returncode
         if proc.returncode:
-          status = sweep.read_status(r["workdir"])
+          status = checkpoint.read_status(r["workdir"])
           if status["state"] not in ("failed", "interrupted"):  # killed before it could say
-            sweep.write_status(r["workdir"], "failed", returncode=proc.returncode,
+            checkpoint.write_status(r["workdir"], "failed", returncode=proc.returncode,
                                time=time.time())
           print(f"FAILED {r['name']} (exit {proc.returncode}); see {log.name}", flush=True)
         else:

@@ -7,11 +7,11 @@ import pytest
 
 from conftest import config_path
 from hiertx import config as config_lib
-from hiertx import cost, metrics, models, tasks, train
+from hiertx import cost, metrics, models, steps, tasks
 from tiny_models import MODELS, model_cfg
 
 MODEL_NAMES = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
-# Stated tolerance of the analytic peak against XLA's (DESIGN.md section 4).
+# Stated tolerance of the analytic peak against XLA's (DESIGN.md section 6).
 MEMORY_TOLERANCE = 0.15
 
 
@@ -21,7 +21,7 @@ def test_analytic_parameter_count_is_exact(key):
   model = models.build(mc, 23, 64)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 24), jnp.int32))
   actual = sum(x.size for x in jax.tree_util.tree_leaves(shapes["params"]))
-  config = ml_collections.ConfigDict({"model": {**models._resolved(mc)[1], "name": mc["name"]},
+  config = ml_collections.ConfigDict({"model": {**models.resolve(mc)[1], "name": mc["name"]},
                                       "data": {"seq_len": 24, "batch_size": 2}})
   assert cost.predict(config, 23)["params/analytic"] == actual
 
@@ -32,8 +32,8 @@ def _compiled(name, seq_len=128, **model_overrides):
   config.data.seq_len, config.data.batch_size, config.eval.batch_size = seq_len, 8, 8
   for k, v in model_overrides.items():
     config.model[k] = v
-  run = train.build_run(config, devices=jax.devices()[:1])
-  compiled, facts = train.compile_train_step(run, config)
+  run = steps.build_run(config, devices=jax.devices()[:1])
+  compiled, facts = steps.compile_train_step(run, config)
   return config, compiled, facts
 
 
@@ -73,7 +73,7 @@ def test_remat_adds_one_forward_of_the_stacked_blocks():
   none = cost.predict(config, v)
   block = cost.predict(dict_config(config, remat="block"), v)
   s = cost.shape_of(config, v)
-  blocks, _ = cost.workloads(config.model, config.data.seq_len)
+  w = cost.model_workload(config.model, config.data.seq_len)
   assert block["flops/step_analytic"] - none["flops/step_analytic"] == pytest.approx(
-      cost.forward_flops(s, blocks, head=False))
+      cost.forward_flops(s, w.blocks, head=False))
   assert block["memory/analytic_activation_bytes"] < none["memory/analytic_activation_bytes"]

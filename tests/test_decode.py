@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hiertx import decode, models
+from hiertx.models import retina
 from tiny_models import MODELS, model_cfg
 
 V = 23
@@ -65,7 +66,7 @@ def test_cached_decoding_equals_the_full_forward_pass(key):
   model, params, tokens = _setup(key, key in ("vanilla", "retina", "hourglass",
                                               "top_down_attention"))
   full = jax.jit(model.apply)({"params": params}, tokens)
-  dec = decode.decoder(model, tokens.shape[1], model_cfg(key)["name"])
+  dec = decode.decoder(model, tokens.shape[1])
   state = check_token_by_token(dec, params, tokens, full, 13)
   cont = continuation(dec, 12)
   prefill = jax.jit(dec.prefill)
@@ -80,7 +81,7 @@ def test_cached_decoding_equals_the_full_forward_pass(key):
 
 def test_prefill_refuses_a_prompt_longer_than_its_capacity():
   model, params, tokens = _setup("vanilla", True)
-  dec = decode.decoder(model, 8, "vanilla")
+  dec = decode.decoder(model, 8)
   with pytest.raises(ValueError, match="25 tokens does not fit a decoder of capacity 8"):
     dec.prefill(params, tokens)
 
@@ -88,19 +89,19 @@ def test_prefill_refuses_a_prompt_longer_than_its_capacity():
 def test_retina_cache_is_bounded_by_its_windows():
   """Levels below the coarsest keep a fixed ring; only the coarsest grows (T / k^S)."""
   model = models.build(model_cfg("retina", windows=(3, 2), pool_factor=2, max_len=4096), V, 64)
-  sizes = {c: decode.retina_ring_sizes(2, (3, 2), c) for c in (256, 4096)}
+  sizes = {c: retina.ring_sizes(2, (3, 2), c) for c in (256, 4096)}
   assert sizes[256][:2] == sizes[4096][:2] == [6, 8]
   assert (sizes[256][2], sizes[4096][2]) == (64, 1024)
-  dec = decode.decoder(model, 4096, "retina")
+  dec = decode.decoder(model, 4096)
   state = jax.eval_shape(lambda: dec.init(1))
-  level_slots = [lv["kv"].shape[1] for lv in state["kv"][0]]
+  level_slots = [ring["kv"].shape[2] for ring in state["rings"]]
   assert level_slots == [6, 8, 1024]
   # Long enough that the rings wrap many times, still equal to the full pass;
   # also after a parallel prompt pass that leaves every ring wrapped.
   tokens = jax.random.randint(jax.random.PRNGKey(5), (1, 61), 1, V)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
   full = jax.jit(model.apply)({"params": params}, tokens)
-  dec = decode.decoder(model, 61, "retina")
+  dec = decode.decoder(model, 61)
   state = check_token_by_token(dec, params, tokens, full, 37)
   state_p, _ = jax.jit(dec.prefill)(params, tokens[:, :37])
   assert_trees_close(state_p, state)

@@ -29,12 +29,12 @@ def test_greedy_is_deterministic_and_equals_recomputing(workdir):
   config, run, _, state = evaluate.load_checkpoint(workdir, None, "data=1",
                                                    jax.local_devices()[:1])
   ids = np.asarray(run.vocab.encode("import os\n"), np.int32)[None]
-  dec = decode.decoder(run.model, ids.shape[1] + 24, "top_down")
+  dec = decode.decoder(run.model, ids.shape[1] + 24)
   params = jax.device_get(state.params)
-  cached = generate.generate_cached(params, ids, 0, dec=dec, new_tokens=24)
-  full = generate.generate_recompute(params, ids, 0, model=run.model, new_tokens=24)
+  cached = decode.generate_cached(params, ids, 0, dec=dec, new_tokens=24)
+  full = decode.generate_recompute(params, ids, 0, model=run.model, new_tokens=24)
   np.testing.assert_array_equal(cached, full)
-  top1 = generate.generate_cached(params, ids, 7, dec=dec, new_tokens=24, temperature=1.0,
+  top1 = decode.generate_cached(params, ids, 7, dec=dec, new_tokens=24, temperature=1.0,
                                   top_k=1)
   np.testing.assert_array_equal(top1, cached)
 

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT
-from hiertx import checkpoint, metrics, train
+from hiertx import checkpoint, metrics, steps, train
 from hiertx.errors import CheckpointError, HiertxError
 
 CLI_ARGS = ["--config=configs/vanilla.py:size=tiny", "--config.train.steps=40",
@@ -94,8 +94,8 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(straight, tmp_pa
 
 
 def _nan_nll(monkeypatch):
-  real = train.token_nll
-  monkeypatch.setattr(train, "token_nll", lambda logits, t: real(logits, t) * jnp.nan)
+  real = steps.token_nll
+  monkeypatch.setattr(steps, "token_nll", lambda logits, t: real(logits, t) * jnp.nan)
 
 
 def test_nonfinite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
@@ -123,20 +123,20 @@ def test_nonfinite_steps_can_be_skipped(tiny_config, tmp_path, monkeypatch):
 
 def test_skipped_steps_leave_parameters_unchanged(tiny_config):
   config = tiny_config("vanilla")
-  run = train.build_run(config)
+  run = steps.build_run(config)
   state = run.init(jax.random.PRNGKey(0))
   before = jax.device_get(state.params)
-  step = jax.jit(lambda s, b: train.train_step(
+  step = jax.jit(lambda s, b: steps.train_step(
       s, b, model=run.model, tx=run.tx, seed=0, skip_nonfinite=True))
   batch = {k: jnp.zeros((8, 64), jnp.int32) for k in
            ("inputs", "targets", "weights", "segment_ids", "positions")}
   batch["weights"] = batch["weights"] + 1
-  real = train.token_nll
+  real = steps.token_nll
   try:
-    train.token_nll = lambda logits, t: real(logits, t) * jnp.nan
+    steps.token_nll = lambda logits, t: real(logits, t) * jnp.nan
     new, m = step(state, batch)
   finally:
-    train.token_nll = real
+    steps.token_nll = real
   assert not np.isfinite(float(m["train/loss"])) and int(new.step) == 1
   jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(new.params), before)
 
@@ -190,7 +190,7 @@ def test_fuzzed_overrides_fail_cleanly_or_work(tiny_config):
       except (TypeError, ValueError):
         pass  # ConfigDict's type check: the command line refuses these the same way
     try:
-      train.build_run(config)  # validation, data and mesh checks, tracing the model's init
+      steps.build_run(config)  # validation, data and mesh checks, tracing the model's init
       outcomes["ok"] += 1
     except HiertxError:
       outcomes["refused"] += 1

@@ -85,8 +85,7 @@ def test_retina_chunked_equals_dense(t, chunk):
 
 def test_retina_window_sizes_bound_what_a_chunk_reaches():
   """The static per-level windows hold every key any query of a chunk needs."""
-  attn = retina.RetinaAttention(None, retina.RetinaSpec(3, (2, 1, 2), 5, "chunked"))
-  sizes = attn.window_sizes()
+  sizes = retina.window_sizes(retina.RetinaSpec(3, (2, 1, 2), 5, "chunked"))
   t = jnp.arange(400)
   bounds = [np.asarray(b) for b in retina.region_bounds(t, 3, (2, 1, 2))]
   for q0 in range(0, 395, 5):

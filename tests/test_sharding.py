@@ -11,19 +11,19 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import ROOT
-from hiertx import data, evaluate, metrics, sharding, train
+from hiertx import data, evaluate, metrics, sharding, steps, train
 from hiertx.errors import ConfigError
 
 MESHES = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8, tensor=1),
           "d2f2t2": dict(data=2, fsdp=2, tensor=2)}
 
 
-def _losses(config, devices, steps=2):
-  run = train.build_run(config, devices)
+def _losses(config, devices, n_steps=2):
+  run = steps.build_run(config, devices)
   state = run.init(jax.random.PRNGKey(0))
   batches = data.train_batches(config.data, config.data.batch_size)
   out = []
-  for _ in range(steps):
+  for _ in range(n_steps):
     state, m = run.train_step(state, run.put_batch(next(batches)))
     out.append(float(m["train/loss"]))
   return out, state
@@ -69,7 +69,7 @@ def test_bad_meshes_fail_before_compiling(tiny_config, tmp_path):
       train.train_and_evaluate(config, str(tmp_path))
   config = tiny_config("vanilla", eval__batch_size=4)
   with pytest.raises(ConfigError, match="eval.batch_size"):
-    train.build_run(config)
+    steps.build_run(config)
 
 
 def test_checkpoint_restores_onto_other_meshes(tiny_config, tmp_path):

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from hiertx import checkpoint
 from hiertx import sweep
 from hiertx.errors import ConfigError
 
@@ -113,7 +114,7 @@ def test_rerun_resumes_an_interrupted_run(tmp_path):
   plan = json.loads((sweep_dir / "sweep.json").read_text())
   for run, state in zip(plan["runs"], ("interrupted", "finished")):
     os.makedirs(run["workdir"])
-    sweep.write_status(run["workdir"], state, step=2)
+    checkpoint.write_status(run["workdir"], state, step=2)
   out = _sweep(f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}", "--dry_run")
   lines = out.stdout.splitlines()
   assert any(line.startswith("# finished: ") and "num_heads-4" in line for line in lines)
@@ -160,9 +161,9 @@ def test_sigterm_stops_the_sweep_and_its_runs_resume(tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode != 0 and "sweep interrupted" in err and "stopped base" in out
-  status = sweep.read_status(str(sweep_dir / "base"))
+  status = checkpoint.read_status(str(sweep_dir / "base"))
   assert status["state"] == "interrupted" and 20 <= status["step"] < 100
   again = _sweep(f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}")
   assert again.returncode == 0 and "resume base" in again.stdout
   assert f"resumed at step {status['step']}" in log.read_text()
-  assert sweep.read_status(str(sweep_dir / "base"))["state"] == "finished"
+  assert checkpoint.read_status(str(sweep_dir / "base"))["state"] == "finished"

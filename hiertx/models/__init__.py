@@ -19,7 +19,7 @@ MODELS = {
 }
 
 
-def _resolved(model_cfg: Mapping[str, Any]) -> tuple[type, dict]:
+def resolve(model_cfg: Mapping[str, Any]) -> tuple[type, dict]:
   cfg = dict(model_cfg)
   name = cfg.pop("name", None)
   if name not in MODELS:
@@ -36,12 +36,13 @@ def _resolved(model_cfg: Mapping[str, Any]) -> tuple[type, dict]:
 
 def check(model_cfg: Mapping[str, Any], seq_len: int) -> None:
   """Validates a `config.model` section before anything is compiled."""
-  cls, cfg = _resolved(model_cfg)
+  cls, cfg = resolve(model_cfg)
   cls.check_config(cfg, seq_len)
 
 
 def build(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int) -> base.LanguageModel:
-  cls, cfg = _resolved(model_cfg)
+  """The model a `config.model` section describes, validated for `seq_len`."""
+  cls, cfg = resolve(model_cfg)
   cls.check_config(cfg, seq_len)
   cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
   return cls(vocab_size=vocab_size, **cfg)

@@ -4,18 +4,33 @@ A model maps tokens [B, T] (plus optional packing segment ids and positions)
 to next-token logits [B, T, V]. Hierarchical models need T to be a multiple
 of their total pooling factor: the base pads on the right and slices back,
 which is safe because padding only adds future positions.
+
+Beside the forward pass each model defines, from the same submodules, its
+incremental decoding (DESIGN.md section 5) and its workload for the analytic
+cost model:
+
+  init_cache(batch, capacity) -> state          empty caches (no parameters needed)
+  prefill(prompt_BxP, capacity) -> (state, logits_BxV)
+                                                 one forward pass over a prompt
+  step(state, token_B, t) -> (state, logits_BxV) fine position t
+  workload(seq_len) -> Workload                 what runs at which scale
+
+`hiertx.decode` calls these through `apply(..., method=...)`.
 """
 
 import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
-from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 
+from hiertx import attention as attention_lib
 from hiertx import layers
 from hiertx import scales
+from hiertx import workload as workload_lib
 from hiertx.errors import ConfigError
 
 POSITIONS = ("learned", "rotary", "none")
@@ -35,26 +50,39 @@ class LanguageModel(nn.Module):
   dtype: str = "float32"
   remat: str = "none"  # none | block | dots (hiertx.layers.REMAT_POLICIES)
   scan_layers: bool = False  # repeated blocks as one lax.scan, parameters stacked
+  attention: str = "blockwise"  # dense | blockwise | cudnn (hiertx.attention)
+  attention_q_chunk: int = 256
+  attention_k_chunk: int = 256
 
   @property
   def block_cfg(self) -> layers.BlockConfig:
-    return layers.BlockConfig(self.d_model, self.num_heads, self.mlp_dim,
-                              self.dropout, self.positions, self.dtype, self.remat,
-                              self.scan_layers)
+    return layers.BlockConfig(
+        self.d_model, self.num_heads, self.mlp_dim, self.dropout, self.positions, self.dtype,
+        self.remat, self.scan_layers,
+        attention_lib.AttentionConfig(self.attention, self.attention_q_chunk,
+                                  self.attention_k_chunk))
 
   @property
   def padded_vocab(self) -> int:
     """Tables are padded to a multiple of 128 so `vocab` splits evenly over devices."""
     return -(-self.vocab_size // 128) * 128
 
-  def length_multiple(self) -> int:
-    """Sequence lengths are padded to a multiple of this (k^S for hierarchies)."""
+  def pooling_multiple(self) -> int:
+    """The total pooling factor (k^S): a document starting at a multiple of
+    it is grouped exactly as it would be alone (DESIGN.md section 7)."""
     return 1
+
+  def length_multiple(self) -> int:
+    """Sequence lengths are padded to a multiple of this."""
+    return self.pooling_multiple()
+
+  def setup(self):
+    self.embed = layers.Embed(self.padded_vocab, self.block_cfg, self.max_len)
+    self.head = layers.Head(self.padded_vocab, self.block_cfg)
 
   def body(self, x_BxTxD: jax.Array, fine: scales.Scale, deterministic: bool) -> jax.Array:
     raise NotImplementedError
 
-  @nn.compact
   def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None,
                deterministic: bool = True):
     b, t = tokens_BxT.shape
@@ -65,27 +93,119 @@ class LanguageModel(nn.Module):
     m = self.length_multiple()
     tokens_BxP = scales.pad_to_multiple(tokens_BxT, m)
     seg_BxP = scales.pad_to_multiple(segment_ids_BxT.astype(jnp.int32), m)
-    pos_BxP = jnp.minimum(scales.pad_to_multiple(positions_BxT, m), self.max_len - 1)
-    x_BxPxD = layers.Embed(self.padded_vocab, self.block_cfg, self.max_len, name="embed")(
-        tokens_BxP, pos_BxP, deterministic)
+    pos_BxP = scales.pad_to_multiple(positions_BxT, m)
+    x_BxPxD = self.embed(tokens_BxP, pos_BxP, deterministic)
     # A zero-cost hook: tests differentiate outputs w.r.t. the input embeddings.
     x_BxPxD = self.perturb("embeddings", x_BxPxD)
     h_BxPxD = self.body(x_BxPxD, scales.fine_scale(seg_BxP), deterministic)
-    logits_BxPxV = layers.Head(self.padded_vocab, self.block_cfg, name="head")(h_BxPxD)
-    return logits_BxPxV[:, :t, :self.vocab_size]
+    return self.head(h_BxPxD)[:, :t, :self.vocab_size]
+
+  # --------------------------------------------------------------------------
+  # Decoding (DESIGN.md section 5).
+
+  def decode_capacity(self, capacity: int) -> int:
+    """Fine positions a cache must hold: `capacity` rounded up to the length multiple."""
+    m = self.length_multiple()
+    return -(-capacity // m) * m
+
+  def init_cache(self, batch: int, capacity: int) -> Any:
+    raise NotImplementedError
+
+  def step(self, state, token_B, t) -> tuple[Any, jax.Array]:
+    raise NotImplementedError
+
+  def prompt_state(self, p: int, capacity: int) -> Any:
+    """The decoding state after a forward pass over a prompt of `p` tokens,
+    from what that pass `remember`ed."""
+    raise NotImplementedError
+
+  def prefill(self, prompt_BxP, capacity: int):
+    """Caches for positions 0 .. P-1 from one parallel forward pass, and the
+    logits predicting position P."""
+    b, p = prompt_BxP.shape
+    logits_BxPxV = self(prompt_BxP)
+    state = self.prompt_state(p, capacity)
+    # The same buffers (shapes, dtypes) as init_cache, so steps continue from either.
+    like = jax.eval_shape(lambda: self.init_cache(b, capacity))
+    state = jax.tree_util.tree_map(lambda x, ref: jnp.broadcast_to(x, ref.shape).astype(
+        ref.dtype), state, like)
+    return state, logits_BxPxV[:, -1]
+
+  def logits_at(self, x_BxD) -> jax.Array:
+    """Next-token logits [B, V] (float32) of one position's final state."""
+    return self.head(x_BxD)[:, :self.vocab_size].astype(jnp.float32)
+
+  def hidden(self, batch: int, slots: int) -> jax.Array:
+    """An empty cache of per-position states, [B, slots, D]."""
+    return jnp.zeros((batch, slots, self.d_model), self.block_cfg.jnp_dtype)
+
+  # --------------------------------------------------------------------------
+  # Analytic cost (hiertx.cost).
+
+  def workload(self, seq_len: int) -> workload_lib.Workload:
+    """Every block the model runs at `seq_len` (padded to its length multiple)."""
+    t = self.decode_capacity(seq_len)
+    return workload_lib.Workload(t, tuple(b for b in self.blocks_at(t) if b.count),
+                             self.extra_params())
+
+  def blocks_at(self, t: int) -> list[workload_lib.Blocks]:
+    raise NotImplementedError
+
+  def extra_params(self) -> int:
+    """Parameters outside blocks, embedding and head (pooling, scale embeddings)."""
+    return 0
+
+  def self_attention(self, name: str, count: int, length: int, factor: int,
+                     stacked: bool = True) -> workload_lib.Blocks:
+    """`count` self-attention blocks over `length` vectors of a scale of `factor`."""
+    ends = np.arange(length) * factor
+    return workload_lib.Blocks(name, count, length, length, length,
+                               attention_lib.score_count(ends, ends, self.block_cfg.attention),
+                               self.map_keys(length), stacked=stacked)
+
+  def cross_attention(self, name: str, q_end, k_end) -> workload_lib.Blocks:
+    """One cross block from queries ending at `q_end` to keys ending at `k_end`."""
+    return workload_lib.Blocks(name, 1, len(q_end), len(k_end), len(k_end),
+                               attention_lib.score_count(np.asarray(q_end), np.asarray(k_end),
+                                                         self.block_cfg.attention),
+                               self.map_keys(len(k_end)), cross=True, stacked=False)
+
+  def map_keys(self, keys: int) -> int:
+    """Keys per query in a kept attention map (see workload.Blocks)."""
+    return keys if self.attention == "dense" else 0
+
+  def scale_change(self, s: int, k: int, fine_len: int, factor: int, pooling: str,
+                   upsampling: str | None) -> list[workload_lib.Blocks]:
+    """The attention blocks of pooling scale s (`fine_len` vectors of `factor`)
+    by k, and of upsampling back, where those use attention."""
+    out = []
+    fine_end = np.arange(fine_len) * factor
+    if pooling == "attention":  # each group's mean over its own k members
+      groups = fine_len // k
+      # Tiny per-group maps ([1, k]); the blockwise path keeps none either way.
+      out.append(workload_lib.Blocks(f"pool_{s + 1}", 1, groups, k, fine_len, groups * k,
+                                     self.map_keys(k), cross=True, stacked=False))
+    if upsampling == "attention":
+      out.append(self.cross_attention(f"upsample_{s}", fine_end, fine_end[::k]))
+    return out
+
+  # --------------------------------------------------------------------------
+  # Configuration.
 
   @classmethod
   def check_config(cls, cfg: Mapping[str, Any], seq_len: int) -> None:
     """Raises ConfigError naming the first field that cannot work."""
-    _positive(cfg, "d_model", "num_heads", "mlp_dim", "max_len")
+    positive(cfg, "d_model", "num_heads", "mlp_dim", "max_len", "attention_q_chunk",
+              "attention_k_chunk")
     if cfg["d_model"] % cfg["num_heads"]:
       raise ConfigError("model.num_heads", f"{cfg['num_heads']} does not divide "
                         f"model.d_model={cfg['d_model']}")
     if not 0.0 <= cfg["dropout"] < 1.0:
       raise ConfigError("model.dropout", f"must be in [0, 1), got {cfg['dropout']}")
-    _choice(cfg, "positions", POSITIONS)
-    _choice(cfg, "dtype", DTYPES)
-    _choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
+    choice(cfg, "positions", POSITIONS)
+    choice(cfg, "dtype", DTYPES)
+    choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
+    choice(cfg, "attention", attention_lib.KINDS)
     if not isinstance(cfg["scan_layers"], bool):
       raise ConfigError("model.scan_layers", f"must be True or False, got {cfg['scan_layers']!r}")
     if cfg["remat"] != "none" and not cfg["scan_layers"]:
@@ -104,21 +224,14 @@ def field_names(cls) -> set[str]:
   return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
 
 
-def _positive(cfg, *names):
+def positive(cfg, *names):
   for n in names:
     v = cfg[n]
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:
       raise ConfigError(f"model.{n}", f"must be a positive integer, got {v!r}")
 
 
-def _non_negative(cfg, *names):
-  for n in names:
-    v = cfg[n]
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-      raise ConfigError(f"model.{n}", f"must be a non-negative integer, got {v!r}")
-
-
-def _choice(cfg, name, options):
+def choice(cfg, name, options):
   if cfg[name] not in options:
     raise ConfigError(f"model.{name}", f"{cfg[name]!r} is not one of {options}")
 
@@ -145,3 +258,17 @@ def check_pooling_fits(field: str, total_factor: int, seq_len: int) -> None:
   if total_factor > seq_len:
     raise ConfigError(field, f"total pooling factor {total_factor} exceeds data.seq_len="
                       f"{seq_len}: the coarsest scale would only ever summarise token 0")
+
+
+def ends(slots: int, factor: int) -> np.ndarray:
+  """End positions of the slots of a cache at a scale of `factor`."""
+  return np.arange(slots, dtype=np.int32) * factor
+
+
+def when(pred, fn, state):
+  """`fn(state)` if `pred` else `state` (a coarse position completes only every K steps)."""
+  return jax.lax.cond(pred, fn, lambda s: s, state)
+
+
+def set_at(items: list, i: int, value) -> list:
+  return [*items[:i], value, *items[i + 1:]]

@@ -5,6 +5,12 @@
 Up is repeat, per-offset linear, or cross-attention under the scale mask.
 Blocks_0 needs at least one block: it is the only place the tokens a coarse
 state is stale on can be seen.
+
+Decoding state (DESIGN.md section 5), per scale s with K_s = prod(k[:s]):
+  e[s]  pooled embeddings, z[s] stack outputs   [B, C / K_s, D]
+  kv[s] the stack's key/value caches            [N_s, B, C / K_s, H, K]
+  up[s] attention upsampling's keys/values of z[s+1]
+Scale s gains a position when fine position t is a multiple of K_s.
 """
 
 import math
@@ -21,25 +27,115 @@ class TopDownLM(base.LanguageModel):
   pooling: str = "mean"
   upsampling: str = "repeat"
 
-  def length_multiple(self) -> int:
+  @property
+  def top(self) -> int:
+    return len(self.pool_factors)
+
+  def factor(self, s: int) -> int:
+    """K_s: fine positions per position of scale s."""
+    return math.prod(self.pool_factors[:s])
+
+  def pooling_multiple(self) -> int:
     return math.prod(self.pool_factors)
 
-  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
+  def setup(self):
+    super().setup()
     c = self.block_cfg
+    self.pool = {str(s): scales.Pool(self.pooling, k, c)
+                 for s, k in enumerate(self.pool_factors, start=1)}
+    self.scale = {str(s): layers.Stack(c, n) for s, n in enumerate(self.layers_per_scale)}
+    self.upsample = {str(s): scales.Upsample(self.upsampling, k, c)
+                     for s, k in enumerate(self.pool_factors)}
+
+  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
     embeds, grid = [x_BxTxD], [fine]
     for s, k in enumerate(self.pool_factors, start=1):
-      embeds.append(scales.Pool(self.pooling, k, c, name=f"pool_{s}")(
-          embeds[-1], grid[-1], deterministic))
+      embeds.append(self.pool[str(s)](embeds[-1], grid[-1], deterministic))
       grid.append(scales.coarser(grid[-1], k))
-    top = len(self.pool_factors)
-    z = layers.Stack(c, self.layers_per_scale[top], name=f"scale_{top}")(
-        embeds[top], scales.mask(grid[top], grid[top]), grid[top].end_L, deterministic)
-    for s in range(top - 1, -1, -1):
-      x = scales.Upsample(self.upsampling, self.pool_factors[s], c, name=f"upsample_{s}")(
-          embeds[s], z, grid[s], grid[s + 1], deterministic)
-      z = layers.Stack(c, self.layers_per_scale[s], name=f"scale_{s}")(
-          x, scales.mask(grid[s], grid[s]), grid[s].end_L, deterministic)
+    z = None
+    for s in range(self.top, -1, -1):
+      x = embeds[s]
+      if s < self.top:
+        x = self.upsample[str(s)](x, z, grid[s], grid[s + 1], deterministic)
+      z = self.scale[str(s)](x, grid[s], deterministic)
+      layers.remember(self, f"e_{s}", embeds[s])
+      layers.remember(self, f"z_{s}", z)
     return z
+
+  # Decoding -------------------------------------------------------------------
+
+  def init_cache(self, batch, capacity):
+    slots = [capacity // self.factor(s) for s in range(self.top + 1)]
+    attention_up = self.upsampling == "attention"
+    return {"e": [self.hidden(batch, n) for n in slots],
+            "z": [self.hidden(batch, n) for n in slots],
+            "kv": [layers.KV.empty(self.block_cfg, n, batch, slots[s])
+                   for s, n in enumerate(self.layers_per_scale)],
+            "up": [layers.KV.empty(self.block_cfg, batch, slots[s + 1])
+                   for s in range(self.top)] if attention_up else []}
+
+  def step(self, state, token_B, t):
+    state = {k: list(v) for k, v in state.items()}
+    state["e"][0] = state["e"][0].at[:, t].set(self.embed.step(token_B, t))
+
+    def pooled(s):  # e_s at its new index, from e_{s-1}
+      def fn(st):
+        g = t // self.factor(s)
+        e = self.pool[str(s)].step(st["e"][s - 1], g)
+        return dict(st, e=base.set_at(st["e"], s, st["e"][s].at[:, g].set(e)))
+      return fn
+
+    def run_scale(s):  # z_s at its new index
+      def fn(st):
+        g, end = t // self.factor(s), (t // self.factor(s)) * self.factor(s)
+        x = st["e"][s][:, g]
+        if s < self.top:
+          coarse_end = base.ends(st["z"][s + 1].shape[1], self.factor(s + 1))
+          x = self.upsample[str(s)].step(x, st["z"][s + 1], g, end,
+                                         st["up"][s] if st["up"] else None, coarse_end)
+        x, kv = self.scale[str(s)].step(x, st["kv"][s], g, end)
+        st = dict(st, z=base.set_at(st["z"], s, st["z"][s].at[:, g].set(x)),
+                  kv=base.set_at(st["kv"], s, kv))
+        if st["up"] and s > 0:  # the scale below reads z_s by attention
+          up = st["up"][s - 1].set(g, self.upsample[str(s - 1)].coarse_keys(x, end))
+          st = dict(st, up=base.set_at(st["up"], s - 1, up))
+        return st
+      return fn
+
+    for s in range(1, self.top + 1):
+      state = base.when(t % self.factor(s) == 0, pooled(s), state)
+    for s in range(self.top, 0, -1):
+      state = base.when(t % self.factor(s) == 0, run_scale(s), state)
+    state = run_scale(0)(state)
+    return state, self.logits_at(state["z"][0][:, t])
+
+  def prompt_state(self, p, capacity):
+    sown = self.variables[layers.DECODE]
+    slots = [capacity // self.factor(s) for s in range(self.top + 1)]
+    counts = [(p - 1) // self.factor(s) + 1 for s in range(self.top + 1)]
+    return {
+        "e": [layers.filled(sown[f"e_{s}"], slots[s], counts[s]) for s in range(self.top + 1)],
+        "z": [layers.filled(sown[f"z_{s}"], slots[s], counts[s]) for s in range(self.top + 1)],
+        "kv": [self.scale[str(s)].prompt_cache(slots[s], counts[s])
+               for s in range(self.top + 1)],
+        "up": [self.upsample[str(s)].block.prompt_keys(slots[s + 1], counts[s + 1])
+               for s in range(self.top)] if self.upsampling == "attention" else []}
+
+  # Cost ----------------------------------------------------------------------
+
+  def blocks_at(self, t):
+    lengths = [t // self.factor(s) for s in range(self.top + 1)]
+    out = [self.self_attention(f"scale_{s}", n, lengths[s], self.factor(s))
+           for s, n in enumerate(self.layers_per_scale)]
+    for s, k in enumerate(self.pool_factors):
+      out += self.scale_change(s, k, lengths[s], self.factor(s), self.pooling,
+                               self.upsampling)
+    return out
+
+  def extra_params(self):
+    d = self.d_model
+    return sum(k * d * d * ((self.pooling == "linear") + (self.upsampling == "linear"))
+               for k in self.pool_factors)
 
   @classmethod
   def check_config(cls, cfg, seq_len):
@@ -52,5 +148,6 @@ class TopDownLM(base.LanguageModel):
       raise ConfigError("model.layers_per_scale", "scale 0 needs at least one block after "
                         "the last upsampling: coarse states are stale by up to k^s - 1 "
                         f"tokens and only fine blocks can see them (got {per_scale})")
-    base._choice(cfg, "pooling", scales.POOLINGS)
-    base._choice(cfg, "upsampling", scales.UPSAMPLINGS)
+    base.choice(cfg, "pooling", scales.POOLINGS)
+    base.choice(cfg, "upsampling", scales.UPSAMPLINGS)
+

@@ -1,0 +1,127 @@
+r"""Profiles of training steps, and a summary of where their time goes.
+
+`--config.train.profile_steps=N,M` traces steps N to M (inclusive) with
+`jax.profiler` into `<workdir>/profile/`: an XPlane trace TensorBoard's
+profile plugin reads, and a Perfetto trace (`perfetto_trace.json.gz`,
+ui.perfetto.dev). Then
+
+  python -m hiertx.profiling --workdir=W [--top=5]
+
+prints the ops that took the most time in the traced steps, summed over
+every occurrence (XLA:CPU names ops after the fusions and thunks it ran).
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+
+import jax
+from absl import app, flags
+
+from hiertx.errors import ConfigError, HiertxError
+
+
+def parse_steps(spec) -> tuple[int, int] | None:
+  """'N,M' (or a pair) -> (N, M); '' or None -> None."""
+  if spec in ("", None):
+    return None
+  parts = spec.split(",") if isinstance(spec, str) else list(spec)
+  try:
+    first, last = (int(p) for p in parts)
+  except (TypeError, ValueError):
+    raise ConfigError("train.profile_steps", f"{spec!r} is not 'N,M' (first and last "
+                      "step to trace, e.g. '10,12')") from None
+  if not 1 <= first <= last:
+    raise ConfigError("train.profile_steps", f"needs 1 <= N <= M, got {spec!r}")
+  return first, last
+
+
+class StepTrace:
+  """Starts a trace before step N and stops it after step M has finished."""
+
+  def __init__(self, spec, workdir: str, active: bool = True):
+    self.steps = parse_steps(spec) if active else None
+    self.dir = os.path.join(workdir, "profile")
+    self.on = False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0] and not self.on:
+      jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+      self.on = True
+
+  def after(self, step: int, outputs) -> None:
+    if self.on and step >= self.steps[1]:
+      jax.block_until_ready(outputs)
+      self.close()
+      print(f"profile of steps {self.steps[0]}-{step} written to {self.dir}; summary: "
+            f"python -m hiertx.profiling --workdir={os.path.dirname(self.dir)}", flush=True)
+
+  def close(self) -> None:
+    if self.on:
+      jax.profiler.stop_trace()
+      self.on = False
+
+
+def newest_trace(workdir: str) -> str:
+  paths = glob.glob(os.path.join(workdir, "profile", "**", "*perfetto_trace.json.gz"),
+                    recursive=True)
+  if not paths:
+    raise HiertxError(f"no profile under {workdir}/profile; train with "
+                      "--config.train.profile_steps=N,M first")
+  return max(paths, key=os.path.getmtime)
+
+
+def top_ops(path: str, top: int = 5) -> tuple[list[tuple[str, float, int]], float]:
+  """[(op name, total ms, count)] of the `top` ops by total time, and the
+  total ms of all ops, from a Perfetto trace. Only ops count: events on an
+  accelerator's streams, or on XLA:CPU's execution threads, less the
+  executor's own wrappers; Python and runtime bookkeeping do not."""
+  with gzip.open(path, "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  process = {e["pid"]: e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+  thread = {(e["pid"], e.get("tid")): e["args"].get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name"}
+
+  def is_op(e) -> bool:
+    where = thread.get((e["pid"], e.get("tid")), "")
+    on_device = "/device:" in process.get(e["pid"], "")
+    return (on_device or "XLA" in where) and not e.get("name", "").startswith(_WRAPPERS)
+
+  totals, counts = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e and is_op(e):
+      totals[e["name"]] += e["dur"] / 1000.0
+      counts[e["name"]] += 1
+  return ([(n, ms, counts[n]) for n, ms in totals.most_common(top)],
+          sum(totals.values()))
+
+
+_WRAPPERS = ("ThunkExecutor", "PjRt", "PjitFunction", "np.asarray", "Thunk::")
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A workdir trained with train.profile_steps.",
+                      required=True)
+  flags.DEFINE_integer("top", 5, "How many ops to list.")
+
+
+def main(argv):
+  del argv
+  try:
+    path = newest_trace(flags.FLAGS.workdir)
+    ops, total = top_ops(path, flags.FLAGS.top)
+  except HiertxError as e:
+    sys.exit(f"error: {e}")
+  print(f"{path}\n{total:,.1f} ms of ops in the traced steps; the top {len(ops)}:")
+  for name, ms, n in ops:
+    print(f"  {ms:10,.1f} ms  {ms / max(total, 1e-9):6.1%}  x{n:<5d} {name}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,223 @@
+"""A run built from a config: the model, mesh, shardings and jitted step
+functions, shared by training, evaluation, generation and the benchmarks.
+
+  run = build_run(config)              # validated; nothing allocated yet
+  state = run.init(rng)                # sharded on the mesh
+  state, metrics = run.train_step(state, run.put_batch(batch))
+  run.evaluate(state.params, batches)  # loss, perplexity, bits per byte
+
+Step functions are pure and module-level; `build_run` jits them with
+in/out shardings and donation.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hiertx import config as config_lib
+from hiertx import cost
+from hiertx import data
+from hiertx import metrics
+from hiertx import models
+from hiertx import optimizer
+from hiertx import sharding
+from hiertx import tasks
+from hiertx.errors import ConfigError
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------
+# Pure step functions.
+
+
+def token_nll(logits_BxTxV, targets_BxT):
+  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
+
+
+def apply_model(model, params, batch, deterministic=True, rngs=None):
+  return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                     batch["positions"], deterministic=deterministic, rngs=rngs)
+
+
+def train_step(state: TrainState, batch, *, model, tx, seed: int, skip_nonfinite: bool = False):
+  """One optimizer step; returns the new state and scalar metrics.
+
+  With `skip_nonfinite`, a step whose loss or gradients are not finite leaves
+  parameters and optimizer state unchanged (the step counter still advances).
+  """
+  rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+
+  def loss_fn(params):
+    logits = apply_model(model, params, batch, deterministic=False, rngs={"dropout": rng})
+    w = batch["weights"].astype(jnp.float32)
+    return (token_nll(logits, batch["targets"]) * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  if skip_nonfinite:
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(ok, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  return new, {"train/loss": loss, "train/grad_norm": grad_norm}
+
+
+def eval_step(params, batch, *, model, bytes_V):
+  """Sums over a batch: nll (nats), scored tokens, and the bytes they stand for."""
+  logits = apply_model(model, params, batch)
+  w = batch["weights"].astype(jnp.float32)
+  return {"nll": (token_nll(logits, batch["targets"]) * w).sum(),
+          "tokens": w.sum(),
+          "bytes": (bytes_V[batch["targets"]] * w).sum()}
+
+
+def summarize_eval(sums: dict) -> dict:
+  loss = sums["nll"] / max(sums["tokens"], 1.0)
+  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
+          "eval/bits_per_byte": sums["nll"] / (math.log(2) * max(sums["bytes"], 1.0)),
+          "eval/tokens": sums["tokens"]}
+
+
+# ----------------------------------------------------------------------------
+# Building a run.
+
+
+@dataclasses.dataclass(frozen=True)
+class _InMesh:
+  """A jitted function called (and lowered) under its mesh and logical axis rules."""
+
+  fn: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+
+  def __call__(self, *args):
+    with jax.sharding.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.sharding.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.fn.lower(*args)
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built from a config: the model, mesh, shardings and jitted steps."""
+
+  config: Any
+  mesh: jax.sharding.Mesh
+  model: models.base.LanguageModel
+  vocab: Any
+  tx: optax.GradientTransformation
+  state_shardings: Any
+  abstract_state: Any  # ShapeDtypeStructs carrying shardings
+  init: Any
+  train_step: Any
+  eval_step: Any
+
+  def put_batch(self, batch: dict) -> dict:
+    s = sharding.batch_sharding(self.mesh)
+    return {k: jax.make_array_from_process_local_data(s, v) for k, v in batch.items()}
+
+  def evaluate(self, params, batches) -> dict:
+    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for b in batches:
+      out = jax.device_get(self.eval_step(params, self.put_batch(b)))
+      for k in sums:
+        sums[k] += float(out[k])
+    return summarize_eval(sums)
+
+
+def build_run(config, devices=None) -> Run:
+  """Validates the config and builds the sharded model and step functions.
+
+  `devices` (default: all) lets tests and tools use part of the machine.
+  """
+  config_lib.validate(config)
+  data.check_data(config.data)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  par = sharding.batch_parallelism(mesh)
+  for section in ("data", "eval"):
+    if config[section].batch_size % par:
+      raise ConfigError(f"{section}.batch_size", f"{config[section].batch_size} is not "
+                        f"divisible by the data-parallel size {par} (mesh.data x mesh.fsdp)")
+  vocab = tasks.vocabulary(config.data.vocab)
+  model = models.build(config.model, vocab.vocab_size, config.data.seq_len)
+  tx = optimizer.make(config.train)
+  rules = sharding.rules(config.sharding)
+  seq = config.data.seq_len
+
+  def init_boxed(rng):
+    tokens = jnp.zeros((1, seq), jnp.int32)
+    params = model.init(rng, tokens)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+  state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  abstract_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.unbox(abstract_boxed), state_shardings)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_s = sharding.batch_sharding(mesh)
+
+  def in_mesh(fn):
+    # Tracing (first call or .lower) must see the mesh and the logical rules.
+    return _InMesh(fn, mesh, rules)
+
+  init = in_mesh(jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings))
+  step = in_mesh(jax.jit(functools.partial(train_step, model=model, tx=tx, seed=config.train.seed,
+                                           skip_nonfinite=config.train.max_nonfinite_skips > 0),
+                         in_shardings=(state_shardings, batch_s),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0))
+  bytes_V = jnp.asarray(tasks.token_bytes(vocab), jnp.float32)
+  evals = in_mesh(jax.jit(functools.partial(eval_step, model=model, bytes_V=bytes_V),
+                          in_shardings=(state_shardings.params, batch_s),
+                          out_shardings=replicated))
+  return Run(config, mesh, model, vocab, tx, state_shardings, abstract_state, init, step, evals)
+
+
+def batch_spec(config, run: Run) -> dict:
+  shape = (config.data.batch_size, config.data.seq_len)
+  s = sharding.batch_sharding(run.mesh)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s)
+          for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
+
+
+def compile_train_step(run: Run, config):
+  """Compiles the train step ahead of time (no device memory used).
+
+  Returns the executable, which the loop then calls (so the step is compiled
+  once), and the once-per-run numbers read from it.
+  """
+  compiled = run.train_step.lower(run.abstract_state, batch_spec(config, run)).compile()
+  return compiled, compiled_facts(compiled, run)
+
+
+def compiled_facts(compiled, run: Run) -> dict:
+  """XLA memory analysis and FLOPs of a compiled train step, next to the
+  analytic prediction (`hiertx.cost`) of both."""
+  facts = metrics.xla_memory(compiled)
+  flops = metrics.xla_flops(compiled)
+  # XLA's cost analysis counts a loop body once, not once per iteration, so
+  # its FLOPs are only meaningful for unrolled blocks.
+  if flops is not None and not run.config.model.scan_layers:
+    facts["flops/step_xla_per_device"] = flops  # one partition of the SPMD program
+    facts["flops/step_xla"] = flops * run.mesh.size
+  facts.update(cost.predict(run.config, run.vocab.vocab_size))
+  return facts
