@@ -1,6 +1,8 @@
 r"""Gathers a sweep's runs into one report: a markdown table (one row per run,
-failed and unfinished runs flagged, not dropped), a table averaged over
-seeds, and PNG plots (loss curves; bits per byte vs XLA peak memory).
+failed and unfinished runs flagged, not dropped; memory relative to the
+vanilla runs; the Pareto front of memory against bits per byte), a table
+averaged over seeds, and PNG plots (loss curves; bits per byte against XLA
+peak memory and against training speed).
 
   python launch/report.py --sweep_dir=/tmp/hiertx_sweeps/compare-paper_claim
 
@@ -34,7 +36,7 @@ def load_run(run: dict) -> dict:
   workdir = run["workdir"]
   status = checkpoint.read_status(workdir)
   row = {"name": run["name"], "overrides": run["overrides"], "state": status["state"],
-         "error": status.get("error", ""), "params": None, "xla_peak_bytes": NAN,
+         "error": status.get("error", ""), "model": "", "params": None, "xla_peak_bytes": NAN,
          "analytic_peak_bytes": NAN, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,
          "best_bpb": NAN, "final_perplexity": NAN, "train_curve": [], "eval_curve": []}
   path = os.path.join(workdir, "metrics.jsonl")
@@ -44,7 +46,9 @@ def load_run(run: dict) -> dict:
   facts = {}
   if os.path.exists(os.path.join(workdir, "run_info.json")):
     with open(os.path.join(workdir, "run_info.json")) as f:
-      facts = json.load(f)["facts"]
+      info = json.load(f)
+    facts = info["facts"]
+    row["model"] = info["config"]["model"]["name"]
   speeds = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]
   evals = [r for r in rows if "eval/bits_per_byte" in r]
   row.update(
@@ -76,14 +80,25 @@ def _status_text(r: dict) -> str:
   return f"**{r['state'].upper()}** (step {r['step']})"
 
 
+def vanilla_memory(rows: list[dict]) -> float:
+  """Mean XLA peak of the vanilla runs (the baseline of every ratio), or NaN."""
+  base = [r["xla_peak_bytes"] for r in rows if r["model"] == "vanilla"
+          and math.isfinite(r["xla_peak_bytes"])]
+  return statistics.mean(base) if base else NAN
+
+
 def run_table(rows: list[dict]) -> str:
+  base = vanilla_memory(rows)
+  front = report_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in rows])
   return report_lib.markdown_table(
-      ["run", "overrides", "status", "params", "XLA peak MiB", "analytic MiB", "tokens/s",
-       "final bits/byte", "best bits/byte", "final perplexity"],
+      ["run", "overrides", "status", "params", "XLA peak MiB", "memory / vanilla",
+       "analytic MiB", "tokens/s", "final bits/byte", "best bits/byte", "final perplexity",
+       "Pareto"],
       [[r["name"], _overrides_text(r["overrides"]), _status_text(r),
         r["params"] if r["params"] is not None else "", r["xla_peak_bytes"] / 2**20,
-        r["analytic_peak_bytes"] / 2**20, r["tokens_per_s"], r["final_bpb"], r["best_bpb"],
-        r["final_perplexity"]] for r in rows])
+        r["xla_peak_bytes"] / base, r["analytic_peak_bytes"] / 2**20, r["tokens_per_s"],
+        r["final_bpb"], r["best_bpb"], r["final_perplexity"], "*" if f else ""]
+       for r, f in zip(rows, front)])
 
 
 def seed_table(rows: list[dict]) -> str | None:
@@ -96,8 +111,7 @@ def seed_table(rows: list[dict]) -> str | None:
     groups.setdefault(key, []).append(r)
   if not groups or all(len(g) == 1 for g in groups.values()):
     return None
-  base = next((g for k, g in groups.items() if "model=vanilla" in k), None)
-  base_mem = statistics.mean(r["xla_peak_bytes"] for r in base) if base else NAN
+  base_mem = vanilla_memory(rows)
   out = []
   for key, g in groups.items():
     bpb = [r["final_bpb"] for r in g]
@@ -134,18 +148,22 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
   fig.savefig(curves, dpi=110)
   plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(7, 5))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   done = [r for r in rows if math.isfinite(r["final_bpb"]) and math.isfinite(r["xla_peak_bytes"])]
   front = report_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in done])
-  for r, f in zip(done, front):
-    x = r["xla_peak_bytes"] / 2**20
-    ax.scatter(x, r["final_bpb"], marker="*" if f else ("o" if r["state"] == "finished" else "x"),
-               s=120 if f else 40)
-    ax.annotate(r["name"], (x, r["final_bpb"]), fontsize=7, xytext=(4, 3),
-                textcoords="offset points")
-  ax.set(xlabel="XLA peak train-step memory (MiB)", ylabel="final validation bits per byte",
-         title="bits/byte vs memory (* Pareto front, x unfinished)")
-  ax.grid(alpha=0.3)
+  for ax, key, label in ((axes[0], "xla_peak_bytes", "XLA peak train-step memory (MiB)"),
+                         (axes[1], "tokens_per_s", "training tokens/s")):
+    for r, f in zip(done, front):
+      x = r[key] / 2**20 if key == "xla_peak_bytes" else r[key]
+      ax.scatter(x, r["final_bpb"],
+                 marker="*" if f else ("o" if r["state"] == "finished" else "x"),
+                 s=120 if f else 40)
+      ax.annotate(r["name"], (x, r["final_bpb"]), fontsize=7, xytext=(4, 3),
+                  textcoords="offset points")
+    ax.set(xlabel=label, ylabel="final validation bits per byte")
+    ax.grid(alpha=0.3)
+  axes[0].set_title("bits/byte vs memory (* Pareto front, x unfinished)")
+  axes[1].set_title("bits/byte vs speed")
   fig.tight_layout()
   scatter = os.path.join(out_dir, "bpb_vs_memory.png")
   fig.savefig(scatter, dpi=110)

@@ -2,8 +2,11 @@
 
 import os
 
+# No excess precision: a bfloat16 value is rounded wherever the program says so,
+# whatever XLA fuses, so the bfloat16 decoding test compares like with like.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           + " --xla_allow_excess_precision=false").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the session, shared by the xdist workers
 # and the trainer processes tests start: the same tiny train steps are compiled

@@ -12,7 +12,6 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench  # noqa: E402
 import decode_bench  # noqa: E402
 import memory_depth  # noqa: E402
-import pareto  # noqa: E402
 import seq_scaling  # noqa: E402
 
 
@@ -54,22 +53,6 @@ def test_bench_measures_mfu_against_a_peak():
     assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e11)
     assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_s"])
   assert "| top_down.py:size=tiny |" in bench.table(rows)
-
-
-def test_pareto_trains_compares_and_plots(tmp_path):
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_text("".join(f"to be or not to be, line {i}\n" for i in range(3000)))
-  specs = [os.path.join(ROOT, "configs", f"{m}.py:size=tiny") for m in ("vanilla", "top_down")]
-  rows = pareto.compare(specs, 4, str(corpus), ["data.seq_len=32"], str(tmp_path / "out"))
-  assert [r["model"] for r in rows] == ["vanilla", "top_down"]
-  assert all(r["step"] == 4 and r["final_bpb"] > 0 and r["xla_peak_bytes"] > 0 for r in rows)
-  text = pareto.write_report(rows, str(tmp_path / "out"), "tiny")
-  assert text.count("\n| ") == 3 and "memory / vanilla" in text
-  assert os.path.getsize(tmp_path / "out" / "pareto.png") > 10_000
-  saved = report.summarize(str(tmp_path / "out" / "top_down_size-tiny"))
-  assert saved["params"] == rows[1]["params"]
-  with pytest.raises(Exception):
-    pareto.compare(["/nonexistent.py"], 4, None, [], str(tmp_path / "bad"))
 
 
 def test_decode_bench_compares_cached_and_recomputed_generation():

@@ -8,11 +8,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hiertx import models
+from hiertx import models, scales
+from hiertx.models import retina
 from tiny_models import MODELS, model_cfg
 
 V = 23
-LENGTHS = (12, 13)  # 12 is divisible by every tiny model's k^S; 13 is not
+
+
+def lengths(key: str) -> tuple[int, int]:
+  """A length divisible by the model's pooling and one with remainder k^S - 1,
+  long enough that retina has several complete blocks at every level."""
+  m = models.build(model_cfg(key), V, 64).pooling_multiple()
+  if MODELS[key]["name"] == "retina":
+    return 20, 23
+  if m == 1:
+    return 12, 13
+  base = -(-12 // m) * m
+  return base, base + m - 1
+
+
+CASES = [(key, t) for key in sorted(MODELS) for t in lengths(key)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,8 +45,12 @@ def build(key, t, with_perturbations=False, **overrides):
   return model, variables["params"], tokens
 
 
-@pytest.mark.parametrize("t", LENGTHS)
-@pytest.mark.parametrize("key", sorted(MODELS))
+def changed(tokens, where):
+  """`tokens` with the positions in `where` (bool mask or index) set to other tokens."""
+  return jnp.where(where, tokens % (V - 1) + 1, tokens)
+
+
+@pytest.mark.parametrize("key,t", CASES)
 def test_prefix_invariance(key, t):
   """Changing x_j leaves outputs < j unchanged and changes the output at j."""
   model, params, tokens = build(key, t)
@@ -39,76 +58,91 @@ def test_prefix_invariance(key, t):
   base = apply(params, tokens)
   assert base.shape == (2, t, V)
   for j in range(t):
-    changed = tokens.at[:, j].set(tokens[:, j] % (V - 1) + 1)
-    out = apply(params, changed)
+    out = apply(params, changed(tokens, jnp.arange(t) == j))
     np.testing.assert_allclose(out[:, :j], base[:, :j], atol=1e-6, rtol=0,
                                err_msg=f"{key}: output before {j} changed")
     assert float(jnp.abs(out[:, j] - base[:, j]).max()) > 1e-4, f"{key}: output {j} ignores x_{j}"
 
 
-@pytest.mark.parametrize("t", LENGTHS)
-@pytest.mark.parametrize("key", sorted(MODELS))
-def test_jacobian_upper_triangle_is_exactly_zero(key, t):
-  """d out_t / d emb_j == 0 exactly for j > t, and != 0 for j == t."""
-  model, params, tokens, pert = build(key, t, with_perturbations=True)
+def _jacobian_norms(model, params, tokens, pert, name):
+  """|d logits_t / d perturbation[name]_j| summed over vocabulary and width: [T, L_name]."""
   tokens = tokens[:1]
   pert = jax.tree_util.tree_map(lambda x: x[:1], pert)
 
-  def logits_of(pert):
-    return model.apply({"params": params, "perturbations": pert}, tokens)[0]  # [T, V]
+  def logits_of(p):
+    return model.apply({"params": params, "perturbations": p}, tokens)[0]  # [T, V]
 
-  jac = jax.jit(jax.jacrev(logits_of))(pert)["embeddings"][:, :, 0, :t]  # [T, V, T, D]
-  norms = np.asarray(jnp.abs(jac).sum(axis=(1, 3)))  # [t_out, j_in]
-  upper = np.triu(norms, k=1)
-  assert np.all(upper == 0.0), f"{key}: future leaks into outputs at {np.argwhere(upper)}"
-  assert np.all(np.diag(norms) > 0), f"{key}: some output ignores its own input"
+  jac = jax.jit(jax.jacrev(logits_of))(pert)[name][:, :, 0]  # [T, V, L, D]
+  return np.asarray(jnp.abs(jac).sum(axis=(1, 3)))
+
+
+@pytest.mark.parametrize("key,t", CASES)
+def test_jacobian_is_exactly_causal_and_every_past_token_reaches(key, t):
+  """For every output position t and every input embedding j, padding included:
+  d out_t / d emb_j is exactly 0 for j > t and non-zero for every j <= t."""
+  model, params, tokens, pert = build(key, t, with_perturbations=True)
+  norms = _jacobian_norms(model, params, tokens, pert, "embeddings")  # [t, padded length]
+  assert norms.shape[1] >= t
+  future = np.triu(np.ones_like(norms, bool), k=1)
+  assert np.all(norms[future] == 0.0), f"{key}: future leaks at {np.argwhere(norms * future)}"
+  past = ~future
+  assert np.all(norms[past] > 0), f"{key}: past inputs not reaching {np.argwhere(past & (norms == 0))}"
+
+
+COARSE = ["bottom_up", "bottom_up_attn_pool", "top_down", "top_down_linear",
+          "top_down_attention", "hourglass", "hourglass_attention"]
+
+
+def _scale_factors(model) -> dict[str, int]:
+  """Perturbation name of each coarse scale -> its total pooling factor K_s."""
+  if isinstance(model, models.HourglassLM):
+    factors = model.levels[2]
+    return {f"coarse_{i}": f for i, f in enumerate(factors) if i}
+  return {f"coarse_{s}": model.factor(s) for s in range(1, len(model.pool_factors) + 1)}
+
+
+@pytest.mark.parametrize("key", COARSE)
+def test_coarse_vectors_are_used_as_soon_as_the_rule_allows(key):
+  """Output t depends on coarse vector g of scale s iff g <= floor(t / K_s): a
+  vector is used from the first position it may be (not one group staler) and
+  never earlier."""
+  t = lengths(key)[1]
+  model, params, tokens, pert = build(key, t, with_perturbations=True)
+  for name, k in _scale_factors(model).items():
+    norms = _jacobian_norms(model, params, tokens, pert, name)  # [t, coarse length]
+    allowed = np.arange(norms.shape[1])[None, :] <= np.arange(t)[:, None] // k
+    assert np.all(norms[~allowed] == 0.0), f"{key} {name}: used before its group ends"
+    assert np.all(norms[allowed] > 0), (
+        f"{key} {name}: unused where allowed at {np.argwhere(allowed & (norms == 0))}")
 
 
 @pytest.mark.parametrize("key", sorted(MODELS))
 def test_packed_documents_do_not_see_each_other(key):
-  """Changing document 1 leaves document 2's outputs unchanged, at every scale."""
-  t = 13
+  """Three documents, one a single token, boundaries off every pooling grid:
+  changing one document changes its own outputs and no other's."""
+  t = 17
   model, params, tokens = build(key, t)
-  # Document boundaries that do not line up with any pooling grid.
-  seg = jnp.array([[1] * 5 + [2] * 7 + [0], [1] * 7 + [2] * 6])
-  pos = jnp.array([list(range(5)) + list(range(7)) + [0], list(range(7)) + list(range(6))])
+  seg = jnp.array([[1] * 5 + [2] + [3] * 10 + [0],
+                   [1] * 7 + [2] * 9 + [3]])
+  starts = [[0, 5, 6, 16], [0, 7, 16, 17]]
+  pos = jnp.array([[i - max(s for s in st if s <= i) for i in range(t)] for st in starts])
   apply = jax.jit(lambda x: model.apply({"params": params}, x, seg, pos))
   base = apply(tokens)
-  doc1 = seg == 1
-  changed = jnp.where(doc1, tokens % (V - 1) + 1, tokens)
-  out = apply(changed)
-  doc2 = np.asarray(seg == 2)
-  np.testing.assert_allclose(np.asarray(out)[doc2], np.asarray(base)[doc2], atol=1e-6, rtol=0)
-  assert float(jnp.abs(out - base)[np.asarray(doc1)].max()) > 1e-4
+  for doc in (1, 2, 3):
+    inside = np.asarray(seg == doc)
+    out = apply(changed(tokens, seg == doc))
+    diff = np.asarray(jnp.abs(out - base).max(-1))
+    assert np.all(diff[(~inside) & (np.asarray(seg) != 0)] <= 1e-6), f"{key}: doc {doc} leaks"
+    assert np.all(diff[inside] > 1e-4), f"{key}: doc {doc}'s own outputs ignore it"
 
 
 def _zero_pools():
-  from hiertx import scales  # noqa: PLC0415
-
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if isinstance(context.module, scales.Pool) and context.method_name == "__call__":
       return jnp.zeros_like(out)
     return out
   return interceptor
-
-
-@pytest.mark.parametrize("key", ["bottom_up", "top_down", "hourglass", "bottom_up_attn_pool",
-                                 "hourglass_attention"])
-def test_coarse_path_is_used(key):
-  """Zeroing every pooled sequence changes the outputs."""
-  import flax.linen as nn  # noqa: PLC0415
-
-  model, params, tokens = build(key, 13)
-  base = jax.jit(model.apply)({"params": params}, tokens)
-
-  @jax.jit
-  def without_pools(params, tokens):
-    with nn.intercept_methods(_zero_pools()):
-      return model.apply({"params": params}, tokens)
-
-  cut = without_pools(params, tokens)
-  assert float(jnp.abs(cut - base)[:, 4:].max()) > 1e-4
 
 
 @pytest.mark.parametrize("impl", ["chunked", "dense"])
@@ -118,16 +152,58 @@ def test_retina_reaches_far_past_through_coarse_blocks(impl):
                                 implementation=impl)
   apply = jax.jit(model.apply)
   base = apply({"params": params}, tokens)
-  changed = apply({"params": params}, tokens.at[:, 0].set(tokens[:, 0] % (V - 1) + 1))
-  assert float(jnp.abs(changed - base)[:, 31].max()) > 1e-5
+  out = apply({"params": params}, changed(tokens, jnp.arange(32) == 0))
+  assert float(jnp.abs(out - base)[:, 31].max()) > 1e-5
 
 
-def test_vanilla_reaches_far_past():
-  model, params, tokens = build("vanilla", 13)
-  apply = jax.jit(model.apply)
-  base = apply({"params": params}, tokens)
-  changed = apply({"params": params}, tokens.at[:, 0].set(tokens[:, 0] % (V - 1) + 1))
-  assert float(jnp.abs(changed - base)[:, 12].max()) > 1e-5
+def _walk_regions(t: int, k: int, windows) -> list[list[int]]:
+  """Retina's key blocks for query t by walking back from t (independent of
+  `retina.region_bounds`): at level s take w_s blocks of k^s, then more until
+  the boundary sits on the grid of k^{s+1}; the coarsest level takes the rest.
+  Returns, per level, the end positions of its blocks."""
+  out, boundary = [], t
+  for s, w in enumerate(windows):
+    size, taken, level = k ** s, 0, []
+    while boundary >= 0 and (taken < w or boundary % (size * k)):
+      level.append(boundary)
+      boundary -= size
+      taken += 1
+    out.append(level)
+  size = k ** len(windows)
+  out.append(list(range(boundary - boundary % size, -1, -size)) if boundary >= 0 else [])
+  return out
+
+
+@pytest.mark.parametrize("k,windows", [(2, (3, 2)), (3, (1, 1, 2)), (4, (5,)), (2, (1,))])
+def test_retina_mask_is_the_enumerated_regions(k, windows):
+  """The mask retina's dense path uses (and its chunked path equals) selects
+  exactly the blocks an independent walk finds, and those cover [0, t] once."""
+  length = k ** len(windows) * 6
+  mask = retina.levels_mask(length, k, windows)
+  offsets = np.cumsum([0] + [length // k ** s for s in range(len(windows) + 1)])
+  for t in range(length):
+    regions = _walk_regions(t, k, windows)
+    covered = np.zeros(length, int)
+    for s, ends in enumerate(regions):
+      got = np.nonzero(mask[t, offsets[s]:offsets[s + 1]])[0] * k ** s
+      assert sorted(got) == sorted(ends), (t, s, sorted(got), sorted(ends))
+      for e in ends:
+        covered[max(0, e - k ** s + 1):e + 1] += 1
+    assert np.all(covered[:t + 1] == 1) and not covered[t + 1:].any(), t
+
+
+def test_zeroing_the_pooled_sequences_changes_the_outputs():
+  """The coarse path carries information in every hierarchical model."""
+  for key in COARSE:
+    model, params, tokens = build(key, lengths(key)[1])
+    base = jax.jit(model.apply)({"params": params}, tokens)
+
+    @jax.jit
+    def without_pools(params, tokens):
+      with nn.intercept_methods(_zero_pools()):
+        return model.apply({"params": params}, tokens)
+
+    assert float(jnp.abs(without_pools(params, tokens) - base)[:, 4:].max()) > 1e-4, key
 
 
 @pytest.mark.parametrize("key,scan", [("vanilla", False), ("retina", True),
@@ -160,7 +236,7 @@ def _stack_unrolled(tree):
 
 @pytest.mark.parametrize("key", ["bottom_up", "retina", "hourglass"])
 def test_scanned_blocks_compute_what_unrolled_blocks_do(key):
-  model, params, tokens = build(key, 13)
+  model, params, tokens = build(key, lengths(key)[1])
   scanned = models.build(model_cfg(key, scan_layers=True), V, 64)
   want = jax.jit(model.apply)({"params": params}, tokens)
   got = jax.jit(scanned.apply)({"params": _stack_unrolled(nn.unbox(params))}, tokens)

@@ -67,6 +67,7 @@ class BottomUpLM(base.LanguageModel):
       coarse = scales.coarser(grid[-1], k)
       h = self.pool[str(s)](h, grid[-1], deterministic)
       h = self.scale[str(s)](h, coarse, deterministic)
+      h = self.perturb(f"coarse_{s}", h)  # tests: gradients w.r.t. coarse states
       states.append(h)
       grid.append(coarse)
     for s, h in enumerate(states):

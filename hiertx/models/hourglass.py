@@ -79,6 +79,7 @@ class HourglassLM(base.LanguageModel):
       k = factors[i + 1] // factors[i]
       z = self.shorten[str(i)](x_BxLxD, grid, deterministic)
       z = self._level(z, scales.coarser(grid, k), i + 1, deterministic)
+      z = self.perturb(f"coarse_{i + 1}", z)  # tests: gradients w.r.t. coarse states
       x_BxLxD = self.upsample[str(i)](x_BxLxD, z, grid, scales.coarser(grid, k), deterministic)
       x_BxLxD = self.post[str(i)](x_BxLxD, grid, deterministic)
     layers.remember(self, f"z_{i}", x_BxLxD)

@@ -58,6 +58,8 @@ class TopDownLM(base.LanguageModel):
       if s < self.top:
         x = self.upsample[str(s)](x, z, grid[s], grid[s + 1], deterministic)
       z = self.scale[str(s)](x, grid[s], deterministic)
+      if s:
+        z = self.perturb(f"coarse_{s}", z)  # tests: gradients w.r.t. coarse states
       layers.remember(self, f"e_{s}", embeds[s])
       layers.remember(self, f"z_{s}", z)
     return z
