@@ -156,69 +156,112 @@ def _pad_len(x, n, value=0):
                  constant_values=value)
 
 
+# Up to this many chunk pairs are laid out one after another in the program
+# (XLA schedules and fuses across them freely); more run in a scan over query
+# chunks with a loop over each one's key chunks, so programs stay small at any
+# length.
+UNROLL_PAIRS = 16
+
+
+def _pair_scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j):
+  """Scaled, masked float32 scores [B, H, cq, ck] of one chunk pair."""
+  scale = q_i.shape[-1] ** -0.5
+  s = jnp.einsum("bqhk,bshk->bhqs", q_i, k_j, preferred_element_type=_F32) * scale
+  mask_BxQxS = (ke_j[None, :] <= qe_i[:, None])[None] & (qs_i[:, :, None] == ks_j[:, None, :])
+  return jnp.where(mask_BxQxS[:, None], s, -jnp.inf)
+
+
+def _forward_pair(st, q_i, qe_i, qs_i, k_j, v_j, ke_j, ks_j):
+  """The online softmax state (running max, running sum, accumulator) after
+  one more key chunk."""
+  m, l, acc = st
+  s = _pair_scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j)
+  m_new = jnp.maximum(m, s.max(-1))
+  m_safe = _finite_or_zero(m_new)
+  pr = jnp.exp(s - m_safe[..., None])
+  corr = jnp.exp(m - m_safe)  # m = -inf (nothing yet) gives 0
+  pv = jnp.einsum("bhqs,bshk->bqhk", pr.astype(v_j.dtype), v_j, preferred_element_type=_F32)
+  return m_new, l * corr + pr.sum(-1), acc * corr.transpose(0, 2, 1)[..., None] + pv
+
+
+def _backward_pair(q_i, do_i, lse_i, d_i, qe_i, qs_i, k_j, v_j, ke_j, ks_j):
+  """Gradient contributions of one chunk pair: (dq_i, dk_j, dv_j), float32,
+  before the 1/sqrt(K) score scale (applied once at the end)."""
+  pr = jnp.exp(_pair_scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j) - lse_i[..., None])
+  dp = jnp.einsum("bqhk,bshk->bhqs", do_i, v_j, preferred_element_type=_F32)
+  ds = (pr * (dp - d_i[..., None])).astype(q_i.dtype)
+  return (jnp.einsum("bhqs,bshk->bqhk", ds, k_j, preferred_element_type=_F32),
+          jnp.einsum("bhqs,bqhk->bshk", ds, q_i, preferred_element_type=_F32),
+          jnp.einsum("bhqs,bqhk->bshk", pr.astype(do_i.dtype), do_i, preferred_element_type=_F32))
+
+
 def _blockwise_fn(p: Plan):
   """The custom-VJP attention for one static plan (closed over, not traced)."""
   cq, ck = p.q_chunk, p.k_chunk
-  nq = len(p.kcount)
+  nq, nk = len(p.kcount), len(p.k_end) // ck
+  unrolled = p.pairs <= UNROLL_PAIRS
   # Numpy here, converted inside each traced function: an array made in one
   # trace (e.g. under remat) must not leak into the backward pass's trace.
-  q_end_NxC = p.q_end.reshape(nq, cq)
+  q_end_NxC, k_end_MxC = p.q_end.reshape(nq, cq), p.k_end.reshape(nk, ck)
 
-  def chunks(x_BxQx, pad_value=0):
-    """[B, Q, ...] -> [nq, B, cq, ...], padded."""
-    x = _pad_len(x_BxQx, nq * cq, pad_value)
-    return x.reshape(x.shape[0], nq, cq, *x.shape[2:]).swapaxes(0, 1)
+  def pad(x, n, value=0):
+    return _pad_len(x, n, value)
 
-  def unchunk(x_NxBxCx):
-    x = x_NxBxCx.swapaxes(0, 1)
-    return x.reshape(x.shape[0], nq * cq, *x.shape[3:])[:, :p.q_len]
+  def split(x, n, c):
+    """[B, n c, ...] -> [n, B, c, ...]."""
+    return x.reshape(x.shape[0], n, c, *x.shape[2:]).swapaxes(0, 1)
 
-  def key_chunk(j, k, v, k_seg):
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, j * ck, ck, 1)  # noqa: E731
-    k_end = jax.lax.dynamic_slice_in_dim(jnp.asarray(p.k_end), j * ck, ck, 0)
-    return take(k), take(v), k_end, take(k_seg)
+  def merge(x, length):
+    """[n, B, c, ...] -> [B, length, ...]."""
+    x = x.swapaxes(0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
-  def scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j):
-    scale = q_i.shape[-1] ** -0.5
-    s = jnp.einsum("bqhk,bshk->bhqs", q_i, k_j, preferred_element_type=_F32) * scale
-    mask_BxQxS = (ke_j[None, :] <= qe_i[:, None])[None] & (qs_i[:, :, None] == ks_j[:, None, :])
-    return jnp.where(mask_BxQxS[:, None], s, -jnp.inf)
+  def padded(q, k, v, q_seg, k_seg, *per_query):
+    """Everything cut into chunks: queries [nq, ...], keys [nk, ...]."""
+    qs = [split(pad(x, nq * cq), nq, cq) for x in (q, *per_query)]
+    q_seg = split(pad(q_seg, nq * cq, -1), nq, cq)
+    ks = [split(pad(x, nk * ck), nk, ck) for x in (k, v)]
+    k_seg = split(pad(k_seg, nk * ck, -2), nk, ck)
+    return qs, q_seg, ks, k_seg
 
-  def pad_keys(k, v, k_seg):
-    s_pad = len(p.k_end)
-    return _pad_len(k, s_pad), _pad_len(v, s_pad), _pad_len(k_seg, s_pad, -2)
+  def keys_of(i):
+    return [int(j) for j in p.kidx[i, :p.kcount[i]]]
 
   def forward(q, k, v, q_seg, k_seg):
-    k, v, k_seg = pad_keys(k, v, k_seg)
     b, h, dk = q.shape[0], q.shape[2], q.shape[3]
+    (q_c,), qs_c, (k_c, v_c), ks_c = padded(q, k, v, q_seg, k_seg)
+    init = (jnp.full((b, h, cq), -jnp.inf, _F32), jnp.zeros((b, h, cq), _F32),
+            jnp.zeros((b, cq, h, dk), _F32))
 
-    def per_query_chunk(_, xs):
-      q_i, qe_i, qs_i, kidx_i, kcount_i = xs
-
-      def body(jj, st):
-        m, l, acc = st
-        k_j, v_j, ke_j, ks_j = key_chunk(kidx_i[jj], k, v, k_seg)
-        s = scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j)
-        m_new = jnp.maximum(m, s.max(-1))
-        m_safe = _finite_or_zero(m_new)
-        pr = jnp.exp(s - m_safe[..., None])
-        corr = jnp.exp(m - m_safe)  # m = -inf (nothing yet) gives 0
-        l = l * corr + pr.sum(-1)
-        pv = jnp.einsum("bhqs,bshk->bqhk", pr.astype(v_j.dtype), v_j, preferred_element_type=_F32)
-        acc = acc * corr.transpose(0, 2, 1)[..., None] + pv
-        return m_new, l, acc
-
-      init = (jnp.full((b, h, cq), -jnp.inf, _F32), jnp.zeros((b, h, cq), _F32),
-              jnp.zeros((b, cq, h, dk), _F32))
-      m, l, acc = jax.lax.fori_loop(0, kcount_i, body, init)
+    def finish(st):
+      m, l, acc = st
       o, lse = _normalise(acc, _finite_or_zero(m), l)
-      return None, (o.astype(q.dtype), lse)
+      return o.astype(q.dtype), lse.transpose(0, 2, 1)
 
-    xs = (chunks(q), jnp.asarray(q_end_NxC), chunks(q_seg, -1), jnp.asarray(p.kidx),
-          jnp.asarray(p.kcount))
-    _, (o, lse_NxBxHxC) = jax.lax.scan(per_query_chunk, None, xs)
-    lse_BxQxH = unchunk(lse_NxBxHxC.transpose(0, 1, 3, 2))
-    return unchunk(o), lse_BxQxH
+    if unrolled:
+      outs = []
+      for i in range(nq):
+        st = init
+        for j in keys_of(i):
+          st = _forward_pair(st, q_c[i], q_end_NxC[i], qs_c[i], k_c[j], v_c[j], k_end_MxC[j],
+                             ks_c[j])
+        outs.append(finish(st))
+      o, lse = (jnp.stack(x) for x in zip(*outs))
+    else:
+      k_end = jnp.asarray(k_end_MxC)
+
+      def per_query_chunk(_, xs):
+        q_i, qe_i, qs_i, kidx_i, kcount_i = xs
+
+        def body(jj, st):
+          j = kidx_i[jj]
+          return _forward_pair(st, q_i, qe_i, qs_i, k_c[j], v_c[j], k_end[j], ks_c[j])
+
+        return None, finish(jax.lax.fori_loop(0, kcount_i, body, init))
+
+      xs = (q_c, jnp.asarray(q_end_NxC), qs_c, jnp.asarray(p.kidx), jnp.asarray(p.kcount))
+      _, (o, lse) = jax.lax.scan(per_query_chunk, None, xs)
+    return merge(o, p.q_len), merge(lse, p.q_len)
 
   @jax.custom_vjp
   def attend_fn(q, k, v, q_seg, k_seg):
@@ -231,43 +274,53 @@ def _blockwise_fn(p: Plan):
   def bwd(res, cotangents):
     q, k, v, q_seg, k_seg, o, lse = res
     do, dlse = cotangents
-    s_len = k.shape[1]
-    k, v, k_seg = pad_keys(k, v, k_seg)
     # d lse / d s = softmax, so a log-sum-exp cotangent enters like D below.
     d_BxQxH = (do.astype(_F32) * o.astype(_F32)).sum(-1) - dlse.astype(_F32)
     lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # no keys: probabilities 0
+    (q_c, do_c, lse_c, d_c), qs_c, (k_c, v_c), ks_c = padded(q, k, v, q_seg, k_seg, do,
+                                                             lse_safe, d_BxQxH)
+    lse_c, d_c = lse_c.swapaxes(2, 3), d_c.swapaxes(2, 3)  # [nq, B, H, cq]
+    if unrolled:
+      dq, dk, dv = [], [None] * nk, [None] * nk
+      for i in range(nq):
+        dq_i = jnp.zeros(q_c[i].shape, _F32)
+        for j in keys_of(i):
+          dq_ij, dk_j, dv_j = _backward_pair(q_c[i], do_c[i], lse_c[i], d_c[i], q_end_NxC[i],
+                                             qs_c[i], k_c[j], v_c[j], k_end_MxC[j], ks_c[j])
+          dq_i = dq_i + dq_ij
+          dk[j] = dk_j if dk[j] is None else dk[j] + dk_j
+          dv[j] = dv_j if dv[j] is None else dv[j] + dv_j
+        dq.append(dq_i)
+      zeros = jnp.zeros(k_c[0].shape, _F32)
+      dq = jnp.stack(dq)
+      dk = jnp.stack([zeros if x is None else x for x in dk])
+      dv = jnp.stack([zeros if x is None else x for x in dv])
+    else:
+      k_end = jnp.asarray(k_end_MxC)
+
+      def per_query_chunk(carry, xs):
+        dk, dv = carry
+        q_i, do_i, lse_i, d_i, qe_i, qs_i, kidx_i, kcount_i = xs
+
+        def body(jj, st):
+          dq_i, dk, dv = st
+          j = kidx_i[jj]
+          dq_ij, dk_j, dv_j = _backward_pair(q_i, do_i, lse_i, d_i, qe_i, qs_i, k_c[j], v_c[j],
+                                             k_end[j], ks_c[j])
+          return dq_i + dq_ij, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
+
+        dq_i, dk, dv = jax.lax.fori_loop(0, kcount_i, body,
+                                         (jnp.zeros(q_i.shape, _F32), dk, dv))
+        return (dk, dv), dq_i
+
+      zeros = jnp.zeros(k_c.shape, _F32)
+      xs = (q_c, do_c, lse_c, d_c, jnp.asarray(q_end_NxC), qs_c, jnp.asarray(p.kidx),
+            jnp.asarray(p.kcount))
+      (dk, dv), dq = jax.lax.scan(per_query_chunk, (zeros, zeros), xs)
     scale = q.shape[-1] ** -0.5
-
-    def per_query_chunk(carry, xs):
-      dk, dv = carry
-      q_i, do_i, lse_i, d_i, qe_i, qs_i, kidx_i, kcount_i = xs
-      lse_BxHxC, d_BxHxC = lse_i.transpose(0, 2, 1), d_i.transpose(0, 2, 1)
-
-      def body(jj, st):
-        dq_i, dk, dv = st
-        j = kidx_i[jj]
-        k_j, v_j, ke_j, ks_j = key_chunk(j, k, v, k_seg)
-        pr = jnp.exp(scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j) - lse_BxHxC[..., None])
-        dp = jnp.einsum("bqhk,bshk->bhqs", do_i, v_j, preferred_element_type=_F32)
-        ds = (pr * (dp - d_BxHxC[..., None])).astype(q_i.dtype)
-        dq_i = dq_i + jnp.einsum("bhqs,bshk->bqhk", ds, k_j, preferred_element_type=_F32)
-        dk_j = jnp.einsum("bhqs,bqhk->bshk", ds, q_i, preferred_element_type=_F32)
-        dv_j = jnp.einsum("bhqs,bqhk->bshk", pr.astype(do_i.dtype), do_i,
-                          preferred_element_type=_F32)
-        add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-            acc, jax.lax.dynamic_slice_in_dim(acc, j * ck, ck, 1) + x, j * ck, 1)
-        return dq_i, add(dk, dk_j), add(dv, dv_j)
-
-      dq_i = jnp.zeros(q_i.shape, _F32)
-      dq_i, dk, dv = jax.lax.fori_loop(0, kcount_i, body, (dq_i, dk, dv))
-      return (dk, dv), dq_i * scale
-
-    xs = (chunks(q), chunks(do), chunks(lse_safe), chunks(d_BxQxH), jnp.asarray(q_end_NxC),
-          chunks(q_seg, -1), jnp.asarray(p.kidx), jnp.asarray(p.kcount))
-    zeros = jnp.zeros(k.shape, _F32)
-    (dk, dv), dq = jax.lax.scan(per_query_chunk, (zeros, zeros), xs)
-    return (unchunk(dq).astype(q.dtype), (dk[:, :s_len] * scale).astype(k.dtype),
-            dv[:, :s_len].astype(v.dtype), None, None)
+    return ((merge(dq, p.q_len) * scale).astype(q.dtype),
+            (merge(dk, p.k_len) * scale).astype(k.dtype), merge(dv, p.k_len).astype(v.dtype),
+            None, None)
 
   attend_fn.defvjp(fwd, bwd)
   return attend_fn

@@ -8,7 +8,9 @@ ui.perfetto.dev). Then
   python -m hiertx.profiling --workdir=W [--top=5]
 
 prints the ops that took the most time in the traced steps, summed over
-every occurrence (XLA:CPU names ops after the fusions and thunks it ran).
+every occurrence and (by default) over every instance of a kind of op:
+XLA:CPU names ops after the fusions it emitted (`ynn_fusion` is a matmul run
+by YNNPACK, `loop_fusion` an elementwise loop, `copy_*` a layout change).
 """
 
 import collections
@@ -16,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 
 import jax
@@ -74,11 +77,14 @@ def newest_trace(workdir: str) -> str:
   return max(paths, key=os.path.getmtime)
 
 
-def top_ops(path: str, top: int = 5) -> tuple[list[tuple[str, float, int]], float]:
+def top_ops(path: str, top: int = 5, group: bool = True
+            ) -> tuple[list[tuple[str, float, int]], float]:
   """[(op name, total ms, count)] of the `top` ops by total time, and the
   total ms of all ops, from a Perfetto trace. Only ops count: events on an
   accelerator's streams, or on XLA:CPU's execution threads, less the
-  executor's own wrappers; Python and runtime bookkeeping do not."""
+  executor's own wrappers; Python and runtime bookkeeping do not. With
+  `group`, instances of one kind (`loop_fusion.12`, `loop_fusion.40`) are
+  summed under the kind's name."""
   with gzip.open(path, "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -95,8 +101,9 @@ def top_ops(path: str, top: int = 5) -> tuple[list[tuple[str, float, int]], floa
   totals, counts = collections.Counter(), collections.Counter()
   for e in events:
     if e.get("ph") == "X" and "dur" in e and is_op(e):
-      totals[e["name"]] += e["dur"] / 1000.0
-      counts[e["name"]] += 1
+      name = re.sub(r"\.\d+$", "", e["name"]) if group else e["name"]
+      totals[name] += e["dur"] / 1000.0
+      counts[name] += 1
   return ([(n, ms, counts[n]) for n, ms in totals.most_common(top)],
           sum(totals.values()))
 
@@ -108,13 +115,15 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A workdir trained with train.profile_steps.",
                       required=True)
   flags.DEFINE_integer("top", 5, "How many ops to list.")
+  flags.DEFINE_bool("group", True, "Sum the instances of each kind of op (fusion.1, "
+                    "fusion.2, ...) under one name.")
 
 
 def main(argv):
   del argv
   try:
     path = newest_trace(flags.FLAGS.workdir)
-    ops, total = top_ops(path, flags.FLAGS.top)
+    ops, total = top_ops(path, flags.FLAGS.top, flags.FLAGS.group)
   except HiertxError as e:
     sys.exit(f"error: {e}")
   print(f"{path}\n{total:,.1f} ms of ops in the traced steps; the top {len(ops)}:")

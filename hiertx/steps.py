@@ -29,6 +29,7 @@ from hiertx import models
 from hiertx import optimizer
 from hiertx import sharding
 from hiertx import tasks
+from hiertx import xla_options
 from hiertx.errors import ConfigError
 
 
@@ -180,15 +181,17 @@ def build_run(config, devices=None) -> Run:
     # Tracing (first call or .lower) must see the mesh and the logical rules.
     return _InMesh(fn, mesh, rules)
 
+  options = xla_options.compile_options()
   init = in_mesh(jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=state_shardings))
   step = in_mesh(jax.jit(functools.partial(train_step, model=model, tx=tx, seed=config.train.seed,
                                            skip_nonfinite=config.train.max_nonfinite_skips > 0),
                          in_shardings=(state_shardings, batch_s),
-                         out_shardings=(state_shardings, replicated), donate_argnums=0))
+                         out_shardings=(state_shardings, replicated), donate_argnums=0,
+                         compiler_options=options))
   bytes_V = jnp.asarray(tasks.token_bytes(vocab), jnp.float32)
   evals = in_mesh(jax.jit(functools.partial(eval_step, model=model, bytes_V=bytes_V),
                           in_shardings=(state_shardings.params, batch_s),
-                          out_shardings=replicated))
+                          out_shardings=replicated, compiler_options=options))
   return Run(config, mesh, model, vocab, tx, state_shardings, abstract_state, init, step, evals)
 
 
