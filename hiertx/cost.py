@@ -6,9 +6,10 @@ how many (query, key) scores its attention actually computes. From that:
 
 * parameters: exact (tests compare with the initialised model);
 * FLOPs: 2 per multiply-add of every matmul. A training step is the forward
-  pass x3 (the backward pass costs two forwards), except blockwise attention,
-  whose backward pass recomputes the scores (x3.5 for its two matmuls); plus
-  one more forward of every rematerialised block. Only scores that are
+  pass x3 (the backward pass costs two forwards), plus the attention work the
+  backward pass redoes (blockwise attention recomputes its scores; retina
+  recomputes its windows), plus one more forward of every rematerialised
+  block. Only scores that are
   computed count: chunk pairs blockwise attention skips are no work. The
   dense-equivalent count (every score of a full map) is reported beside it;
 * memory: what a training step holds at its peak, in float32 bytes:
@@ -44,11 +45,11 @@ F32 = 4
 # Per-block residuals in units of [B, L, D], [B, L, F] and [B, H, L, S] (see above).
 _D_KEPT, _F_KEPT, _MAP_KEPT = 12, 3, 3
 # Float32 chunk-pair tensors live while blockwise attention's backward runs
-# (scores, probabilities, their gradient, the cast copy).
-_CHUNK_LIVE = 4
-# Logits-sized f32 tensors live around the loss: logits, log-softmax, exp,
-# the gradient, and the sliced copy handed to the loss.
-_HEAD_KEPT = 5
+# (probabilities and their gradient; XLA fuses the rest).
+_CHUNK_LIVE = 2
+# Logits-sized f32 tensors live around the loss: the logits, the
+# log-softmax, and the gradient.
+_HEAD_KEPT = 3
 # Matmul outputs a `dots` policy keeps per block: q, k, v, attention out, MLP out (D-wide);
 # MLP hidden (F-wide).
 _DOTS_D, _DOTS_F = 5, 1
@@ -119,11 +120,12 @@ def forward_flops(s: Shape, blocks, head: bool = True, dense: bool = False) -> f
 
 
 def train_flops(s: Shape, w: workload_lib.Workload, dense: bool = False) -> float:
-  """A training step: forward x3, blockwise attention's matmuls x3.5 (its
-  backward pass recomputes the scores), plus one forward per remat'd block."""
+  """A training step: forward x3, plus the attention work the backward pass
+  redoes (`Blocks.rescored`), plus one forward per remat'd block. `dense`:
+  the dense-equivalent count (every score of full maps, nothing redone)."""
   total = 3 * forward_flops(s, w.blocks, dense=dense)
-  if s.attention != "dense" and not dense:
-    total += 0.5 * s.batch * sum(b.count * _attention_flops(s, b, False) for b in w.blocks)
+  if not dense:
+    total += s.batch * sum(b.count * 2 * 2 * b.rescored * s.d_model for b in w.blocks)
   if s.remat != "none":
     total += forward_flops(s, [b for b in w.blocks if b.stacked], head=False, dense=dense)
   return total
@@ -132,7 +134,7 @@ def train_flops(s: Shape, w: workload_lib.Workload, dense: bool = False) -> floa
 def _block_bytes(s: Shape, b: workload_lib.Blocks) -> tuple[float, float]:
   """Bytes one block keeps for its backward pass, and its full residual set."""
   bl = s.batch * b.queries
-  full = bl * (_D_KEPT * s.d_model + _F_KEPT * s.mlp_dim) * F32
+  full = bl * ((_D_KEPT + b.extra_kept) * s.d_model + _F_KEPT * s.mlp_dim) * F32
   full += _MAP_KEPT * s.batch * s.num_heads * b.queries * b.map_keys * F32
   if s.attention != "dense":
     full += bl * s.num_heads * F32  # log-sum-exp

@@ -158,6 +158,9 @@ def build_run(config, devices=None) -> Run:
     if config[section].batch_size % par:
       raise ConfigError(f"{section}.batch_size", f"{config[section].batch_size} is not "
                         f"divisible by the data-parallel size {par} (mesh.data x mesh.fsdp)")
+  if config.model.get("attention") == "cudnn" and mesh.devices.flat[0].platform != "gpu":
+    raise ConfigError("model.attention", "cudnn runs on GPUs; these devices are "
+                      f"{mesh.devices.flat[0].platform}: use blockwise")
   vocab = tasks.vocabulary(config.data.vocab)
   model = models.build(config.model, vocab.vocab_size, config.data.seq_len)
   tx = optimizer.make(config.train)

@@ -14,7 +14,10 @@ class Blocks:
   skips the chunk pairs the end rule forbids (`attention.score_count`).
   `map_keys` is how many keys per query sit in an attention map kept for the
   backward pass: all of them for dense attention, none for blockwise (it
-  recomputes scores from the log-sum-exp), retina's windows when chunked.
+  recomputes scores from the log-sum-exp) nor for retina's chunked windows
+  (recomputed chunk by chunk). `rescored` counts the forward work the
+  backward pass redoes, in scores: half of blockwise attention's (it
+  recomputes the scores, not the weighted values), all of retina's windows.
 
   Blocks outside a scale's stack (aggregation, attention pooling/upsampling)
   are `stacked=False`: never scanned nor rematerialised.
@@ -27,6 +30,8 @@ class Blocks:
   kv_len: int
   scores: int
   map_keys: int = 0
+  rescored: float = 0.0
+  extra_kept: int = 0  # D-wide vectors per query kept beyond a standard block's
   cross: bool = False
   stacked: bool = True
   gathered: int = 0  # key/value positions copied per sequence (retina's chunk windows)

@@ -159,20 +159,25 @@ class LanguageModel(nn.Module):
                      stacked: bool = True) -> workload_lib.Blocks:
     """`count` self-attention blocks over `length` vectors of a scale of `factor`."""
     ends = np.arange(length) * factor
-    return workload_lib.Blocks(name, count, length, length, length,
-                               attention_lib.score_count(ends, ends, self.block_cfg.attention),
-                               self.map_keys(length), stacked=stacked)
+    scores = attention_lib.score_count(ends, ends, self.block_cfg.attention)
+    return workload_lib.Blocks(name, count, length, length, length, scores,
+                               self.map_keys(length), self.rescored(scores), stacked=stacked)
 
   def cross_attention(self, name: str, q_end, k_end) -> workload_lib.Blocks:
     """One cross block from queries ending at `q_end` to keys ending at `k_end`."""
-    return workload_lib.Blocks(name, 1, len(q_end), len(k_end), len(k_end),
-                               attention_lib.score_count(np.asarray(q_end), np.asarray(k_end),
-                                                         self.block_cfg.attention),
-                               self.map_keys(len(k_end)), cross=True, stacked=False)
+    scores = attention_lib.score_count(np.asarray(q_end), np.asarray(k_end),
+                                       self.block_cfg.attention)
+    return workload_lib.Blocks(name, 1, len(q_end), len(k_end), len(k_end), scores,
+                               self.map_keys(len(k_end)), self.rescored(scores), cross=True,
+                               stacked=False)
 
   def map_keys(self, keys: int) -> int:
     """Keys per query in a kept attention map (see workload.Blocks)."""
     return keys if self.attention == "dense" else 0
+
+  def rescored(self, scores: int) -> float:
+    """Forward work (in scores) the configured attention redoes in the backward pass."""
+    return 0.0 if self.attention == "dense" else scores / 2
 
   def scale_change(self, s: int, k: int, fine_len: int, factor: int, pooling: str,
                    upsampling: str | None) -> list[workload_lib.Blocks]:
@@ -184,7 +189,8 @@ class LanguageModel(nn.Module):
       groups = fine_len // k
       # Tiny per-group maps ([1, k]); the blockwise path keeps none either way.
       out.append(workload_lib.Blocks(f"pool_{s + 1}", 1, groups, k, fine_len, groups * k,
-                                     self.map_keys(k), cross=True, stacked=False))
+                                     self.map_keys(k), self.rescored(groups * k), cross=True,
+                                     stacked=False))
     if upsampling == "attention":
       out.append(self.cross_attention(f"upsample_{s}", fine_end, fine_end[::k]))
     return out

@@ -179,7 +179,8 @@ class RetinaAttention(nn.Module):
                              jnp.concatenate(ks, 1), jnp.concatenate(vs, 1),
                              jnp.concatenate(ms, -1))
 
-    o_NxBxCxHxK, lse_NxBxCxH = jax.lax.map(one_chunk, jnp.arange(t // c))
+    # Recomputed in the backward pass, so no chunk's score map is kept.
+    o_NxBxCxHxK, lse_NxBxCxH = jax.lax.map(jax.checkpoint(one_chunk), jnp.arange(t // c))
     windowed = (o_NxBxCxHxK.transpose(1, 0, 2, 3, 4).reshape(b, t, h, dk),
                 lse_NxBxCxH.transpose(1, 0, 2, 3).reshape(b, t, h))
     # The coarsest level is the end rule with each query's end moved to E_S.
@@ -310,15 +311,16 @@ class RetinaLM(base.LanguageModel, layers.Blocks):
     if self.implementation == "dense":
       keys = sum(t // k ** s for s in range(len(windows) + 1))
       return [workload.Blocks("blocks", self.num_layers, t, keys, t, t * keys, keys)]
-    # Windows: one dense map per chunk of queries; the coarsest level through
-    # the configured attention.
+    # Windows: dense per chunk of queries, recomputed in the backward pass;
+    # the coarsest level through the configured attention.
     windowed = sum(window_sizes(self.spec))
     e_last = region_bounds(np.arange(t), k, windows)[-1]
     coarse = attention.score_count(e_last, coarsest_end, self.block_cfg.attention)
+    # Kept beyond a standard block: the unrotated keys/values (2 D) and the
+    # outputs of both parts and their merge (3 D).
     return [workload.Blocks("blocks", self.num_layers, t, windowed + len(coarsest_end), t,
-                            t * windowed + coarse,
-                            windowed + self.map_keys(len(coarsest_end)),
-                            gathered=t // self.chunk_size * windowed)]
+                            t * windowed + coarse, self.map_keys(len(coarsest_end)),
+                            t * windowed + self.rescored(coarse), extra_kept=5)]
 
   @classmethod
   def check_config(cls, cfg, seq_len):

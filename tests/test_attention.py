@@ -1,0 +1,162 @@
+"""Blockwise attention against the dense reference: the function alone, every
+model, and mixed precision training (DESIGN.md section 4)."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hiertx import attention, metrics, models, profiling, train
+from tiny_models import MODELS, model_cfg
+
+V = 23
+
+
+def _inputs(q_len, k_end, seed=0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  s_len = len(k_end)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 8)), dtype) for n in (q_len, s_len, s_len))
+  return q, k, v
+
+
+def _loss(fn, q, k, v, w_o, w_l):
+  o, lse = fn(q, k, v)
+  # Rows with no allowed key have lse = -inf; weight only the finite ones.
+  return (o * w_o).sum() + jnp.where(jnp.isfinite(lse), lse * w_l, 0.0).sum()
+
+
+@pytest.mark.parametrize("q_chunk,k_chunk", [(8, 16), (4, 4), (64, 64)])
+def test_blockwise_equals_dense_with_its_gradients(q_chunk, k_chunk):
+  """Fine queries over fine and coarse keys (not monotone), two documents, a
+  query with no allowed key; chunkings that do and do not divide the lengths,
+  as loops over chunk pairs and as one pair."""
+  q_end = np.arange(37)
+  k_end = np.concatenate([np.arange(37), np.arange(10) * 4])
+  q_seg = jnp.asarray([[1] * 10 + [2] * 27, [1] * 37])
+  k_seg = jnp.concatenate([q_seg, q_seg[:, ::4]], 1)
+  q_seg = q_seg.at[0, 3].set(7)  # a query whose document has no keys at all
+  q, k, v = _inputs(37, k_end)
+  dense = lambda q, k, v: attention.dense(  # noqa: E731
+      q, k, v, attention.end_rule_mask(q_end, k_end, q_seg, k_seg))
+  block = lambda q, k, v: attention.blockwise(  # noqa: E731
+      q, k, v, q_end, k_end, q_seg, k_seg, q_chunk, k_chunk)
+  plan = attention.plan(q_end, k_end, q_chunk, k_chunk)
+  assert (plan.pairs <= attention.UNROLL_PAIRS) == (q_chunk == 64)  # one pair: no loop
+  (od, ld), (ob, lb) = dense(q, k, v), jax.jit(block)(q, k, v)
+  np.testing.assert_allclose(ob, od, atol=1e-6)
+  np.testing.assert_array_equal(np.isfinite(lb), np.isfinite(ld))
+  assert not np.isfinite(ld[0, 3]).any() and float(jnp.abs(ob[0, 3]).max()) == 0.0
+  np.testing.assert_allclose(jnp.where(jnp.isfinite(lb), lb, 0), jnp.where(jnp.isfinite(ld), ld, 0),
+                             atol=1e-6)
+  rng = np.random.default_rng(1)
+  w_o, w_l = jnp.asarray(rng.normal(size=od.shape)), jnp.asarray(rng.normal(size=ld.shape))
+  gd = jax.grad(functools.partial(_loss, dense), argnums=(0, 1, 2))(q, k, v, w_o, w_l)
+  gb = jax.jit(jax.grad(functools.partial(_loss, block), argnums=(0, 1, 2)))(q, k, v, w_o, w_l)
+  for a, b in zip(gd, gb):
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_the_plan_skips_what_the_rule_forbids():
+  """Causal self-attention computes about half the chunk pairs; fine queries
+  over a coarse scale skip every coarse chunk that ends after a query chunk."""
+  causal = attention.plan(np.arange(1024), np.arange(1024), 128, 128)
+  assert causal.pairs == 8 * 9 // 2 and causal.scores == 36 * 128 * 128
+  coarse = attention.plan(np.arange(1024), np.arange(64) * 16, 128, 16)
+  assert coarse.pairs == sum(min(4, -(-(128 * (i + 1)) // 256)) for i in range(8))
+  assert attention.score_count(np.arange(8), np.arange(8), attention.AttentionConfig("dense")) == 64
+
+
+def test_merging_disjoint_key_sets_is_attention_over_their_union():
+  k_end = np.arange(20)
+  q_end, q_seg = np.arange(20), jnp.ones((2, 20), jnp.int32)
+  q, k, v = _inputs(20, k_end)
+  whole = attention.dense(q, k, v, attention.end_rule_mask(q_end, k_end, q_seg, q_seg))
+  first = attention.dense(q, k[:, :7], v[:, :7],
+                          attention.end_rule_mask(q_end, k_end[:7], q_seg, q_seg[:, :7]))
+  rest = attention.dense(q, k[:, 7:], v[:, 7:],
+                         attention.end_rule_mask(q_end, k_end[7:], q_seg, q_seg[:, 7:]))
+  merged = attention.merge(first, rest)
+  np.testing.assert_allclose(merged[0], whole[0], atol=1e-6)
+  np.testing.assert_allclose(merged[1], whole[1], atol=1e-6)
+
+
+def test_fused_causal_kernel_plumbing_matches_the_rule():
+  """The call cuDNN gets on GPU (run here through its XLA implementation)
+  computes the end rule for fine causal self-attention with documents; the
+  dispatcher sends nothing else there."""
+  seg = jnp.asarray([[1] * 9 + [2] * 23, [1] * 32])
+  q, k, v = _inputs(32, np.arange(32))
+  want = attention.dense(q, k, v, attention.end_rule_mask(np.arange(32), np.arange(32), seg,
+                                                          seg))[0]
+  got = attention.fused_causal(q, k, v, seg, seg, implementation=None)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  fine = np.arange(32)
+  assert attention.cudnn_eligible(fine, fine, jnp.bfloat16, 64, backend="gpu")
+  assert not attention.cudnn_eligible(fine, fine, jnp.bfloat16, 64, backend="cpu")
+  assert not attention.cudnn_eligible(fine, fine, jnp.float32, 64, backend="gpu")
+  assert not attention.cudnn_eligible(fine, fine[::2], jnp.bfloat16, 64, backend="gpu")
+  assert not attention.cudnn_eligible(fine[::2], fine[::2], jnp.bfloat16, 64, backend="gpu")
+
+
+# Every model and variant: blockwise (small chunks, so several pairs and
+# lengths that divide neither the chunks nor the pooling) equals dense.
+EQUALITY = sorted(MODELS)
+
+
+@pytest.mark.parametrize("key", EQUALITY)
+def test_every_model_blockwise_equals_dense_logits_and_gradients(key):
+  t = 29  # divides no tiny model's pooling nor the chunks below
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, V)
+  seg = jnp.asarray([[1] * 11 + [2] * 18, [1] * 3 + [2] * 26])
+  pos = jnp.asarray([list(range(11)) + list(range(18)), list(range(3)) + list(range(26))])
+  dense = models.build(model_cfg(key, attention="dense"), V, 64)
+  block = models.build(model_cfg(key, attention="blockwise", attention_q_chunk=4,
+                                 attention_k_chunk=8), V, 64)
+  params = jax.jit(dense.init)(jax.random.PRNGKey(1), tokens)["params"]
+
+  def loss(model, params):
+    logits = model.apply({"params": params}, tokens, seg, pos)
+    return (jax.nn.log_softmax(logits) * jax.nn.one_hot(tokens, V)).sum(), logits
+
+  (_, ld), gd = jax.jit(jax.value_and_grad(functools.partial(loss, dense), has_aux=True))(params)
+  (_, lb), gb = jax.jit(jax.value_and_grad(functools.partial(loss, block), has_aux=True))(params)
+  np.testing.assert_allclose(lb, ld, atol=1e-5, rtol=0)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5),
+                         gd, gb)
+
+
+def test_bfloat16_training_tracks_float32(tiny_config, tmp_path):
+  """The same tiny run in float32 and in mixed precision (bfloat16 matmuls and
+  activations; float32 parameters, optimizer state, softmax and layer-norm
+  statistics, logits and loss). Tolerance: a bfloat16 value carries a relative
+  rounding error of at most 2^-9 (0.2%); the loss averages 512 tokens, so most
+  of that cancels, and the two runs stay within 0.03% of each other here over
+  20 steps. 1% leaves room for other shapes and CPUs and still catches a run
+  that drifts (a bfloat16 optimizer or loss, or a diverging step, moves the
+  losses by far more)."""
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    config = tiny_config("top_down", model__dtype=dtype, train__log_every=1,
+                         eval__every=20, train__checkpoint_every=20)
+    workdir = str(tmp_path / dtype)
+    train.train_and_evaluate(config, workdir)
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    losses[dtype] = np.array([r["train/loss"] for r in rows if "train/loss" in r])
+  assert len(losses["bfloat16"]) == 20 and np.all(np.isfinite(losses["bfloat16"]))
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.01)
+  assert losses["bfloat16"][-1] < losses["bfloat16"][0] - 0.5
+  assert not np.array_equal(losses["bfloat16"], losses["float32"])  # it did run in bf16
+
+
+def test_profile_steps_write_a_trace_and_a_summary(tiny_config, tmp_path):
+  config = tiny_config("vanilla", train__steps=4, train__profile_steps="2,3",
+                       eval__every=4, train__checkpoint_every=4)
+  train.train_and_evaluate(config, str(tmp_path))
+  path = profiling.newest_trace(str(tmp_path))
+  ops, total = profiling.top_ops(path, top=5)
+  assert len(ops) == 5 and total > 0 and all(ms > 0 for _, ms, _ in ops)
+  assert ops == sorted(ops, key=lambda o: -o[1])
+  assert list(tmp_path.glob("profile/**/*.xplane.pb"))  # what TensorBoard reads
