@@ -1,66 +1,105 @@
-r"""Training throughput of every model side by side: tokens/s, achieved FLOP/s
-and MFU, in one process so the numbers share one machine state.
+r"""Training throughput of models side by side: tokens/s, achieved FLOP/s and
+MFU, in one process so the numbers share one machine state.
 
   python experiments/bench.py
   python experiments/bench.py --set=model.d_model=512 --set=model.mlp_dim=2048 \
-      --set=model.num_heads=8 --seq_len=512
+      --set=model.num_heads=8 --shapes=8x512
+  # vanilla with 8 layers against hourglass 2@1 4@4 2@1 at two shapes
+  python experiments/bench.py --shapes=8x1024,16x256 \
+      --run='vanilla.py:size=base;model.num_layers=8' \
+      --run='hourglass.py:size=base;model.hierarchy=2@1 4@4 2@1'
 
-FLOPs per step are the analytic count (`hiertx.cost`, checked against XLA in
-tests). The peak is the data-sheet figure on GPU/TPU; on CPU it is a float32
-1024x1024 matmul measured here, before and after the models run (both are
-printed: a gap between them means the machine was busy).
+A run is a config file under configs/ (with its `:arg`), optionally followed
+by `;field=value` overrides of its own; `--set` applies to every run. FLOPs
+per step are the analytic count of the work done (`hiertx.cost`: attention
+chunk pairs that are skipped are not work), with the dense-equivalent count's
+MFU beside it. The peak is the data-sheet figure on GPU/TPU; on CPU it is a
+float32 1024x1024 matmul measured here, before and after the models run (both
+are printed: a gap between them means the machine was busy).
 """
+
+import sys
 
 from absl import app, flags
 
 from hiertx import benchmark, cli, metrics, report
+from hiertx.errors import FlagError
 
 DEFAULT_RUNS = ["vanilla.py", "bottom_up.py", "top_down.py", "retina.py", "hourglass.py"]
 
 
 def define_flags() -> None:
   flags.DEFINE_list("runs", DEFAULT_RUNS, "Config files (under configs/) with args.")
-  flags.DEFINE_integer("seq_len", 256, "Sequence length of every run.")
-  flags.DEFINE_integer("batch_size", 8, "Global batch of every run.")
+  flags.DEFINE_multi_string("run", [], "A run with its own overrides: 'file[:arg];field=value;"
+                            "...' (replaces --runs).")
+  flags.DEFINE_list("shapes", ["8x256"], "Batch x sequence length of every run, e.g. 8x1024.")
   flags.DEFINE_integer("steps", 5, "Timed steps per run (after one warm-up step).")
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
 
 
-def measure(specs, seq_len, batch, steps, sets, peak: float) -> list[dict]:
+def parse_shape(text: str) -> tuple[int, int]:
+  batch, _, seq = text.partition("x")
+  if not (batch.isdigit() and seq.isdigit() and int(batch) > 0 and int(seq) > 0):
+    raise FlagError("--shapes", f"{text!r} is not BATCHxLENGTH, e.g. 8x1024")
+  return int(batch), int(seq)
+
+
+def measure(runs, shapes, steps, sets, peak: float) -> list[dict]:
+  """`runs`: 'file[:arg][;field=value...]' each; `shapes`: (batch, length) pairs."""
   rows = []
-  for spec in specs:
-    config = benchmark.config_for(spec, seq_len, batch, sets)
-    run, compiled, facts = benchmark.compile_step(config)
-    step_s = benchmark.time_steps(run, compiled, config, steps=steps)
-    flops = facts["flops/step_analytic"]
-    rows.append({"run": spec, "model": config.model.name, "params": facts["params/total"],
-                 "step_s": step_s, "tokens_per_s": batch * seq_len / step_s,
-                 "flops_per_s": flops / step_s, "mfu": flops / step_s / peak,
-                 "peak_mib": facts["memory/xla_peak_bytes"] / 2**20})
-    print(f"{spec}: {step_s:.3f} s/step, MFU {rows[-1]['mfu']:.1%}", flush=True)
+  for spec in runs:
+    file_arg, *own = spec.split(";")
+    for batch, seq_len in shapes:
+      config = benchmark.config_for(file_arg, seq_len, batch, [*sets, *own])
+      run, compiled, facts = benchmark.compile_step(config)
+      step_s = benchmark.time_steps(run, compiled, config, steps=steps)
+      flops, dense = facts["flops/step_analytic"], facts["flops/step_analytic_dense"]
+      rows.append({"run": spec, "model": config.model.name, "shape": f"{batch}x{seq_len}",
+                   "params": facts["params/total"], "step_s": step_s,
+                   "tokens_per_s": batch * seq_len / step_s, "flops_per_s": flops / step_s,
+                   "mfu": flops / step_s / peak, "mfu_dense": dense / step_s / peak,
+                   "peak_mib": facts["memory/xla_peak_bytes"] / 2**20})
+      print(f"{spec} {batch}x{seq_len}: {step_s:.3f} s/step, "
+            f"{rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
   return rows
 
 
 def table(rows) -> str:
   return report.markdown_table(
-      ["run", "params", "s/step", "tokens/s", "GFLOP/s", "MFU", "XLA peak MiB"],
-      [[r["run"], r["params"], f"{r['step_s']:.4f}", f"{r['tokens_per_s']:,.0f}",
-        f"{r['flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.1%}", r["peak_mib"]] for r in rows])
+      ["run", "batch x length", "params", "s/step", "tokens/s", "GFLOP/s", "MFU",
+       "MFU (dense-equivalent FLOPs)", "XLA peak MiB"],
+      [[r["run"], r["shape"], r["params"], f"{r['step_s']:.4f}", f"{r['tokens_per_s']:,.0f}",
+        f"{r['flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.1%}", f"{r['mfu_dense']:.1%}",
+        r["peak_mib"]] for r in rows])
+
+
+def by_shape(rows) -> str:
+  """tokens/s, one row per shape and one column per run."""
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  shapes = list(dict.fromkeys(r["shape"] for r in rows))
+  speed = {(r["run"], r["shape"]): r["tokens_per_s"] for r in rows}
+  return report.markdown_table(
+      ["batch x length", *[f"{r} tokens/s" for r in runs]],
+      [[s, *[f"{speed[(r, s)]:,.0f}" for r in runs]] for s in shapes])
 
 
 def main(argv):
   del argv
   cli.quiet_library_logs()
   f = flags.FLAGS
+  shapes = [cli.run(parse_shape, s) for s in f.shapes]
   peak, source = metrics.peak_flops("float32")
-  rows = measure(f.runs, f.seq_len, f.batch_size, f.steps, f.set, peak)
-  print(f"\nseq_len {f.seq_len}, batch {f.batch_size}, overrides {f.set or 'none'}")
+  rows = cli.run(measure, f.run or f.runs, shapes, f.steps, f.set, peak)
+  print(f"\noverrides {f.set or 'none'}")
   print(f"peak {peak / 1e9:.1f} GFLOP/s ({source})")
   if source.startswith("measured"):
     again = metrics.measured_matmul_peak("float32")
     print(f"matmul peak measured again after the runs: {again / 1e9:.1f} GFLOP/s")
   print()
   print(table(rows))
+  print()
+  print(by_shape(rows))
+  sys.stdout.flush()
 
 
 if __name__ == "__main__":

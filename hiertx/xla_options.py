@@ -2,9 +2,9 @@
 
 XLA:CPU: matmuls only in YNNPACK fusions (`xla_cpu_experimental_ynn_fusion_type
 =LIBRARY_FUSION_TYPE_DOT`). By default XLA:CPU also hands elementwise fusions
-to YNNPACK; on the CPUs measured here those fusions materialised transposed
-copies of the MLP's activation gradients, and the train step of every model
-ran 1.3x-1.5x faster without them (`experiments/bench.py`, README
+to YNNPACK; on the CPU measured here those fusions materialised transposed
+copies of the MLP's activation gradients (26% of vanilla's step), and the
+train step ran 1.4x faster without them (vanilla, 16 x 256; README
 "Performance"). A user's own `--xla_cpu_experimental_ynn_fusion_type` in
 XLA_FLAGS wins; `HIERTX_XLA_DEFAULTS=0` turns these defaults off.
 """

@@ -46,13 +46,16 @@ def test_seq_scaling_reports_growth_per_doubling():
 
 
 def test_bench_measures_mfu_against_a_peak():
-  rows = bench.measure(["top_down.py:size=tiny"], 64, 8, 2, [], 1e11)
-  assert [r["model"] for r in rows] == ["top_down"]
+  rows = bench.measure(["top_down.py:size=tiny", "vanilla.py:size=tiny;model.num_layers=3"],
+                       [(8, 64)], 2, [], 1e11)
+  assert [r["model"] for r in rows] == ["top_down", "vanilla"]
   for r in rows:
     assert r["step_s"] > 0
     assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e11)
     assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_s"])
-  assert "| top_down.py:size=tiny |" in bench.table(rows)
+  assert rows[1]["params"] > rows[0]["params"] - 10**6  # the per-run override took
+  assert "| top_down.py:size=tiny | 8x64 |" in bench.table(rows)
+  assert bench.by_shape(rows).count("\n| 8x64 |") == 1
 
 
 def test_decode_bench_compares_cached_and_recomputed_generation():
