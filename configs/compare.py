@@ -16,7 +16,6 @@ import os
 
 from hiertx import config as config_lib
 from hiertx import sweep
-from hiertx.errors import ConfigError
 
 MODELS = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,8 +23,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, model="vanilla", size="small", runlocal=False)
-  if arg.model not in MODELS:
-    raise ConfigError("<arg>.model", f"{arg.model!r} is not one of {MODELS}")
+  config_lib.choose(dict.fromkeys(MODELS), arg.model, "model")
   extra = ",runlocal" if arg.runlocal else ""
   return config_lib.load(os.path.join(_HERE, f"{arg.model}.py") + f":size={arg.size}{extra}")
 

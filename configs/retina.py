@@ -21,7 +21,7 @@ SIZES = {
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", runlocal=False)
   c = config_lib.base_config()
-  n, k, windows, chunk = SIZES[arg.size]
+  n, k, windows, chunk = config_lib.choose(SIZES, arg.size, "size")
   c.model = config_lib.model_config(
       "retina", arg.size, num_layers=n, pool_factor=k, windows=windows, chunk_size=chunk,
       implementation="chunked")

@@ -22,7 +22,7 @@ SIZES = {
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", runlocal=False)
   c = config_lib.base_config()
-  per_scale, factors = SIZES[arg.size]
+  per_scale, factors = config_lib.choose(SIZES, arg.size, "size")
   c.model = config_lib.model_config(
       "top_down", arg.size, layers_per_scale=per_scale, pool_factors=factors,
       pooling="mean", upsampling="repeat")

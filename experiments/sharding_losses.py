@@ -15,7 +15,7 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from hiertx import metrics, report  # noqa: E402
+from hiertx import cli, metrics, report  # noqa: E402
 
 def define_flags() -> None:
   flags.DEFINE_string("config", "configs/vanilla.py:size=tiny", "Config file[:arg].")
@@ -72,4 +72,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,21 +1,46 @@
-"""Orbax checkpoints of the train state, and the resolved config of a workdir.
+"""Orbax checkpoints of a run, the resolved config of a workdir, and its status.
 
 Layout of a workdir:
   config.json        the resolved config the run was started with
-  checkpoints/<step> Orbax checkpoints (params, optimizer state, step)
+  checkpoints/<step> Orbax checkpoints, three items (DESIGN.md section 8):
+                       params     the model's parameters
+                       opt_state  the optimizer's state
+                       meta       JSON: the step, and the data position
   metrics.jsonl      scalars per logged step (hiertx.metrics)
   run_info.json      once-per-run facts: memory, FLOPs, params, versions, mesh
   status.json        running, finished, interrupted, or failed with the error
+
+Inference (`hiertx.evaluate`, `hiertx.generate`) restores `params` alone.
+
+Restoring tells causes apart: a checkpoint whose files cannot be read is set
+aside as `<step>.corrupt` (and the one before it used); one that does not fit
+the model (another structure or shape) is a `CheckpointError` naming the
+first difference, and nothing is renamed; a transient storage error is tried
+again a few times and then reported. When checkpoints exist and none can be
+read, the run stops rather than starting over.
 """
 
+import errno
 import json
 import os
+import time
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from hiertx import config as config_lib
 from hiertx.errors import CheckpointError, HiertxError
+
+ITEMS = ("params", "opt_state", "meta")
+# Errors of the storage itself, worth trying again (GCS and network file
+# systems raise these under load), as opposed to files that are damaged.
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EBUSY,
+                     errno.ECONNREFUSED, errno.ENETUNREACH}
+_TRANSIENT_WORDS = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "Connection reset",
+                    "timed out", "Temporary failure", "503", "429")
+RETRIES = 3
 
 
 def config_path(workdir: str) -> str:
@@ -25,7 +50,10 @@ def config_path(workdir: str) -> str:
 def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_handlers={"params": ocp.StandardCheckpointHandler(),
+                     "opt_state": ocp.StandardCheckpointHandler(),
+                     "meta": ocp.JsonCheckpointHandler()})
 
 
 def prepare_workdir(workdir: str, config, allow_config_change: bool, write: bool) -> None:
@@ -71,11 +99,21 @@ def load_config(workdir: str):
     return config_lib.from_json(f.read())
 
 
+# ----------------------------------------------------------------------------
+# Saving.
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  """Starts an (asynchronous) save; Orbax writes to a temporary directory and
-  renames it only when complete, so a save cut short is never listed."""
+  """Starts an (asynchronous) save of the train state as three items; Orbax
+  writes to a temporary directory and renames it only when complete, so a
+  save cut short is never listed. The data position is the step: batches are
+  a function of it (hiertx.data)."""
+  meta = {"step": int(step), "data": {"step": int(step)}, "format": 2}
   try:
-    mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
   except OSError as e:
     raise CheckpointError(f"saving the checkpoint of step {step} failed: {e.strerror or e}; "
                           "earlier checkpoints are intact. Free disk space or point "
@@ -91,33 +129,197 @@ def wait(mngr: ocp.CheckpointManager) -> None:
                           "checkpoints are intact. Free disk space, then rerun to resume.") from e
 
 
+# ----------------------------------------------------------------------------
+# Restoring.
+
+
+class Unreadable(CheckpointError):
+  """A checkpoint's files are missing, truncated or do not decode."""
+
+
+def _step_dir(mngr, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def _legacy(mngr, step: int) -> bool:
+  """Checkpoints of earlier versions hold the whole train state as one item."""
+  return os.path.isdir(os.path.join(_step_dir(mngr, step), "default"))
+
+
+def _is_transient(e: BaseException) -> bool:
+  if isinstance(e, (TimeoutError, ConnectionError)):
+    return True
+  if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+    return True
+  return any(w in str(e) for w in _TRANSIENT_WORDS)
+
+
+def _first_mismatch(saved, wanted, path="") -> str | None:
+  """The first place two trees of (shape-carrying) leaves differ, in words."""
+  if isinstance(wanted, dict) or isinstance(saved, dict):
+    if not (isinstance(wanted, dict) and isinstance(saved, dict)):
+      return f"{path or '/'} is {_kind(saved)} in the checkpoint and {_kind(wanted)} here"
+    for key in sorted(set(saved) | set(wanted)):
+      if key not in saved:
+        return f"{path}/{key} is missing from the checkpoint"
+      if key not in wanted:
+        return f"{path}/{key} is in the checkpoint but not in this model"
+      found = _first_mismatch(saved[key], wanted[key], f"{path}/{key}")
+      if found:
+        return found
+    return None
+  a, b = tuple(getattr(saved, "shape", ())), tuple(getattr(wanted, "shape", ()))
+  if a != b:
+    return f"{path} has shape {a} in the checkpoint and {b} here"
+  return None
+
+
+def _kind(x) -> str:
+  return "a subtree" if isinstance(x, dict) else f"an array {tuple(getattr(x, 'shape', ()))}"
+
+
+def _plain(tree):
+  """Nested dicts of a state-like pytree (flax structs, FrozenDicts, optax
+  states, Orbax's metadata trees)."""
+  if hasattr(tree, "tree") and not hasattr(tree, "shape"):  # Orbax metadata wrapper
+    tree = tree.tree
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # namedtuple (optax states)
+    return {str(i): _plain(v) for i, v in enumerate(tree)}
+  if hasattr(tree, "items"):
+    return {str(k): _plain(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):
+    return {str(i): _plain(v) for i, v in enumerate(tree)}
+  if hasattr(tree, "__dataclass_fields__") and not hasattr(tree, "shape"):
+    return {k: _plain(getattr(tree, k)) for k in tree.__dataclass_fields__}
+  return tree
+
+
+def _check_fits(mngr, step: int, abstract_params) -> None:
+  """Compares the saved parameters' metadata with the model's: unreadable
+  metadata means damaged files; a structure or shape mismatch is the user's.
+  (The optimizer state mirrors the parameters, so they decide.)"""
+  if _legacy(mngr, step):
+    return  # earlier versions' single item has no metadata without its handler
+  item = "params"
+  try:
+    saved = mngr.item_metadata(step)[item]
+  except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+    if _is_transient(e):
+      raise
+    raise Unreadable(f"the checkpoint at step {step} cannot be read: "
+                     f"{type(e).__name__}: {_first_line(e)}") from e
+  if saved is None:
+    raise Unreadable(f"the checkpoint at step {step} has no parameter metadata")
+  saved = _plain(saved)
+  found = _first_mismatch(saved, _plain(abstract_params), "params")
+  if found:
+      raise CheckpointError(
+          f"the checkpoint at step {step} in {mngr.directory} does not fit this model: {found}. "
+          "Nothing was changed. It was written by a run with another model config; resume "
+          "with that config, or train this one in a new --workdir.")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else ""
+
+
+def _with_retries(fn, what: str):
+  for attempt in range(RETRIES):
+    try:
+      return fn()
+    except HiertxError:  # includes Unreadable: damaged files are not retried
+      raise
+    except Exception as e:  # noqa: BLE001
+      if not _is_transient(e):
+        raise
+      if attempt == RETRIES - 1:
+        raise CheckpointError(f"{what} failed {RETRIES} times with a storage error "
+                              f"({type(e).__name__}: {_first_line(e)}); the checkpoint was "
+                              "left as it is. Check the storage, then rerun.") from e
+      logging.warning("%s: %s; trying again", what, _first_line(e))
+      time.sleep(0.5 * 2 ** attempt)
+  raise AssertionError("unreachable")
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
-  """Restores onto the shardings `abstract_state` carries (any mesh)."""
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  """The train state of `step`, onto the shardings `abstract_state` carries
+  (any mesh). Raises CheckpointError (does not fit, or storage failing) or
+  Unreadable (damaged files)."""
+  legacy = _legacy(mngr, step)
+  args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_state.params),
+                            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                            meta=ocp.args.JsonRestore())
+  what = f"restoring the checkpoint at step {step}"
+  _with_retries(lambda: _check_fits(mngr, step, abstract_state.params), what)
+
+  def load():
+    try:
+      if legacy:  # one unnamed item: read by a manager of its own
+        with ocp.CheckpointManager(mngr.directory) as old:
+          return old.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      return mngr.restore(step, args=args)
+    except HiertxError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      if _is_transient(e):
+        raise
+      raise Unreadable(f"the checkpoint at step {step} cannot be read: "
+                       f"{type(e).__name__}: {_first_line(e)}") from e
+
+  out = _with_retries(load, what)
+  if legacy:
+    return out
+  step_array = jax.device_put(np.asarray(out["meta"]["step"], np.int32),
+                              abstract_state.step.sharding)
+  return type(abstract_state)(step=step_array, params=out["params"],
+                              opt_state=out["opt_state"])
+
+
+def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_state):
+  """The parameters of `step` alone (inference), onto the shardings
+  `abstract_state.params` carries; the optimizer state is not read."""
+  if _legacy(mngr, step):
+    return restore(mngr, step, abstract_state).params
+  what = f"restoring the parameters at step {step}"
+  _with_retries(lambda: _check_fits(mngr, step, abstract_state.params), what)
+  return _with_retries(lambda: mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_state.params)))["params"], what)
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool):
-  """(step, state) of the newest checkpoint that restores, or (None, None).
+  """(step, state) of the newest checkpoint that restores, or (None, None) when
+  there are none.
 
-  A checkpoint that fails to load (truncated or corrupted files) is skipped
-  with a warning and, when `set_aside`, renamed to `<step>.corrupt` so the
-  next run does not trip on it again; the previous one is used.
+  A checkpoint whose files cannot be read is renamed `<step>.corrupt` (when
+  `set_aside`; process 0 of a multi-process run) with a warning, and the
+  previous one is tried. If checkpoints exist and none can be read, this
+  stops with a CheckpointError instead of letting the run start over.
   """
-  for step in sorted(mngr.all_steps(), reverse=True):
+  steps = sorted(mngr.all_steps(), reverse=True)
+  set_aside_paths = []
+  for step in steps:
     try:
       return step, restore(mngr, step, abstract_state)
-    except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
-      if isinstance(e, HiertxError):
-        raise
-      path = os.path.join(str(mngr.directory), str(step))
-      logging.warning("checkpoint %s cannot be restored (%s: %s); using an older one",
-                      path, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-      print(f"warning: checkpoint at step {step} is unreadable; falling back to an older one",
-            flush=True)
+    except Unreadable as e:
+      path = _step_dir(mngr, step)
+      logging.warning("%s", e)
+      print(f"warning: {e}; set aside as {step}.corrupt, trying the one before it", flush=True)
       if set_aside and os.path.isdir(path):
         os.rename(path, path + ".corrupt")
+      set_aside_paths.append(path + ".corrupt")
       mngr.reload()
+  if steps:
+    raise CheckpointError(
+        f"none of the checkpoints in {mngr.directory} can be read (set aside: "
+        f"{', '.join(os.path.basename(p) for p in set_aside_paths)}). The run does not start "
+        "over on its own: to train from step 0, move that directory away; to keep them, "
+        "point --workdir elsewhere.")
   return None, None
+
+
+# ----------------------------------------------------------------------------
+# Run status, which sweeps read.
 
 
 def read_status(workdir: str) -> dict:

@@ -1,10 +1,16 @@
 """What every command-line entry point shares: quiet library logs, and user
-errors printed as one line instead of a traceback."""
+errors (bad flags, misspelt config fields, bad config-file arguments, bad
+data) printed as one line instead of a traceback.
 
+  app.run(main, flags_parser=cli.parse_flags)
+"""
+
+import os
 import sys
 
 from absl import flags, logging
 
+from hiertx import config as config_lib
 from hiertx.errors import HiertxError
 
 
@@ -20,3 +26,40 @@ def run(fn, *args, **kwargs):
     return fn(*args, **kwargs)
   except HiertxError as e:
     sys.exit(f"error: {e}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every user mistake a one-line `error: ...`."""
+  spec = _config_spec(argv)
+  if spec is not None and not os.path.isfile(spec.partition(":")[0]):
+    sys.exit(f"error: --config: no config file {spec.partition(':')[0]!r}")
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, HiertxError) as e:
+    sys.exit(f"error: {e}")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises these for a --config.<path> that is not a field.
+    sys.exit(f"error: {_override_error(argv) or e}")
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config (a config file with its argument), if given."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  return spec
+
+
+def _override_error(argv: list[str]) -> str | None:
+  """The message of the first --config.<path>=... that names no field."""
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  try:
+    config = config_lib.load(spec)
+    for arg in argv:
+      if arg.startswith("--config."):
+        config_lib.check_path(config, arg[len("--config."):].split("=", 1)[0])
+  except HiertxError as e:
+    return str(e)
+  return None

@@ -7,14 +7,15 @@ path (`--config=configs/vanilla.py:size=tiny,runlocal`).
 """
 
 import ast
+import difflib
 import importlib.util
 import json
+import os
 from typing import Any
 
 import ml_collections
 
 from hiertx import models
-from hiertx import profiling
 from hiertx.errors import ConfigError
 
 # Sections a resumed run must share with the run that wrote the checkpoints.
@@ -28,13 +29,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       task="stdlib",  # stdlib | text_files | tiny_shakespeare | lm1b | pg19 | wiki40b | c4
       text_files="",  # a glob; when set, the text_files task reads it
-      split_fractions=(0.9, 0.05, 0.05),  # train/validation/test cut of each text file
+      split_fractions=(0.9, 0.05, 0.05),  # train/validation/test shares of text files
+      split_by="auto",  # file (whole files by path hash) | cut (each file) | auto (see tasks)
       vocab="byte",  # "byte" or a SentencePiece model path
       seq_len=256,
       batch_size=16,  # global batch, in rows of seq_len tokens
       pack=True,
+      align=-1,  # pieces start at multiples of this in a row; -1: the model's pooling factor
       seed=0,
       process_sharding="rows",  # rows | source (see hiertx.data)
+      cache_dir="",  # packed-data cache; "" = $HIERTX_DATA_CACHE or ~/.cache/hiertx/data
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=400,
@@ -51,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
       max_nonfinite_skips=0,  # >0: skip up to this many steps with a NaN/Inf loss
       profile_steps="",  # "N,M": trace steps N..M into <workdir>/profile (hiertx.profiling)
+      stop_check_every=10,  # multi-process: steps between agreeing on a stop (SIGTERM)
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every=200,  # also evaluated at the last step
@@ -94,9 +99,42 @@ def model_config(name: str, size: str, **fields) -> ml_collections.ConfigDict:
       attention="blockwise", attention_q_chunk=256, attention_k_chunk=256, **fields))
 
 
+def closest_first(word: str, choices) -> str:
+  """`choices` as text, the ones most like `word` first."""
+  choices = [str(c) for c in choices]
+  ranked = difflib.get_close_matches(str(word), choices, n=len(choices), cutoff=0.0)
+  return ", ".join(ranked + sorted(set(choices) - set(ranked)))
+
+
+def choose(options: dict, value, name: str):
+  """`options[value]` for a config file's argument `name` (e.g. size), or a
+  ConfigError listing the valid values, closest first."""
+  if value in options:
+    return options[value]
+  raise ConfigError(f"<arg>.{name}", f"{value!r} is not one of: "
+                    f"{closest_first(value, options)}")
+
+
+def check_path(config: ml_collections.ConfigDict, dotted: str) -> None:
+  """Raises a ConfigError when `section.field...` is not a field of `config`,
+  naming the valid ones, closest first."""
+  node, walked = config, []
+  for key in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(".".join(walked), f"is a value, not a section; {dotted!r} cannot be set")
+    if key not in node:
+      where = ".".join(walked) or "the config"
+      raise ConfigError(".".join([*walked, key]), f"is not a field of {where}; its fields "
+                        f"are: {closest_first(key, node.keys())}")
+    node = node[key]
+    walked.append(key)
+
+
 def load(path_and_arg: str) -> ml_collections.ConfigDict:
   """Loads `configs/x.py[:arg]` the way `--config=` does (for tests, sweeps, scripts)."""
   path, _, arg = path_and_arg.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError("<config>", f"no config file {path!r}")
   spec = importlib.util.spec_from_file_location("hiertx_config_file", path)
   if spec is None:
     raise ConfigError("<config>", f"cannot load config file {path!r}")
@@ -129,7 +167,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field that can be checked without data or devices."""
   for name in ("seq_len", "batch_size"):
     _positive_int("data", name, config.data[name])
-  for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+  for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "stop_check_every"):
     _positive_int("train", name, config.train[name])
   for name in ("every", "batch_size", "batches"):
     _positive_int("eval", name, config.eval[name])
@@ -144,13 +182,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.end_learning_rate_fraction", "must be in [0, 1]")
   if config.train.weight_decay < 0:
     raise ConfigError("train.weight_decay", "must be >= 0")
-  if config.data.process_sharding not in ("rows", "source"):
-    raise ConfigError("data.process_sharding", f"{config.data.process_sharding!r} is not "
-                      "'rows' or 'source'")
-  profiling.parse_steps(config.train.profile_steps)
+  profile_steps(config.train.profile_steps)
   if config.eval.split not in ("train", "validation", "test"):
     raise ConfigError("eval.split", f"{config.eval.split!r} is not train/validation/test")
   models.check(config.model, config.data.seq_len)
+
+
+def profile_steps(spec) -> tuple[int, int] | None:
+  """'N,M' (or a pair) -> (N, M); '' or None -> None."""
+  if spec in ("", None):
+    return None
+  parts = spec.split(",") if isinstance(spec, str) else list(spec)
+  try:
+    first, last = (int(p) for p in parts)
+  except (TypeError, ValueError):
+    raise ConfigError("train.profile_steps", f"{spec!r} is not 'N,M' (first and last "
+                      "step to trace, e.g. '10,12')") from None
+  if not 1 <= first <= last:
+    raise ConfigError("train.profile_steps", f"needs 1 <= N <= M, got {spec!r}")
+  return first, last
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -158,7 +208,16 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(text))
+  """A saved config, with fields added since it was saved at their defaults
+  (the model's defaults come from its class when it is built)."""
+  saved = json.loads(text)
+  config = base_config().to_dict()
+  for section, values in saved.items():
+    if isinstance(values, dict) and isinstance(config.get(section), dict):
+      config[section] = {**config[section], **values}
+    else:
+      config[section] = values
+  return ml_collections.ConfigDict(config)
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -194,10 +253,19 @@ def apply_size_defaults(c: ml_collections.ConfigDict, arg) -> None:
 
 def apply_override(config, assignment: str) -> None:
   """Sets `section.field=value`, parsing value like the command line would."""
-  dotted, _, value = assignment.partition("=")
-  section, _, field = dotted.partition(".")
+  dotted, eq, value = assignment.partition("=")
+  if not eq:
+    raise ConfigError(dotted, f"{assignment!r} is not field=value")
+  check_path(config, dotted)
   try:
     parsed = ast.literal_eval(value)
   except (ValueError, SyntaxError):
     parsed = value
-  config[section][field] = parsed
+  *parents, field = dotted.split(".")
+  node = config
+  for key in parents:
+    node = node[key]
+  try:
+    node[field] = parsed
+  except (TypeError, ValueError) as e:  # ConfigDict's type check
+    raise ConfigError(dotted, f"cannot be {parsed!r}: {e}") from None

@@ -1,36 +1,63 @@
-"""Input pipelines: seqio task -> pieces -> packed rows -> per-process batches.
+r"""Input pipelines: seqio task -> pieces -> packed rows (cached) -> batches by index.
+
+A split is read once through its seqio Task (documents tokenized, EOS
+appended, cut into pieces of at most `data.seq_len` tokens) and packed into
+rows (DESIGN.md section 7): every piece starts at a multiple of the
+alignment, the model's total pooling factor, so a document is grouped into
+coarse positions exactly as it would be alone. Pieces and packed rows are
+kept in a cache directory (memory-mapped .npy files, written once, keyed by
+everything that determines them).
 
 A batch is a dict of int32 numpy arrays [B, T]:
-  inputs       tokens the model reads (targets shifted right, 0 at row/document start)
+  inputs       tokens the model reads (targets shifted right, 0 at a piece's start)
   targets      tokens to predict
   weights      1 where a target counts in the loss, 0 on padding
-  segment_ids  document of each position (packed rows; 0 is padding)
-  positions    position within its document
-Training order is a pure function of (data.seed, step): resuming at step N
-skips N batches of the same stream, so a resumed run sees the same data.
+  segment_ids  piece of each position within its row (0 is padding)
+  positions    position within its piece
 
-With several processes each one feeds its slice of the global batch:
-  data.process_sharding="rows"   every process reads the stream and keeps its
-                                 rows: the global batch is the same for any
-                                 number of processes (reproducible, resumable
-                                 on another topology); the default.
-  data.process_sharding="source" seqio `shard_info` splits the source, so each
-                                 process reads only its part: for corpora too
-                                 big for every host to read.
+Training reads an endless stream of rows in which epoch e is a seeded
+permutation of all rows; the batch of step n is rows n B .. n B + B - 1 of
+that stream, computed directly from (data.seed, n). Resuming at step N
+therefore reads step N's rows without producing the batches before it, and
+the global batch of a step is the same for any number of processes.
+
+With several processes each one reads only its rows of the global batch:
+  data.process_sharding="rows"   every process has the whole split's cache
+                                 (each host builds the same one, or shares
+                                 it); global batches do not depend on the
+                                 process count; the default.
+  data.process_sharding="source" seqio `shard_info` splits the source, and
+                                 each process packs and reads only its shard:
+                                 for corpora too big for one host. Batches
+                                 depend on the process count.
+
+    python -m hiertx.data --config=configs/vanilla.py --split=train
+builds (or checks) a split's cache ahead of a run, with progress.
 """
 
 import dataclasses
+import hashlib
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Iterator
 
 import numpy as np
 import seqio
-import tensorflow as tf
+from absl import app, flags
+from ml_collections import config_flags
 
+from hiertx import cli
+from hiertx import models
 from hiertx import tasks
-from hiertx.errors import DataError
+from hiertx.errors import ConfigError, DataError
 
-_KEYS = {"decoder_input_tokens": "inputs", "decoder_target_tokens": "targets",
-         "decoder_loss_weights": "weights", "decoder_segment_ids": "segment_ids",
-         "decoder_positions": "positions"}
+# Bump when the cached layout or the packing changes.
+_FORMAT = 1
+PROCESS_SHARDINGS = ("rows", "source")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +71,12 @@ class Shard:
 def check_data(data_cfg) -> None:
   """Fails before compiling when the corpus cannot fill one example."""
   tasks.get_task(data_cfg)
+  if not isinstance(data_cfg.align, int) or data_cfg.align == 0 or data_cfg.align < -1:
+    raise ConfigError("data.align", f"must be -1 (the model's pooling factor) or a positive "
+                      f"integer, got {data_cfg.align!r}")
+  if data_cfg.process_sharding not in PROCESS_SHARDINGS:
+    raise ConfigError("data.process_sharding", f"{data_cfg.process_sharding!r} is not one of "
+                      f"{PROCESS_SHARDINGS}")
   sizes = tasks.local_split_bytes(data_cfg)
   if sizes is None:
     return
@@ -59,68 +92,335 @@ def check_data(data_cfg) -> None:
                     "validation fraction in data.split_fractions")
 
 
-PROCESS_SHARDINGS = ("rows", "source")
+def alignment(data_cfg, pooling_multiple: int) -> int:
+  """Where pieces may start in a row: data.align, or (-1) the model's pooling factor."""
+  return pooling_multiple if data_cfg.align == -1 else data_cfg.align
 
 
-def _rows(data_cfg, split: str, shuffle: bool, repeat: bool, shard: Shard) -> tf.data.Dataset:
+# ----------------------------------------------------------------------------
+# The cache: pieces of a split, then packed rows.
+
+
+def cache_root(data_cfg) -> str:
+  return os.path.expanduser(data_cfg.cache_dir or os.environ.get(
+      "HIERTX_DATA_CACHE", os.path.join("~", ".cache", "hiertx", "data")))
+
+
+def _key(*parts) -> str:
+  return hashlib.sha1(json.dumps([_FORMAT, *parts], sort_keys=True, default=str).encode()
+                      ).hexdigest()[:16]
+
+
+def _source_key(data_cfg, split: str, shard: Shard) -> list:
   task = tasks.get_task(data_cfg)
-  if data_cfg.process_sharding == "rows":
-    shard = Shard()
-  lengths = {"targets": data_cfg.seq_len}
-  ds = task.get_dataset(
-      lengths, split=split, shuffle=shuffle, seed=data_cfg.seed if shuffle else None,
-      num_epochs=None if repeat else 1, use_cached=False,
-      shard_info=seqio.ShardInfo(shard.index, shard.count) if shard.count > 1 else None)
-  ds = seqio.LMFeatureConverter(pack=data_cfg.pack)(ds, lengths)
-  return ds.map(lambda ex: {_KEYS[k]: tf.cast(v, tf.int32) for k, v in ex.items()})
+  local = tasks.local_source_key(data_cfg)
+  sharded = data_cfg.process_sharding == "source" and shard.count > 1
+  return [task.name, split, data_cfg.seq_len, local,
+          [shard.index, shard.count] if sharded else None]
 
 
-def _complete(batch: dict, seq_len: int) -> dict:
-  """Adds segment ids and positions when rows are not packed."""
-  b = batch["targets"].shape[0]
-  if "segment_ids" not in batch:
-    batch["segment_ids"] = (batch["targets"] != 0).astype(np.int32)
-    batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (b, seq_len)).copy()
-  return batch
+def _write_atomically(directory: str, arrays: dict, meta: dict) -> None:
+  """Writes a cache entry to a temporary directory and renames it: readers
+  never see a half-written entry; of two concurrent builders one wins."""
+  tmp = f"{directory}.tmp-{os.getpid()}-{threading.get_ident()}"
+  os.makedirs(tmp, exist_ok=True)
+  for name, array in arrays.items():
+    np.save(os.path.join(tmp, f"{name}.npy"), array)
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  try:
+    os.rename(tmp, directory)
+  except OSError:  # another process finished first: its entry is the same
+    for name in os.listdir(tmp):
+      os.remove(os.path.join(tmp, name))
+    os.rmdir(tmp)
 
 
-def _local_rows(batch: dict, shard: Shard, data_cfg) -> dict:
-  if data_cfg.process_sharding != "rows" or shard.count == 1:
-    return batch
-  n = batch["targets"].shape[0] // shard.count
-  return {k: v[shard.index * n:(shard.index + 1) * n] for k, v in batch.items()}
+def _load(directory: str, names) -> tuple[dict, dict]:
+  with open(os.path.join(directory, "meta.json")) as f:
+    meta = json.load(f)
+  return {n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in names}, meta
 
 
-def _read_batch_size(global_batch: int, shard: Shard, data_cfg) -> int:
-  return global_batch if data_cfg.process_sharding == "rows" else global_batch // shard.count
+def pieces(data_cfg, split: str, shard: Shard = Shard()) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens int32 [N], offsets int64 [P + 1]) of every piece of a split, in
+  corpus order, built through the seqio Task on first use."""
+  directory = os.path.join(cache_root(data_cfg), "pieces-" + _key(
+      *_source_key(data_cfg, split, shard), data_cfg.vocab))
+  if not os.path.exists(os.path.join(directory, "meta.json")):
+    tokens, offsets, docs = _read_pieces(data_cfg, split, shard)
+    _write_atomically(directory, {"tokens": tokens, "offsets": offsets},
+                      {"pieces": len(offsets) - 1, "tokens": int(offsets[-1]), "documents": docs})
+  arrays, _ = _load(directory, ("tokens", "offsets"))
+  return arrays["tokens"], arrays["offsets"]
 
 
-def train_batches(data_cfg, global_batch: int, start_step: int = 0, shard: Shard = Shard()):
-  """Endless iterator of this process's training rows, starting at `start_step`."""
-  ds = _rows(data_cfg, "train", shuffle=True, repeat=True, shard=shard)
-  ds = ds.batch(_read_batch_size(global_batch, shard, data_cfg), drop_remainder=True)
-  for batch in ds.skip(start_step).prefetch(2).as_numpy_iterator():
-    yield _local_rows(_complete(batch, data_cfg.seq_len), shard, data_cfg)
+def _read_pieces(data_cfg, split: str, shard: Shard):
+  task = tasks.get_task(data_cfg)
+  sharded = data_cfg.process_sharding == "source" and shard.count > 1
+  ds = task.get_dataset({"targets": data_cfg.seq_len}, split=split, shuffle=False,
+                        num_epochs=1, use_cached=False,
+                        shard_info=seqio.ShardInfo(shard.index, shard.count) if sharded else None)
+  ds = ds.padded_batch(1024, padded_shapes={"targets": [data_cfg.seq_len]})
+  chunks, lengths, t0, docs = [], [], time.time(), 0
+  for i, batch in enumerate(ds.as_numpy_iterator()):
+    rows = batch["targets"]
+    n = (rows != 0).sum(1)  # no token is 0 (padding)
+    chunks.append(rows[rows != 0].astype(np.int32))
+    lengths.append(n)
+    eos = getattr(task.output_features["targets"].vocabulary, "eos_id", None)
+    docs += int((rows == eos).sum()) if eos is not None else 0
+    if i and i % 50 == 0:
+      print(f"data: reading {task.name} {split}: {sum(map(len, lengths)):,} pieces "
+            f"({time.time() - t0:.0f}s)", flush=True)
+  lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+  tokens = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+  return tokens, offsets, docs
+
+
+def pack(tokens: np.ndarray, offsets: np.ndarray, order: np.ndarray, seq_len: int, align: int,
+         packed: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Packs pieces (in `order`) into rows: (targets [R, T], segments [R, T], stats).
+
+  Each piece starts at a multiple of `align` in its row; a piece that does
+  not fit starts a new row. Unpacked (`packed=False`): one piece per row.
+  """
+  lengths = np.diff(offsets)[order]
+  starts = np.empty(len(order), np.int64)
+  rows = np.empty(len(order), np.int64)
+  row, pos, slot = 0, 0, np.empty(len(order), np.int32)
+  seg = 0
+  for i, n in enumerate(lengths):
+    at = -(-pos // align) * align
+    if i and (not packed or at + n > seq_len):
+      row, at, seg = row + 1, 0, 0
+    rows[i], starts[i], slot[i] = row, at, seg + 1
+    pos, seg = at + n, seg + 1
+  n_rows = row + 1 if len(order) else 0
+  targets = np.zeros((n_rows, seq_len), np.int32)
+  segments = np.zeros((n_rows, seq_len), np.int32)
+  for i, p in enumerate(order):
+    a, n = starts[i], lengths[i]
+    targets[rows[i], a:a + n] = tokens[offsets[p]:offsets[p + 1]]
+    segments[rows[i], a:a + n] = slot[i]
+  used = int(lengths.sum())
+  last_ends = np.zeros(n_rows, np.int64)
+  np.maximum.at(last_ends, rows, starts + lengths)
+  stats = {"rows": n_rows, "tokens": used,
+           "alignment_padding": int(last_ends.sum() - used),
+           "end_padding": int(n_rows * seq_len - last_ends.sum())}
+  return targets, segments, stats
+
+
+def packed_rows(data_cfg, split: str, align: int, shard: Shard = Shard()):
+  """(targets [R, T], segments [R, T], stats) of a split, memory-mapped from
+  the cache. The training split is packed in a seeded random order of its
+  pieces (so rows mix documents); the others in corpus order."""
+  shuffled = split == "train"
+  directory = os.path.join(cache_root(data_cfg), "rows-" + _key(
+      *_source_key(data_cfg, split, shard), data_cfg.vocab, align, bool(data_cfg.pack),
+      data_cfg.seed if shuffled else None))
+  if not os.path.exists(os.path.join(directory, "meta.json")):
+    tokens, offsets = pieces(data_cfg, split, shard)
+    order = np.arange(len(offsets) - 1)
+    if shuffled:
+      order = np.random.default_rng([data_cfg.seed, 1]).permutation(order)
+    targets, segments, stats = pack(tokens, offsets, order, data_cfg.seq_len, align,
+                                    data_cfg.pack)
+    _write_atomically(directory, {"targets": targets, "segments": segments}, stats)
+  arrays, stats = _load(directory, ("targets", "segments"))
+  if not stats["rows"]:
+    raise DataError(f"the {split} split of {data_cfg.text_files or data_cfg.task} "
+                    "yields no examples")
+  return arrays["targets"], arrays["segments"], stats
+
+
+# ----------------------------------------------------------------------------
+# Batches.
+
+
+def batch_of(targets_BxT: np.ndarray, segments_BxT: np.ndarray) -> dict:
+  """The model's inputs for packed rows: positions restart and inputs are the
+  targets shifted right (0 first) within each piece."""
+  targets = np.asarray(targets_BxT, np.int32)
+  segments = np.asarray(segments_BxT, np.int32)
+  b, t = targets.shape
+  idx = np.broadcast_to(np.arange(t), (b, t))
+  start = np.ones((b, t), bool)
+  start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+  first = np.maximum.accumulate(np.where(start, idx, 0), axis=1)
+  inputs = np.zeros_like(targets)
+  inputs[:, 1:] = targets[:, :-1]
+  inputs[start] = 0
+  live = segments != 0
+  return {"inputs": np.where(live, inputs, 0), "targets": targets,
+          "weights": live.astype(np.int32), "segment_ids": segments,
+          "positions": np.where(live, idx - first, 0).astype(np.int32)}
+
+
+def permuted(index: np.ndarray, n: int, key: int) -> np.ndarray:
+  """A bijection of [0, n) chosen by `key`, applied to `index`: four rounds of a
+  Feistel network over the smallest even power of two >= n, walking again
+  from values that land past n. Needs no memory proportional to n."""
+  bits = max(2, int(np.ceil(np.log2(max(n, 2)))))
+  bits += bits % 2
+  half, mask = bits // 2, np.uint64((1 << (bits // 2)) - 1)
+  round_keys = np.random.default_rng(key).integers(0, 2**32, 4, dtype=np.uint64)
+
+  def once(x):
+    left, right = x >> np.uint64(half), x & mask
+    for k in round_keys:
+      mixed = (right * np.uint64(0x9E3779B97F4A7C15) + k) & np.uint64(2**64 - 1)
+      mixed ^= mixed >> np.uint64(29)
+      left, right = right, left ^ (mixed & mask)
+    return (left << np.uint64(half)) | right
+
+  x = np.asarray(index, np.uint64)
+  out = once(x)
+  outside = out >= n
+  while outside.any():  # cycle walking: the permutation of [0, 2^bits) maps back in
+    out[outside] = once(out[outside])
+    outside = out >= n
+  return out.astype(np.int64)
+
+
+def step_rows(step: int, global_batch: int, n_rows: int, seed: int, shard: Shard,
+              data_cfg) -> np.ndarray:
+  """Indices of this process's rows of the global batch of `step`."""
+  local = global_batch // shard.count
+  first = step * global_batch + (shard.index * local if data_cfg.process_sharding == "rows"
+                                 else 0)
+  if data_cfg.process_sharding == "source":  # each process's own stream
+    first = step * local
+  g = first + np.arange(local, dtype=np.int64)
+  epoch, within = np.divmod(g, n_rows)
+  out = np.empty_like(g)
+  for e in np.unique(epoch):
+    out[epoch == e] = permuted(within[epoch == e], n_rows, [seed, int(e)])
+  return out
+
+
+def train_batches(data_cfg, global_batch: int, start_step: int = 0, shard: Shard = Shard(),
+                  align: int = 1) -> Iterator[dict]:
+  """Endless iterator of this process's training rows, from `start_step` on;
+  the next batches are read ahead on a thread."""
+  targets, segments, _ = packed_rows(data_cfg, "train", align, shard)
+
+  def read(step):
+    rows = step_rows(step, global_batch, len(targets), data_cfg.seed, shard, data_cfg)
+    order = np.argsort(rows)  # memory-mapped reads in file order, put back after
+    t = np.empty((len(rows), data_cfg.seq_len), np.int32)
+    s = np.empty_like(t)
+    t[order], s[order] = targets[rows[order]], segments[rows[order]]
+    return batch_of(t, s)
+
+  return _read_ahead(read, start_step)
+
+
+def _read_ahead(read, step: int, depth: int = 2) -> Iterator[dict]:
+  """read(step), read(step + 1), ..., with up to `depth` batches prepared by a
+  background thread while the device trains."""
+  ready: queue.Queue = queue.Queue(maxsize=depth)
+  stop = threading.Event()
+
+  def produce(s):
+    while not stop.is_set():
+      try:
+        item = read(s)
+      except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+        item = e
+      while not stop.is_set():
+        try:
+          ready.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if isinstance(item, BaseException):
+        return
+      s += 1
+
+  threading.Thread(target=produce, args=(step,), daemon=True).start()
+  try:
+    while True:
+      item = ready.get()
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
 
 
 def eval_batches(data_cfg, split: str, global_batch: int, max_batches: int,
-                 shard: Shard = Shard()) -> list[dict]:
+                 shard: Shard = Shard(), align: int = 1) -> list[dict]:
   """This process's rows of the first `max_batches` batches of a split, in
-  file order, padded to full size.
-
-  Materialised once so every evaluation scores exactly the same tokens.
-  """
-  ds = _rows(data_cfg, split, shuffle=False, repeat=False, shard=shard)
-  batch_size = _read_batch_size(global_batch, shard, data_cfg)
-  ds = ds.batch(batch_size).take(max_batches)
+  corpus order, padded to full size. The same rows at every evaluation."""
+  targets, segments, _ = packed_rows(data_cfg, split, align, shard)
+  local = global_batch // shard.count
   out = []
-  for batch in ds.as_numpy_iterator():
-    batch = _complete(batch, data_cfg.seq_len)
-    short = batch_size - batch["targets"].shape[0]
-    if short:
-      batch = {k: np.pad(v, ((0, short), (0, 0))) for k, v in batch.items()}
-    out.append(_local_rows(batch, shard, data_cfg))
-  if not out:
-    raise DataError(f"the {split} split of {data_cfg.text_files or data_cfg.task} "
-                    "yields no examples")
+  for i in range(min(max_batches, -(-len(targets) // global_batch))):
+    lo = i * global_batch + (shard.index * local if data_cfg.process_sharding == "rows" else 0)
+    if data_cfg.process_sharding == "source":
+      lo = i * local
+    t = np.zeros((local, data_cfg.seq_len), np.int32)
+    s = np.zeros_like(t)
+    got = targets[lo:lo + local]
+    t[:len(got)], s[:len(got)] = got, segments[lo:lo + local]
+    out.append(batch_of(t, s))
   return out
+
+
+def documents(data_cfg, split: str) -> Iterator[np.ndarray]:
+  """Every document of a split as one token array (EOS last), in corpus order:
+  its pieces joined again."""
+  tokens, offsets = pieces(data_cfg, split)
+  eos = getattr(tasks.vocabulary(data_cfg.vocab), "eos_id", 1)
+  start = 0
+  for p in range(len(offsets) - 1):
+    if tokens[offsets[p + 1] - 1] == eos or p == len(offsets) - 2:
+      yield np.asarray(tokens[offsets[start]:offsets[p + 1]])
+      start = p + 1
+
+
+def scored_text(batches: list[dict], vocab) -> bytes:
+  """The bytes of the scored targets of evaluation batches, in order (what a
+  compressor baseline compresses)."""
+  ids = [int(x) for b in batches for row, w in zip(b["targets"], b["weights"])
+         for x in row[w > 0]]
+  return tasks.decode_bytes(vocab, ids)
+
+
+# ----------------------------------------------------------------------------
+# Building a cache ahead of a run.
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
+                                  lock_config=True)
+  flags.DEFINE_list("split", ["train", "validation"], "Splits to build.")
+  flags.DEFINE_integer("align", None, "Alignment (default: data.align; -1 needs the model).")
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  del argv
+  cli.quiet_library_logs()
+  config = flags.FLAGS.config
+  cli.run(check_data, config.data)
+  align = flags.FLAGS.align or config.data.align
+  if align == -1:
+    align = models.build(config.model, 1, config.data.seq_len).pooling_multiple()
+  for split in flags.FLAGS.split:
+    _, _, stats = cli.run(packed_rows, config.data, split, align)
+    pad = stats["alignment_padding"] + stats["end_padding"]
+    total = max(1, pad + stats["tokens"])
+    print(f"{split}: {stats['rows']:,} rows of {config.data.seq_len}, {stats['tokens']:,} "
+          f"tokens, alignment {align}: padding {stats['alignment_padding'] / total:.1%} "
+          f"between pieces, {stats['end_padding'] / total:.1%} at row ends "
+          f"(cache: {cache_root(config.data)})", flush=True)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=cli.parse_flags)

@@ -1,23 +1,41 @@
 r"""Evaluates a checkpoint: `python -m hiertx.evaluate --workdir=... [--step] [--split]`.
 
-Rebuilds the model from the workdir's config.json, restores the newest (or
-the given) checkpoint onto the current devices, and scores the split with
-the same batches the trainer uses. Prints loss, perplexity and bits per byte
-and writes them to `<workdir>/eval_<split>_<step>.json`.
+  # the rows the trainer evaluates (reproduces its logged eval loss)
+  python -m hiertx.evaluate --workdir=W [--step=N] [--split=test]
+  # every byte of every document of the split, each with up to 4096 tokens of
+  # context, in windows advancing 1024 tokens at a time
+  python -m hiertx.evaluate --workdir=W --split=test --context=4096 --stride=1024
+
+Rebuilds the model from the workdir's config.json and restores the
+checkpoint's parameters (nothing else) onto the current devices. Prints loss,
+perplexity, bits per byte and what was scored, with `gzip -9` and `xz -9`
+bits per byte of the same text beside them, and writes the result to
+`<workdir>/eval_<split>_<step>[_ctx<C>_stride<S>].json`.
+
+Whole-document evaluation scores each token of a document exactly once: the
+k-th window scores tokens [kS, kS + S) of the document, reading up to C tokens
+that end with them (so a token has at least C - S tokens of context unless the
+document starts closer). With C = S = data.seq_len the windows are the pieces
+training cuts documents into, and the number is the row-based one on unpacked
+rows.
 """
 
 import json
 import os
+import sys
+import time
 
 import jax
+import numpy as np
 from absl import app, flags
 
 from hiertx import checkpoint
 from hiertx import cli
 from hiertx import data
 from hiertx import distributed
+from hiertx import metrics
 from hiertx import steps
-from hiertx.errors import CheckpointError, ConfigError
+from hiertx.errors import CheckpointError, ConfigError, FlagError
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -31,54 +49,112 @@ def parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
-def load_checkpoint(workdir: str, step: int | None = None, mesh: str = "data=-1",
-                    devices=None):
-  """(config, run, step, state) of a workdir's checkpoint (default: the newest),
-  restored onto `mesh` whatever mesh it was saved from."""
+def load_params(workdir: str, step: int | None = None, mesh: str = "data=-1", devices=None,
+                seq_len: int | None = None, needs_data: bool = True):
+  """(config, run, step, params) of a workdir's checkpoint (default: the newest):
+  the parameters alone, restored onto `mesh` whatever mesh they were saved
+  from. `seq_len` builds the run for another length than training's;
+  generation (`needs_data=False`) does not check the corpus."""
   config = checkpoint.load_config(workdir)
   config.mesh.update(parse_mesh(mesh))
-  run = steps.build_run(config, devices)
+  if seq_len is not None:
+    config.data.seq_len = seq_len
+  run = steps.build_run(config, devices, check_data=needs_data)
   mngr = checkpoint.manager(workdir)
-  saved = mngr.all_steps()
-  if not saved:
-    raise CheckpointError(f"{workdir!r} has no checkpoints")
-  step = max(saved) if step is None else step
-  if step not in saved:
-    raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has {sorted(saved)}")
-  state = checkpoint.restore(mngr, step, run.abstract_state)
-  mngr.close()
-  return config, run, step, state
+  try:
+    saved = mngr.all_steps()
+    if not saved:
+      raise CheckpointError(f"{workdir!r} has no checkpoints")
+    step = max(saved) if step is None else step
+    if step not in saved:
+      raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has "
+                            f"{sorted(saved)}")
+    params = checkpoint.restore_params(mngr, step, run.abstract_state)
+  finally:
+    mngr.close()
+  return config, run, step, params
+
+
+def _write(workdir: str, name: str, result: dict) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, name), "w") as f:
+      json.dump(result, f, indent=2)
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None = None,
                         batches: int | None = None, mesh: str = "data=-1",
                         devices=None) -> dict:
-  """Scores a checkpoint, restored onto `mesh` over `devices` (default: all,
-  data parallel), whatever mesh it was saved from."""
-  config, run, step, state = load_checkpoint(workdir, step, mesh, devices)
+  """Scores a checkpoint on the trainer's evaluation rows, restored onto
+  `mesh` over `devices` (default: all, data parallel)."""
+  config, run, step, params = load_params(workdir, step, mesh, devices)
   if batches is not None:
     config.eval.batches = batches
   split = split or config.eval.split
+  shard = data.Shard(jax.process_index(), jax.process_count())
   eval_data = data.eval_batches(config.data, split, config.eval.batch_size,
-                                config.eval.batches,
-                                data.Shard(jax.process_index(), jax.process_count()))
-  result = {"step": step, "split": split, **run.evaluate(state.params, eval_data)}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, f"eval_{split}_{step}.json"), "w") as f:
-      json.dump(result, f, indent=2)
+                                config.eval.batches, shard, run.align)
+  result = {"step": step, "split": split, **run.evaluate(params, eval_data),
+            **metrics.compressor_bits_per_byte(data.scored_text(eval_data, run.vocab))}
+  _write(workdir, f"eval_{split}_{step}.json", result)
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
-  distributed.initialize_from_flags()
-  f = flags.FLAGS
-  r = cli.run(evaluate_checkpoint, f.workdir, f.step, f.split, f.batches, f.mesh)
-  print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
-        f"{r['eval/perplexity']:.3f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
-        f"{r['eval/tokens']:.0f} tokens", flush=True)
+def windows(doc_lengths, context: int, stride: int) -> list[tuple[int, int, int, int]]:
+  """(document, first token read, first scored, end) of every window: each
+  token of each document scored once, with up to `context` tokens read."""
+  out = []
+  for d, length in enumerate(doc_lengths):
+    for lo in range(0, length, stride):
+      hi = min(lo + stride, length)
+      out.append((d, max(0, hi - context), lo, hi))
+  return out
+
+
+def evaluate_documents(workdir: str, split: str, context: int, stride: int,
+                       step: int | None = None, mesh: str = "data=-1", devices=None) -> dict:
+  """Bits per byte over every token of every document of `split`, each scored
+  once with up to `context` tokens of context, windows advancing `stride`."""
+  if stride < 1 or context < stride:
+    raise FlagError("--stride", f"must be between 1 and --context={context}, got {stride}")
+  config, run, step, params = load_params(workdir, step, mesh, devices, seq_len=context)
+  docs = list(data.documents(config.data, split))
+  plan = windows([len(d) for d in docs], context, stride)
+  global_batch = config.eval.batch_size
+  shard = data.Shard(jax.process_index(), jax.process_count())
+  local = global_batch // shard.count
+  sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+  scored = bytearray()
+  t0, n_batches = time.time(), -(-len(plan) // global_batch)
+  for b in range(n_batches):
+    chunk = plan[b * global_batch:(b + 1) * global_batch]
+    targets = np.zeros((global_batch, context), np.int32)
+    segments = np.zeros_like(targets)
+    scored_mask = np.zeros_like(targets)
+    for i, (d, start, lo, hi) in enumerate(chunk):
+      targets[i, :hi - start] = docs[d][start:hi]
+      segments[i, :hi - start] = 1
+      scored_mask[i, lo - start:hi - start] = 1
+      scored += data.scored_text([{"targets": targets[i:i + 1], "weights": scored_mask[i:i + 1]}],
+                                 run.vocab)
+    batch = data.batch_of(targets, segments)
+    batch["weights"] = scored_mask
+    rows = slice(shard.index * local, (shard.index + 1) * local)
+    out = jax.device_get(run.eval_step(params, run.put_batch({k: v[rows] for k, v in
+                                                              batch.items()})))
+    for k in sums:
+      sums[k] += float(out[k])
+    if (b + 1) % 50 == 0 and jax.process_index() == 0:
+      done = time.time() - t0
+      print(f"  {b + 1}/{n_batches} batches, ETA {done / (b + 1) * (n_batches - b - 1):.0f}s",
+            flush=True)
+  total = sum(len(d) for d in docs)
+  if sums["tokens"] != total:
+    raise AssertionError(f"scored {sums['tokens']:.0f} of {total} tokens")
+  result = {"step": step, "split": split, "context": context, "stride": stride,
+            "documents": len(docs), "windows": len(plan), **steps.summarize_eval(sums),
+            "eval/bytes": sums["bytes"], **metrics.compressor_bits_per_byte(bytes(scored))}
+  _write(workdir, f"eval_{split}_{step}_ctx{context}_stride{stride}.json", result)
+  return result
 
 
 def define_flags() -> None:
@@ -89,10 +165,42 @@ def define_flags() -> None:
   flags.DEFINE_integer("batches", None, "Batches to score (default: eval.batches).")
   flags.DEFINE_string("mesh", "data=-1", "Mesh to restore onto, e.g. data=2,fsdp=4 "
                       "(-1: the remaining devices); independent of the training mesh.")
+  flags.DEFINE_integer("context", None, "Whole-document evaluation: tokens each window "
+                       "reads (default: --stride, or data.seq_len).")
+  flags.DEFINE_integer("stride", None, "Whole-document evaluation: tokens each window "
+                       "scores (default: --context).")
   flags.mark_flags_as_required(["workdir"])
   distributed.define_flags()
 
 
+def _baselines(r: dict) -> str:
+  return (f"gzip -9 {r['gzip_bits_per_byte']:.4f}, xz -9 {r['xz_bits_per_byte']:.4f} "
+          "bits/byte on the same text")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_library_logs()
+  distributed.initialize_from_flags()
+  f = flags.FLAGS
+  if f.context is None and f.stride is None:
+    r = cli.run(evaluate_checkpoint, f.workdir, f.step, f.split, f.batches, f.mesh)
+    print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
+          f"{r['eval/perplexity']:.3f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
+          f"{r['eval/tokens']:.0f} tokens; {_baselines(r)}", flush=True)
+    return
+  config = cli.run(checkpoint.load_config, f.workdir)
+  context = f.context or f.stride or config.data.seq_len
+  r = cli.run(evaluate_documents, f.workdir, f.split or config.eval.split, context,
+              f.stride or context, f.step, f.mesh)
+  print(f"step {r['step']} ({r['split']}, whole documents, context {r['context']}, stride "
+        f"{r['stride']}): bits/byte {r['eval/bits_per_byte']:.4f} | {r['eval/bytes']:,.0f} "
+        f"bytes in {r['documents']:,} documents ({r['windows']:,} windows) | loss "
+        f"{r['eval/loss']:.4f}; {_baselines(r)}", flush=True)
+  sys.stdout.flush()
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

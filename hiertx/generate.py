@@ -37,11 +37,11 @@ def from_checkpoint(workdir: str, prompt: str, max_new_tokens: int, temperature=
     raise FlagError("--max_new_tokens", f"must be >= 1, got {max_new_tokens}")
   if not prompt:
     raise FlagError("--prompt", "must not be empty: the model needs a token to continue")
-  config, run, step, state = evaluate.load_checkpoint(workdir, step, "data=1",
-                                                      jax.local_devices()[:1])
+  config, run, step, params = evaluate.load_params(workdir, step, "data=1",
+                                                   jax.local_devices()[:1], needs_data=False)
   ids = np.asarray(run.vocab.encode(prompt), np.int32)[None]
   dec = decode.decoder(run.model, ids.shape[1] + max_new_tokens)
-  params = jax.device_get(state.params)
+  params = jax.device_get(params)
   out = np.asarray(decode.generate_cached(params, ids, seed, dec=dec, new_tokens=max_new_tokens,
                                           temperature=temperature, top_k=top_k,
                                           top_p=top_p))[0]
@@ -75,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -66,13 +66,15 @@ def remember(module: nn.Module, name: str, value) -> None:
   module.sow(DECODE, name, value, reduce_fn=lambda _, new: new, init_fn=lambda: None)
 
 
-def rotary(x_BxLxHxK: jax.Array, pos_L) -> jax.Array:
-  """Rotary position embedding at explicit (possibly coarse) positions."""
+def rotary(x_BxLxHxK: jax.Array, pos) -> jax.Array:
+  """Rotary position embedding at explicit (possibly coarse) positions, [L] or [B, L]."""
   half = x_BxLxHxK.shape[-1] // 2
   freq_K2 = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angle_LxK2 = jnp.asarray(pos_L).astype(jnp.float32)[:, None] * freq_K2[None, :]
-  sin = jnp.sin(angle_LxK2)[None, :, None, :]
-  cos = jnp.cos(angle_LxK2)[None, :, None, :]
+  pos_BxL = jnp.asarray(pos).astype(jnp.float32)
+  pos_BxL = pos_BxL[None] if pos_BxL.ndim == 1 else pos_BxL
+  angle = pos_BxL[..., None] * freq_K2
+  sin = jnp.sin(angle)[:, :, None, :]
+  cos = jnp.cos(angle)[:, :, None, :]
   x = x_BxLxHxK.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:2 * half]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:]], -1)
@@ -162,7 +164,7 @@ class Attention(nn.Module):
 
   def __call__(self, x_BxQxD, query, kv: KV, key):
     """Queries from `x` (a Scale `query`) over rotated keys/values (a Scale `key`)."""
-    q = self.project_q(x_BxQxD, query.end_L)
+    q = self.project_q(x_BxQxD, query.rotary_pos)
     o = attention_lib.attend(q, kv.k, kv.v, query.end_L, key.end_L, query.seg_BxL, key.seg_BxL,
                          self.cfg.attention)
     return self.output(o)
@@ -220,13 +222,13 @@ class Block(nn.Module):
   def __call__(self, x_BxQxD, query, deterministic: bool = True):
     """Self-attention over the vectors of one scale (a Scale `query`)."""
     h = self.ln_attn(x_BxQxD)
-    return self._attend(x_BxQxD, h, query, self.attn.keys_values(h, query.end_L), query,
+    return self._attend(x_BxQxD, h, query, self.attn.keys_values(h, query.rotary_pos), query,
                         deterministic)
 
   def attend_to(self, x_BxQxD, query, kv_BxSxD, key, deterministic: bool = True):
     """Cross-attention from `x` (Scale `query`) to `kv` (Scale `key`)."""
     return self._attend(x_BxQxD, self.ln_attn(x_BxQxD), query,
-                        self.cross_keys(kv_BxSxD, key.end_L), key, deterministic)
+                        self.cross_keys(kv_BxSxD, key.rotary_pos), key, deterministic)
 
   def _attend(self, x_BxQxD, h_BxQxD, query, keys: KV, key, deterministic: bool):
     remember(self, "kv", keys)  # a decoder's key/value cache

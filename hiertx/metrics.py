@@ -1,7 +1,9 @@
 """What a run reports (DESIGN.md section 6): JSONL + TensorBoard writers, the
 XLA memory/cost analysis of a compiled step, parameter counts, run facts."""
 
+import gzip
 import json
+import lzma
 import math
 import os
 import platform
@@ -50,6 +52,15 @@ class Writer:
 def read_jsonl(path: str) -> list[dict]:
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def compressor_bits_per_byte(text: bytes) -> dict[str, float]:
+  """What general-purpose compressors spend on `text`: `gzip -9` and `xz -9`
+  (Python's gzip and lzma at those presets), in bits per byte. A language
+  model's bits per byte on the same text reads against them."""
+  n = max(len(text), 1)
+  return {"gzip_bits_per_byte": 8 * len(gzip.compress(text, compresslevel=9, mtime=0)) / n,
+          "xz_bits_per_byte": 8 * len(lzma.compress(text, preset=9)) / n}
 
 
 def xla_memory(compiled) -> dict[str, int]:

@@ -19,34 +19,20 @@ import gzip
 import json
 import os
 import re
-import sys
 
 import jax
 from absl import app, flags
 
-from hiertx.errors import ConfigError, HiertxError
-
-
-def parse_steps(spec) -> tuple[int, int] | None:
-  """'N,M' (or a pair) -> (N, M); '' or None -> None."""
-  if spec in ("", None):
-    return None
-  parts = spec.split(",") if isinstance(spec, str) else list(spec)
-  try:
-    first, last = (int(p) for p in parts)
-  except (TypeError, ValueError):
-    raise ConfigError("train.profile_steps", f"{spec!r} is not 'N,M' (first and last "
-                      "step to trace, e.g. '10,12')") from None
-  if not 1 <= first <= last:
-    raise ConfigError("train.profile_steps", f"needs 1 <= N <= M, got {spec!r}")
-  return first, last
+from hiertx import cli
+from hiertx import config as config_lib
+from hiertx.errors import HiertxError
 
 
 class StepTrace:
   """Starts a trace before step N and stops it after step M has finished."""
 
   def __init__(self, spec, workdir: str, active: bool = True):
-    self.steps = parse_steps(spec) if active else None
+    self.steps = config_lib.profile_steps(spec) if active else None
     self.dir = os.path.join(workdir, "profile")
     self.on = False
 
@@ -121,11 +107,8 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  try:
-    path = newest_trace(flags.FLAGS.workdir)
-    ops, total = top_ops(path, flags.FLAGS.top, flags.FLAGS.group)
-  except HiertxError as e:
-    sys.exit(f"error: {e}")
+  path = cli.run(newest_trace, flags.FLAGS.workdir)
+  ops, total = top_ops(path, flags.FLAGS.top, flags.FLAGS.group)
   print(f"{path}\n{total:,.1f} ms of ops in the traced steps; the top {len(ops)}:")
   for name, ms, n in ops:
     print(f"  {ms:10,.1f} ms  {ms / max(total, 1e-9):6.1%}  x{n:<5d} {name}")
@@ -133,4 +116,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -37,11 +37,20 @@ class Scale:
 
   seg_BxL: jax.Array  # int32 [B, L], document id (0 is packing padding)
   spans: tuple = flax.struct.field(pytree_node=False)
+  # int32 [B, L]: each vector's end as a position within its document (rotary
+  # embeddings use it, so a document's attention is the same wherever it sits
+  # in a packed row); None: the end positions themselves.
+  pos_BxL: jax.Array | None = None
 
   @property
   def end_L(self) -> np.ndarray:
     return np.concatenate([offset + np.arange(n, dtype=np.int32) * f
                            for n, f, offset in self.spans]).astype(np.int32)
+
+  @property
+  def rotary_pos(self):
+    """Positions rotary embeddings use: within-document ends, or the ends."""
+    return self.end_L if self.pos_BxL is None else self.pos_BxL
 
   @property
   def length(self) -> int:
@@ -55,8 +64,9 @@ class Scale:
     return self.spans[0][1]
 
 
-def fine_scale(seg_BxT: jax.Array) -> Scale:
-  return Scale(seg_BxT, ((seg_BxT.shape[1], 1, 0),))
+def fine_scale(seg_BxT: jax.Array, positions_BxT: jax.Array | None = None) -> Scale:
+  """Tokens: vector t ends at t; `positions` are positions within documents."""
+  return Scale(seg_BxT, ((seg_BxT.shape[1], 1, 0),), positions_BxT)
 
 
 def coarser(scale: Scale, k: int) -> Scale:
@@ -64,12 +74,15 @@ def coarser(scale: Scale, k: int) -> Scale:
   if scale.length % k:
     raise ValueError(f"length {scale.length} is not a multiple of pooling factor {k}")
   (n, f, offset), = scale.spans
-  return Scale(scale.seg_BxL[:, ::k], ((n // k, f * k, offset),))
+  pos = None if scale.pos_BxL is None else scale.pos_BxL[:, ::k]
+  return Scale(scale.seg_BxL[:, ::k], ((n // k, f * k, offset),), pos)
 
 
 def concat_scales(*scales: Scale) -> Scale:
+  pos = (None if any(s.pos_BxL is None for s in scales)
+         else jnp.concatenate([s.pos_BxL for s in scales], axis=1))
   return Scale(jnp.concatenate([s.seg_BxL for s in scales], axis=1),
-               sum((s.spans for s in scales), ()))
+               sum((s.spans for s in scales), ()), pos)
 
 
 def mask(query: Scale, key: Scale) -> jax.Array:
@@ -213,7 +226,7 @@ class Upsample(nn.Module):
     if self.kind == "linear":
       b, g, d = z_BxGxD.shape
       z_BxLxD = self.proj(z_BxGxD).reshape(b, g * self.k, d)
-      per_offset = Scale(jnp.repeat(coarse.seg_BxL, self.k, axis=1), fine.spans)
+      per_offset = Scale(jnp.repeat(coarse.seg_BxL, self.k, axis=1), fine.spans, fine.pos_BxL)
       return fine_BxLxD + upsample_repeat(z_BxLxD, per_offset, fine, 1)
     x = fine_BxLxD + upsample_repeat(z_BxGxD, coarse, fine, self.k)
     return self.block.attend_to(x, fine, z_BxGxD, coarse, deterministic)

@@ -132,6 +132,11 @@ class Run:
   train_step: Any
   eval_step: Any
 
+  @property
+  def align(self) -> int:
+    """Where pieces start in packed rows (hiertx.data): the model's pooling factor."""
+    return data.alignment(self.config.data, self.model.pooling_multiple())
+
   def put_batch(self, batch: dict) -> dict:
     s = sharding.batch_sharding(self.mesh)
     return {k: jax.make_array_from_process_local_data(s, v) for k, v in batch.items()}
@@ -145,13 +150,15 @@ class Run:
     return summarize_eval(sums)
 
 
-def build_run(config, devices=None) -> Run:
+def build_run(config, devices=None, check_data: bool = True) -> Run:
   """Validates the config and builds the sharded model and step functions.
 
-  `devices` (default: all) lets tests and tools use part of the machine.
+  `devices` (default: all) lets tests and tools use part of the machine;
+  `check_data=False` skips checking the corpus (generation reads none).
   """
   config_lib.validate(config)
-  data.check_data(config.data)
+  if check_data:
+    data.check_data(config.data)
   mesh = sharding.make_mesh(config.mesh, devices)
   par = sharding.batch_parallelism(mesh)
   for section in ("data", "eval"):

@@ -6,9 +6,12 @@ Corpora (`config.data.task`):
                     about 11 MB on CPython 3.11), each file one document,
                     split 98/1/1 into train/validation/test by a hash of its
                     relative path. Present wherever hiertx is installed.
-  text_files        local text files given by glob (`config.data.text_files`);
-                    each file is cut contiguously at line boundaries into
-                    train/validation/test by `config.data.split_fractions`.
+  text_files        local text files given by glob (`config.data.text_files`),
+                    split into train/validation/test by
+                    `config.data.split_fractions`: whole files by a hash of
+                    their path when the glob matches several
+                    (`data.split_by=file`), each file cut contiguously at line
+                    boundaries when it matches one (`data.split_by=cut`).
   tiny_shakespeare, lm1b, pg19, wiki40b, c4
                     TFDS corpora for connected clusters (downloaded by TFDS).
                     lm1b has no validation split: its test split serves both;
@@ -47,6 +50,7 @@ class _QuietUncachedWarning(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietUncachedWarning())
 
 SPLITS = ("train", "validation", "test")
+SPLIT_BY = ("auto", "file", "cut")
 TFDS_CORPORA = {
     # name: (tfds name, text feature, split mapping)
     "tiny_shakespeare": ("tiny_shakespeare:1.0.0", "text",
@@ -96,9 +100,11 @@ def token_bytes(vocab: seqio.Vocabulary) -> np.ndarray:
 # Document sources.
 
 
-def _split_of_path(relpath: str) -> str:
-  bucket = int(hashlib.sha1(relpath.encode()).hexdigest(), 16) % 100
-  return "train" if bucket < 98 else ("validation" if bucket == 98 else "test")
+def _split_of_path(relpath: str, fractions=(0.98, 0.01, 0.01)) -> str:
+  """A file's split from a hash of its path: stable as files come and go."""
+  bucket = int(hashlib.sha1(relpath.encode()).hexdigest(), 16) % 10000 / 10000
+  return "train" if bucket < fractions[0] else (
+      "validation" if bucket < fractions[0] + fractions[1] else "test")
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,11 +157,23 @@ def text_file_paths(pattern: str) -> list[str]:
   return paths
 
 
+def split_by(data_cfg) -> str:
+  """How text files are split: whole files (several files) or cut (one file)."""
+  if data_cfg.split_by not in SPLIT_BY:
+    raise ConfigError("data.split_by", f"{data_cfg.split_by!r} is not one of {SPLIT_BY}")
+  if data_cfg.split_by != "auto":
+    return data_cfg.split_by
+  return "cut" if len(text_file_paths(data_cfg.text_files)) == 1 else "file"
+
+
 @functools.lru_cache(maxsize=8)
-def text_file_documents(pattern: str, fractions: tuple, utf8_required: bool):
+def text_file_documents(pattern: str, fractions: tuple, utf8_required: bool,
+                        by: str = "cut"):
   """Documents per split for a glob of text files; validated."""
   by_split = {s: [] for s in SPLITS}
-  for path in text_file_paths(pattern):
+  paths = text_file_paths(pattern)
+  root = os.path.commonpath([os.path.dirname(p) for p in paths])
+  for path in paths:
     text = _read(path)
     if utf8_required:
       try:
@@ -163,12 +181,41 @@ def text_file_documents(pattern: str, fractions: tuple, utf8_required: bool):
       except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 (byte {e.start}): a SentencePiece vocabulary "
                         "needs UTF-8 text; use data.vocab='byte' for raw bytes") from e
+    if by == "file":
+      if text:
+        by_split[_split_of_path(os.path.relpath(path, root), fractions)].append(text)
+      continue
     for split, piece in _cut(text, fractions).items():
       if piece:
         by_split[split].append(piece)
   if not any(by_split.values()):
     raise DataError(f"config.data.text_files={pattern!r}: every matched file is empty")
   return {s: tuple(v) for s, v in by_split.items()}
+
+
+def _text_files_docs(data_cfg):
+  fractions = tuple(float(f) for f in data_cfg.split_fractions)
+  return text_file_documents(data_cfg.text_files, fractions, data_cfg.vocab != "byte",
+                             split_by(data_cfg))
+
+
+def local_source_key(data_cfg):
+  """What a local corpus's content is determined by (files, sizes, times,
+  split settings), for cache keys; None for TFDS corpora (named by version)."""
+  if data_cfg.text_files:
+    files = [(p, os.path.getsize(p), os.path.getmtime(p))
+             for p in text_file_paths(data_cfg.text_files)]
+    return [files, list(data_cfg.split_fractions), split_by(data_cfg)]
+  if data_cfg.task == "stdlib":
+    return [[(p, os.path.getsize(p)) for s in SPLITS for p in stdlib_files()[s]]]
+  return None
+
+
+def decode_bytes(vocab: seqio.Vocabulary, ids) -> bytes:
+  """The UTF-8 bytes token ids stand for (pad, EOS and control ids give none)."""
+  if isinstance(vocab, seqio.ByteVocabulary):
+    return bytes(i - 3 for i in ids if 3 <= i < 259)
+  return vocab.decode([int(i) for i in ids]).encode("utf-8")
 
 
 def _documents_dataset(docs, shuffle: bool, seed) -> tf.data.Dataset:
@@ -241,11 +288,12 @@ def get_task(data_cfg) -> seqio.Task:
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
       raise ConfigError("data.split_fractions", f"must be three non-negative fractions "
                         f"(train, validation, test) summing to 1, got {fractions}")
-    docs = text_file_documents(data_cfg.text_files, fractions, data_cfg.vocab != "byte")
+    docs = _text_files_docs(data_cfg)
 
     def files_fn(split, shuffle_files, seed=None):
       return _documents_dataset(docs[split], shuffle_files, seed)
-    key = hashlib.sha1(repr((data_cfg.text_files, fractions)).encode()).hexdigest()[:10]
+    key = hashlib.sha1(repr((data_cfg.text_files, fractions, split_by(data_cfg))).encode()
+                       ).hexdigest()[:10]
     source = seqio.FunctionDataSource(files_fn, splits=SPLITS)
     return _register(f"hiertx.text_files_{key}.{vocab_tag}", source, vocab, "text")
 
@@ -257,8 +305,7 @@ def get_task(data_cfg) -> seqio.Task:
 def local_split_bytes(data_cfg) -> dict[str, int] | None:
   """Bytes of text in each split of a local corpus; None for TFDS corpora."""
   if data_cfg.text_files:
-    fractions = tuple(float(f) for f in data_cfg.split_fractions)
-    docs = text_file_documents(data_cfg.text_files, fractions, data_cfg.vocab != "byte")
+    docs = _text_files_docs(data_cfg)
     return {s: sum(len(d) for d in docs[s]) for s in SPLITS}
   if data_cfg.task == "stdlib":
     return {s: sum(os.path.getsize(p) for p in stdlib_files()[s]) for s in SPLITS}

@@ -15,7 +15,9 @@ import signal
 import time
 
 import jax
+import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from hiertx import checkpoint
@@ -62,6 +64,13 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
   if lead:
     checkpoint.write_status(workdir, "running", pid=os.getpid(), time=time.time())
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
+  try:
+    return _train_in(run, config, workdir, mngr, lead)
+  finally:
+    mngr.close()  # also when restoring or a step fails: no save may be left dangling
+
+
+def _train_in(run, config, workdir: str, mngr, lead: bool) -> dict:
   writer = metrics.Writer(workdir, active=lead)
   total = config.train.steps
 
@@ -89,12 +98,14 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
         f"memory {facts.get('memory/xla_peak_bytes', 0) / 2**20:.1f} MiB (analytic "
         f"{facts['memory/analytic_peak_bytes'] / 2**20:.1f} MiB)", flush=True)
 
-  # Data, from the batch of the step we resume at.
+  # Data from the batch of the step we resume at: computed, not replayed.
   shard = data.Shard(jax.process_index(), jax.process_count())
-  batches = data.train_batches(config.data, config.data.batch_size, start, shard)
+  batches = data.train_batches(config.data, config.data.batch_size, start, shard, run.align)
   eval_data = data.eval_batches(config.data, config.eval.split, config.eval.batch_size,
-                                config.eval.batches, shard)
-  progress = _Progress(config, workdir, writer, start, facts["flops/step_analytic"], peak)
+                                config.eval.batches, shard, run.align)
+  baselines = metrics.compressor_bits_per_byte(data.scored_text(eval_data, run.vocab))
+  progress = _Progress(config, workdir, writer, start, facts["flops/step_analytic"], peak,
+                       baselines)
   profiler = profiling.StepTrace(config.train.profile_steps, workdir, active=lead)
 
   def save(step):
@@ -104,7 +115,7 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
 
   step = start
   try:
-    with _StopRequest() as stop:
+    with _StopRequest(config.train.stop_check_every) as stop:
       while step < total:
         profiler.before(step + 1)
         state, step_metrics = step_fn(state, run.put_batch(next(batches)))
@@ -117,10 +128,10 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
           progress.evaluated(step, run.evaluate(state.params, eval_data))
         if step % config.train.checkpoint_every == 0 or is_last:
           save(step)
-        if stop.signal and not is_last:
+        if not is_last and stop.agreed(step):  # every process stops at this same step
           save(step)
-          print(f"{stop.signal}: saved a checkpoint at step {step}; run the same command "
-                "to resume", flush=True)
+          print(f"{stop.signal or 'a stop request on another process'}: saved a checkpoint "
+                f"at step {step}; run the same command to resume", flush=True)
           break
       progress.flush()
   finally:
@@ -132,7 +143,6 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
   if peak is not None:
     writer.write(step, {"memory/device_peak_bytes": peak})
   writer.close()
-  mngr.close()
   return {**progress.last, "step": step, "wall_time_s": time.time() - progress.t_start}
 
 
@@ -141,10 +151,15 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into 'finish this step, save, exit'."""
+  """Turns SIGTERM/SIGINT into 'finish this step, save, exit', agreed by every
+  process: a signal may reach one host of a job, or reach hosts at different
+  steps, and a checkpoint is saved by all processes together. So every
+  `check_every` steps the processes share their flags (a tiny all-gather), and
+  all stop at the first such step after any of them was signalled."""
 
-  def __init__(self):
+  def __init__(self, check_every: int):
     self.signal = None
+    self.check_every = check_every
     self._old = {}
 
   def __enter__(self):
@@ -161,6 +176,15 @@ class _StopRequest:
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
 
+  def agreed(self, step: int) -> bool:
+    """Whether every process stops after `step` (called by all at every step)."""
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if step % self.check_every:
+      return False
+    flags_P = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    return bool(np.asarray(flags_P).max())
+
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
       signal.signal(sig, handler)
@@ -176,8 +200,9 @@ class _Progress:
   prints progress, writes metrics, and stops on a non-finite loss."""
 
   def __init__(self, config, workdir: str, writer: metrics.Writer, start: int,
-               flops_per_step: float, peak_flops: float):
+               flops_per_step: float, peak_flops: float, baselines: dict):
     self.config, self.workdir, self.writer = config, workdir, writer
+    self.baselines = {f"eval/{k}": v for k, v in baselines.items()}
     self.total = config.train.steps
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
     self.flops_per_step = flops_per_step
@@ -233,11 +258,19 @@ class _Progress:
     self.t_log, self.steps_since_log = now, 0
 
   def evaluated(self, step: int, result: dict) -> None:
+    """Logs an evaluation; the last one also gives the compressors' bits per
+    byte on the same text, so a reader can place the model."""
+    last = step == self.total
+    if last:
+      result = {**result, **self.baselines}
     self.writer.write(step, result)
     self.last.update(result)
     print(f"eval at step {step} ({self.config.eval.split}): loss {result['eval/loss']:.4f} | "
           f"perplexity {result['eval/perplexity']:.3f} | "
           f"bits/byte {result['eval/bits_per_byte']:.4f}", flush=True)
+    if last:
+      print(f"  the same text: gzip -9 {self.baselines['eval/gzip_bits_per_byte']:.4f}, "
+            f"xz -9 {self.baselines['eval/xz_bits_per_byte']:.4f} bits/byte", flush=True)
     self.t_log = time.time()  # evaluation time is not training time
 
 
@@ -276,4 +309,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

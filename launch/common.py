@@ -1,8 +1,12 @@
 """Shared by the launchers: the trainer command line and printing a dry run."""
 
+import os
 import shlex
 import shutil
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hiertx import cli  # noqa: E402
 
 
 def train_command(config: str, workdir: str, overrides: list[str], python: str = "python3",
@@ -26,7 +30,7 @@ def launcher_argv(argv: list[str]) -> list[str]:
 
 def main_guard(app_run, main):
   sys.argv, rest = launcher_argv(sys.argv), split_overrides(sys.argv)
-  app_run(lambda argv: main(argv, rest))
+  app_run(lambda argv: main(argv, rest), flags_parser=cli.parse_flags)
 
 
 def require(program: str, hint: str) -> None:

@@ -20,6 +20,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hiertx import checkpoint  # noqa: E402
+from hiertx import cli  # noqa: E402
 from hiertx import metrics  # noqa: E402
 from hiertx import report as report_lib  # noqa: E402
 from hiertx import sweep  # noqa: E402
@@ -215,4 +216,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

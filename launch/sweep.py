@@ -29,6 +29,7 @@ import common  # noqa: E402
 import slurm  # noqa: E402
 import tpu  # noqa: E402
 from hiertx import checkpoint  # noqa: E402
+from hiertx import config as config_lib  # noqa: E402
 from hiertx import sweep  # noqa: E402
 from hiertx.errors import HiertxError  # noqa: E402
 
@@ -67,6 +68,11 @@ def default_dir(config: str, name: str) -> str:
 def plan(config: str, name: str, sweep_dir: str, extra: list[str]) -> list[dict]:
   """The runs with their workdirs, commands and current state; writes sweep.json."""
   runs = sweep.expand(config, sweep.load(config, name))
+  for r in runs:  # a misspelt field or argument fails here, not in every run
+    resolved = config_lib.load(r.config)
+    for flag in (*r.flags, *extra):
+      if flag.startswith("--config."):
+        config_lib.apply_override(resolved, flag[len("--config."):])
   out = []
   for r in runs:
     workdir = os.path.join(sweep_dir, r.name)

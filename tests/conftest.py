@@ -11,13 +11,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the session, shared by the xdist workers
 # and the trainer processes tests start: the same tiny train steps are compiled
 # once, not once per process. A fresh directory per session, so nothing stale.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  import atexit  # noqa: E402
-  import shutil  # noqa: E402
-  import tempfile  # noqa: E402
+# Likewise one packed-data cache: the corpora are read and packed once.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hiertx_test_xla_cache_")
-  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
+for _var, _prefix in (("JAX_COMPILATION_CACHE_DIR", "hiertx_test_xla_cache_"),
+                      ("HIERTX_DATA_CACHE", "hiertx_test_data_cache_")):
+  if _var not in os.environ:
+    os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
+    atexit.register(shutil.rmtree, os.environ[_var], True)
 
 import pytest  # noqa: E402
 

@@ -9,8 +9,9 @@ from hiertx.errors import ConfigError, DataError
 
 
 def data_cfg(**kw):
-  base = dict(task="stdlib", text_files="", split_fractions=(0.9, 0.05, 0.05), vocab="byte",
-              seq_len=32, batch_size=4, pack=True, seed=0, process_sharding="rows")
+  base = dict(task="stdlib", text_files="", split_fractions=(0.9, 0.05, 0.05), split_by="auto",
+              vocab="byte", seq_len=32, batch_size=4, pack=True, align=1, seed=0,
+              process_sharding="rows", cache_dir="")
   return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -51,7 +52,7 @@ def test_training_batches_are_deterministic_and_resume_by_step():
 
 def test_text_files_task_splits_each_file_contiguously(text_file):
   cfg = data_cfg(text_files=text_file)
-  docs = tasks.text_file_documents(text_file, (0.9, 0.05, 0.05), False)
+  docs = tasks.text_file_documents(text_file, (0.9, 0.05, 0.05), False, "cut")
   whole = open(text_file, "rb").read()
   assert b"".join(docs["train"] + docs["validation"] + docs["test"]) == whole
   assert docs["validation"][0].startswith(b"line ") and docs["train"][0].endswith(b"\n")
@@ -105,13 +106,87 @@ def test_tfds_corpora_are_registered_without_downloading():
     assert set(task.splits) >= {"train", "validation", "test"}
 
 
-def test_row_sharding_gives_each_process_its_rows_of_the_same_global_batch():
+def test_any_process_count_reads_the_same_global_batch_at_any_step():
+  """Rows mode: two processes' rows of step n are the one-process batch of step
+  n, so a run resumes on another number of processes with the same data."""
   cfg = data_cfg()
-  whole = next(data.train_batches(cfg, 4))
-  parts = [next(data.train_batches(cfg, 4, shard=data.Shard(i, 2))) for i in range(2)]
-  np.testing.assert_array_equal(np.concatenate([p["targets"] for p in parts]), whole["targets"])
+  for step in (0, 37):
+    whole = next(data.train_batches(cfg, 4, start_step=step))
+    parts = [next(data.train_batches(cfg, 4, step, data.Shard(i, 2))) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["targets"] for p in parts]),
+                                  whole["targets"])
   src = next(data.train_batches(data_cfg(process_sharding="source"), 4, shard=data.Shard(1, 2)))
   assert src["targets"].shape == (2, 32)
+
+
+def test_resuming_computes_the_position_instead_of_replaying(tmp_path):
+  """The batch of step 10^9 is read directly (no earlier batch is produced)
+  and is the same as reading it from the row indices."""
+  import time  # noqa: PLC0415
+
+  cfg = data_cfg()
+  t0 = time.perf_counter()
+  far = next(data.train_batches(cfg, 4, start_step=10**9))
+  assert time.perf_counter() - t0 < 30
+  targets, segments, _ = data.packed_rows(cfg, "train", 1)
+  rows = data.step_rows(10**9, 4, len(targets), 0, data.Shard(), cfg)
+  np.testing.assert_array_equal(far["targets"], targets[rows])
+  # Every row once per epoch, in a new order each epoch.
+  n = len(targets)
+  epoch0 = np.concatenate([data.step_rows(s, 4, n, 0, data.Shard(), cfg) for s in range(n // 4)])
+  assert len(set(epoch0.tolist())) == len(epoch0)
+  epoch1 = data.step_rows(n // 4, 4, n, 0, data.Shard(), cfg)
+  assert not np.array_equal(epoch1, epoch0[:4])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 4097])
+def test_the_row_permutation_is_a_bijection(n):
+  out = data.permuted(np.arange(n), n, [0, 7])
+  np.testing.assert_array_equal(np.sort(out), np.arange(n))
+  if n > 3:
+    assert not np.array_equal(out, np.arange(n))
+
+
+def test_packing_aligns_every_piece_to_the_grid():
+  tokens = np.arange(1, 101, dtype=np.int32)
+  offsets = np.array([0, 5, 6, 20, 33, 60, 61, 100])  # pieces of 5, 1, 14, 13, 27, 1, 39
+  targets, segments, stats = data.pack(tokens, offsets, np.arange(7), 40, 8)
+  for row_t, row_s in zip(targets, segments):
+    starts = np.nonzero((row_s != 0) & (np.concatenate([[0], row_s[:-1]]) != row_s))[0]
+    assert all(s % 8 == 0 for s in starts), starts
+  got = sorted(tuple(targets[r][segments[r] == g]) for r in range(len(targets))
+               for g in set(segments[r]) - {0})
+  want = sorted(tuple(tokens[a:b]) for a, b in zip(offsets, offsets[1:]))
+  assert got == want  # every piece intact, once
+  assert stats["tokens"] == 100
+  assert stats["alignment_padding"] + stats["end_padding"] + 100 == targets.size
+  unpacked, _, _ = data.pack(tokens, offsets, np.arange(7), 40, 1, packed=False)
+  assert len(unpacked) == 7
+
+
+def test_batches_restart_positions_and_inputs_at_each_piece():
+  segments = np.array([[1, 1, 1, 0, 2, 2, 0, 0]])
+  targets = np.array([[5, 6, 7, 0, 8, 9, 0, 0]])
+  b = data.batch_of(targets, segments)
+  np.testing.assert_array_equal(b["inputs"], [[0, 5, 6, 0, 0, 8, 0, 0]])
+  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0, 0, 1, 0, 0]])
+  np.testing.assert_array_equal(b["weights"], [[1, 1, 1, 0, 1, 1, 0, 0]])
+
+
+def test_many_files_are_split_whole_by_path_and_one_file_is_cut(tmp_path):
+  for i in range(40):
+    (tmp_path / f"doc{i:02d}.txt").write_text(f"file {i}\n" * 50)
+  cfg = data_cfg(text_files=str(tmp_path / "*.txt"), split_fractions=(0.8, 0.1, 0.1))
+  assert tasks.split_by(cfg) == "file"
+  docs = tasks.text_file_documents(cfg.text_files, (0.8, 0.1, 0.1), False, "file")
+  assert sum(len(v) for v in docs.values()) == 40  # whole files, each in one split
+  assert len(docs["train"]) > len(docs["validation"]) > 0
+  again = tasks.text_file_documents(cfg.text_files, (0.8, 0.1, 0.1), False, "file")
+  assert again == docs
+  one = data_cfg(text_files=str(tmp_path / "doc00.txt"))
+  assert tasks.split_by(one) == "cut"
+  with pytest.raises(ConfigError, match="data.split_by"):
+    tasks.split_by(data_cfg(text_files=cfg.text_files, split_by="lines"))
 
 
 def test_sentencepiece_vocabulary(tmp_path, text_file):

@@ -26,11 +26,11 @@ def test_greedy_is_deterministic_and_equals_recomputing(workdir):
   a, step = generate.from_checkpoint(workdir, "import os\n", 24, temperature=0.0)
   b, _ = generate.from_checkpoint(workdir, "import os\n", 24, temperature=0.0)
   assert step == 10 and a == b
-  config, run, _, state = evaluate.load_checkpoint(workdir, None, "data=1",
-                                                   jax.local_devices()[:1])
+  config, run, _, params = evaluate.load_params(workdir, None, "data=1",
+                                                jax.local_devices()[:1])
   ids = np.asarray(run.vocab.encode("import os\n"), np.int32)[None]
   dec = decode.decoder(run.model, ids.shape[1] + 24)
-  params = jax.device_get(state.params)
+  params = jax.device_get(params)
   cached = decode.generate_cached(params, ids, 0, dec=dec, new_tokens=24)
   full = decode.generate_recompute(params, ids, 0, model=run.model, new_tokens=24)
   np.testing.assert_array_equal(cached, full)

@@ -254,3 +254,25 @@ def test_remat_of_scanned_blocks_lowers_xla_memory(key):
     grad = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))
     temp[policy] = grad.lower(params).compile().memory_analysis().temp_size_in_bytes
   assert temp["block"] < 0.6 * temp["none"], temp
+
+
+@pytest.mark.parametrize("key", sorted(MODELS))
+def test_a_document_packed_on_the_grid_gets_its_logits_alone(key):
+  """Packed rows start every document at a multiple of the model's pooling
+  factor (hiertx.data), so a document is pooled as it would be alone: its
+  logits equal its logits alone, wherever it sits in the row."""
+  model, params, tokens = build(key, 40)
+  m = model.pooling_multiple()
+  doc = tokens[:1, :11]
+  apply = jax.jit(lambda x, s, p: model.apply({"params": params}, x, s, p))
+  # Alone: the document first in a row of the same length, padding after it.
+  first = jnp.where(jnp.arange(40) < 11, 1, 0)[None]
+  alone = apply(tokens[:1], first, jnp.arange(40)[None])[0, :11]
+  np.testing.assert_allclose(alone, jax.jit(lambda x: model.apply({"params": params}, x))(doc)[0],
+                             atol=2e-6, rtol=0)
+  for offset in sorted({m, 2 * m, 3 * m, 24 // m * m}):
+    row = tokens[1:2].at[0, offset:offset + 11].set(doc[0])
+    seg = jnp.where(jnp.arange(40) < offset, 1, jnp.where(jnp.arange(40) < offset + 11, 2, 0))
+    pos = jnp.where(seg == 2, jnp.arange(40) - offset, jnp.arange(40))
+    packed = apply(row, seg[None], pos[None])[0, offset:offset + 11]
+    np.testing.assert_allclose(packed, alone, atol=1e-6, rtol=0, err_msg=f"offset {offset}")

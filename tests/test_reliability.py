@@ -84,7 +84,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(straight, tmp_pa
           fh.truncate(0)
   r = _train_cli(workdir)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "checkpoint at step 40 is unreadable" in r.stdout and "resumed at step 30" in r.stdout
+  assert "the checkpoint at step 40 cannot be read" in r.stdout and "resumed at step 30" in r.stdout
   assert os.path.isdir(newest + ".corrupt")
   assert _losses(workdir)[40] == pytest.approx(_losses(straight)[40], rel=1e-6)
 

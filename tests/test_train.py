@@ -16,9 +16,10 @@ from hiertx.errors import CheckpointError, ConfigError
 
 def _final_params(workdir):
   mngr = checkpoint.manager(workdir)
-  state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore())
+  params = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      params=ocp.args.StandardRestore()))["params"]
   mngr.close()
-  return state["params"]
+  return params
 
 
 @pytest.fixture(scope="module")

@@ -97,7 +97,7 @@ class LanguageModel(nn.Module):
     x_BxPxD = self.embed(tokens_BxP, pos_BxP, deterministic)
     # A zero-cost hook: tests differentiate outputs w.r.t. the input embeddings.
     x_BxPxD = self.perturb("embeddings", x_BxPxD)
-    h_BxPxD = self.body(x_BxPxD, scales.fine_scale(seg_BxP), deterministic)
+    h_BxPxD = self.body(x_BxPxD, scales.fine_scale(seg_BxP, pos_BxP), deterministic)
     return self.head(h_BxPxD)[:, :t, :self.vocab_size]
 
   # --------------------------------------------------------------------------

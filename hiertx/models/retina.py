@@ -125,14 +125,14 @@ class RetinaAttention(nn.Module):
 
   def __call__(self, x_BxTxD, fine: scales.Scale):
     k, windows = self.spec.k, self.spec.windows
-    q = self.attn.project_q(x_BxTxD, fine.end_L)
+    q = self.attn.project_q(x_BxTxD, fine.rotary_pos)
     # Pool fine keys/values level by level: level s index g ends at g k^s.
     levels, grids = [self._unrotated(x_BxTxD)], [fine]
     for _ in windows:
       levels.append(scales.mean_pool(levels[-1], grids[-1], k))
       grids.append(scales.coarser(grids[-1], k))
     layers.remember(self, "levels", levels)
-    kvs = [self._split(lv, g.end_L) for lv, g in zip(levels, grids)]
+    kvs = [self._split(lv, g.rotary_pos) for lv, g in zip(levels, grids)]
     if self.spec.implementation == "dense":
       out = self._dense(q, kvs, fine, grids)
     else:
