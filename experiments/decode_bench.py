@@ -105,7 +105,8 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   f = flags.FLAGS
-  rows = measure(f.runs, [int(c) for c in f.contexts], f.new_tokens, f.repeats, f.set)
+  rows = cli.run(measure, f.runs, cli.run(cli.int_list, f.contexts, "--contexts"),
+                 f.new_tokens, f.repeats, f.set)
   print(f"\nbatch 1, {f.new_tokens} cached steps per context, overrides {f.set or 'none'}\n")
   print(table(rows))
 

@@ -70,7 +70,7 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   f = flags.FLAGS
-  rows = measure(f.runs, f.seq_len, f.batch_size, f.set)
+  rows = cli.run(measure, f.runs, f.seq_len, f.batch_size, f.set)
   widths = sorted({r["width"] for r in rows})
   print(f"\nseq_len {f.seq_len}, batch {f.batch_size}, width {widths}, "
         f"overrides {f.set or 'none'}\n")

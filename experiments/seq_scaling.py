@@ -88,7 +88,8 @@ def main(argv):
   del argv
   cli.quiet_library_logs()
   f = flags.FLAGS
-  rows = measure(f.runs, [int(t) for t in f.seq_lens], f.batch_size, f.time_max_len, f.set)
+  rows = cli.run(measure, f.runs, cli.run(cli.int_list, f.seq_lens, "--seq_lens"),
+                 f.batch_size, f.time_max_len, f.set)
   print(f"\nbatch {f.batch_size}, overrides {f.set or 'none'}\n")
   print(table(rows))
 

@@ -60,7 +60,7 @@ def prepare_workdir(workdir: str, config, allow_config_change: bool, write: bool
   """Creates the workdir and checks a resumed run matches the one that wrote it."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # one per process
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

@@ -11,7 +11,7 @@ import sys
 from absl import flags, logging
 
 from hiertx import config as config_lib
-from hiertx.errors import HiertxError
+from hiertx.errors import FlagError, HiertxError
 
 
 def quiet_library_logs() -> None:
@@ -26,6 +26,17 @@ def run(fn, *args, **kwargs):
     return fn(*args, **kwargs)
   except HiertxError as e:
     sys.exit(f"error: {e}")
+
+
+def int_list(values: list[str], flag: str) -> list[int]:
+  """A list flag's values as positive integers, or a FlagError naming the flag."""
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    raise FlagError(flag, f"{','.join(values)!r} is not a list of integers") from None
+  if any(v < 1 for v in out):
+    raise FlagError(flag, f"needs positive integers, got {out}")
+  return out
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -13,11 +13,11 @@ bits per byte of the same text beside them, and writes the result to
 `<workdir>/eval_<split>_<step>[_ctx<C>_stride<S>].json`.
 
 Whole-document evaluation scores each token of a document exactly once: the
-k-th window scores tokens [kS, kS + S) of the document, reading up to C tokens
-that end with them (so a token has at least C - S tokens of context unless the
-document starts closer). With C = S = data.seq_len the windows are the pieces
-training cuts documents into, and the number is the row-based one on unpacked
-rows.
+k-th window scores tokens [kS, kS + S) of the document and reads the C - S
+tokens before them too, so every token has at least C - S tokens of context
+(fewer only near a document's start) and at most C. With C = S =
+data.seq_len the windows are the pieces training cuts documents into, and
+the number is the row-based one on unpacked rows.
 """
 
 import json
@@ -101,12 +101,12 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
 
 def windows(doc_lengths, context: int, stride: int) -> list[tuple[int, int, int, int]]:
   """(document, first token read, first scored, end) of every window: each
-  token of each document scored once, with up to `context` tokens read."""
+  token of each document scored once; a window reads the `context - stride`
+  tokens before the ones it scores (fewer at a document's start)."""
   out = []
   for d, length in enumerate(doc_lengths):
     for lo in range(0, length, stride):
-      hi = min(lo + stride, length)
-      out.append((d, max(0, hi - context), lo, hi))
+      out.append((d, max(0, lo - (context - stride)), lo, min(lo + stride, length)))
   return out
 
 

@@ -6,7 +6,10 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags  # noqa: E402
+
 from hiertx import cli  # noqa: E402
+from hiertx import config as config_lib  # noqa: E402
 
 
 def train_command(config: str, workdir: str, overrides: list[str], python: str = "python3",
@@ -29,8 +32,25 @@ def launcher_argv(argv: list[str]) -> list[str]:
 
 
 def main_guard(app_run, main):
+  """Runs `main(argv, trainer_args)` after checking the config file, its
+  argument and every --config.* override: a mistake is one line here, not a
+  failed job on a cluster."""
   sys.argv, rest = launcher_argv(sys.argv), split_overrides(sys.argv)
-  app_run(lambda argv: main(argv, rest), flags_parser=cli.parse_flags)
+
+  def checked(argv):
+    cli.run(check_config, getattr(flags.FLAGS, "config", None), rest)
+    main(argv, rest)
+
+  app_run(checked, flags_parser=cli.parse_flags)
+
+
+def check_config(spec: str | None, overrides: list[str]) -> None:
+  if not spec:
+    return
+  config = config_lib.load(spec)
+  for arg in overrides:
+    if arg.startswith("--config."):
+      config_lib.apply_override(config, arg[len("--config."):])
 
 
 def require(program: str, hint: str) -> None:

@@ -1,6 +1,7 @@
 r"""Gathers a sweep's runs into one report: a markdown table (one row per run,
 failed and unfinished runs flagged, not dropped; memory relative to the
-vanilla runs; the Pareto front of memory against bits per byte), a table
+vanilla runs; `gzip -9` and `xz -9` bits per byte of the same evaluation
+text; the Pareto front of memory against bits per byte), a table
 averaged over seeds, and PNG plots (loss curves; bits per byte against XLA
 peak memory and against training speed).
 
@@ -39,7 +40,8 @@ def load_run(run: dict) -> dict:
   row = {"name": run["name"], "overrides": run["overrides"], "state": status["state"],
          "error": status.get("error", ""), "model": "", "params": None, "xla_peak_bytes": NAN,
          "analytic_peak_bytes": NAN, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,
-         "best_bpb": NAN, "final_perplexity": NAN, "train_curve": [], "eval_curve": []}
+         "best_bpb": NAN, "final_perplexity": NAN, "gzip_bpb": NAN, "xz_bpb": NAN,
+         "train_curve": [], "eval_curve": []}
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return row
@@ -62,6 +64,11 @@ def load_run(run: dict) -> dict:
       final_bpb=evals[-1]["eval/bits_per_byte"] if evals else NAN,
       best_bpb=min((r["eval/bits_per_byte"] for r in evals), default=NAN),
       final_perplexity=evals[-1]["eval/perplexity"] if evals else NAN,
+      # The compressors on the same evaluation text, logged at the last evaluation.
+      gzip_bpb=next((r["eval/gzip_bits_per_byte"] for r in reversed(evals)
+                     if "eval/gzip_bits_per_byte" in r), NAN),
+      xz_bpb=next((r["eval/xz_bits_per_byte"] for r in reversed(evals)
+                   if "eval/xz_bits_per_byte" in r), NAN),
       train_curve=[(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
       eval_curve=[(r["step"], r["eval/bits_per_byte"]) for r in evals])
   return row
@@ -94,12 +101,12 @@ def run_table(rows: list[dict]) -> str:
   return report_lib.markdown_table(
       ["run", "overrides", "status", "params", "XLA peak MiB", "memory / vanilla",
        "analytic MiB", "tokens/s", "final bits/byte", "best bits/byte", "final perplexity",
-       "Pareto"],
+       "gzip -9 bits/byte", "xz -9 bits/byte", "Pareto"],
       [[r["name"], _overrides_text(r["overrides"]), _status_text(r),
         r["params"] if r["params"] is not None else "", r["xla_peak_bytes"] / 2**20,
         r["xla_peak_bytes"] / base, r["analytic_peak_bytes"] / 2**20, r["tokens_per_s"],
-        r["final_bpb"], r["best_bpb"], r["final_perplexity"], "*" if f else ""]
-       for r, f in zip(rows, front)])
+        r["final_bpb"], r["best_bpb"], r["final_perplexity"], r["gzip_bpb"], r["xz_bpb"],
+        "*" if f else ""] for r, f in zip(rows, front)])
 
 
 def seed_table(rows: list[dict]) -> str | None:

@@ -71,22 +71,105 @@ def test_killed_run_resumes_to_the_same_losses(straight, tmp_path):
     assert a[step] == pytest.approx(b[step], rel=1e-6), step
 
 
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path):
+def _copy(straight, tmp_path, name):
   import shutil  # noqa: PLC0415
 
-  workdir = str(tmp_path / "corrupt")
+  workdir = str(tmp_path / name)
   shutil.copytree(straight, workdir)
-  newest = os.path.join(workdir, "checkpoints", "40")
-  for root, _, files in os.walk(newest):
+  return workdir
+
+
+def _truncate_all_files(step_dir):
+  for root, _, files in os.walk(step_dir):
     for f in files:
-      if "params" in root or f.startswith("ocdbt") or f.endswith(".data") or "d" == root[-1]:
-        with open(os.path.join(root, f), "r+b") as fh:
-          fh.truncate(0)
+      with open(os.path.join(root, f), "r+b") as fh:
+        fh.truncate(0)
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(straight, tmp_path):
+  workdir = _copy(straight, tmp_path, "corrupt")
+  newest = os.path.join(workdir, "checkpoints", "40")
+  _truncate_all_files(newest)
   r = _train_cli(workdir)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "the checkpoint at step 40 cannot be read" in r.stdout and "resumed at step 30" in r.stdout
-  assert os.path.isdir(newest + ".corrupt")
+  assert os.path.isdir(newest + ".corrupt") and "Traceback" not in r.stdout + r.stderr
   assert _losses(workdir)[40] == pytest.approx(_losses(straight)[40], rel=1e-6)
+
+
+def test_a_checkpoint_that_does_not_fit_is_an_error_not_corruption(straight, tmp_path):
+  """A model change (here its width) is named and nothing is renamed or lost;
+  the run does not start over."""
+  workdir = _copy(straight, tmp_path, "mismatch")
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  r = subprocess.run([sys.executable, "-m", "hiertx.train", f"--workdir={workdir}", *CLI_ARGS,
+                      "--config.train.steps=50", "--config.model.d_model=48",
+                      "--allow_config_change"], cwd=ROOT, env=_env(), capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode != 0
+  message = r.stderr.strip().splitlines()[-1]
+  assert message.startswith("error: the checkpoint at step 40") and "does not fit" in message
+  assert "has shape (32, 2, 16) in the checkpoint and (48, 2, 24) here" in message
+  assert "Traceback" not in r.stdout + r.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  assert max(_losses(workdir)) == 40  # nothing trained from step 0
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_over(straight, tmp_path):
+  workdir = _copy(straight, tmp_path, "all_corrupt")
+  for step in ("20", "30", "40"):
+    _truncate_all_files(os.path.join(workdir, "checkpoints", step))
+  with pytest.raises(CheckpointError, match="none of the checkpoints .* can be read.*does not "
+                     "start over"):
+    train.train_and_evaluate(_cli_config(), workdir)
+  assert max(_losses(workdir)) == 40
+
+
+def _cli_config():
+  from hiertx import config as config_lib  # noqa: PLC0415
+  from conftest import config_path  # noqa: PLC0415
+
+  config = config_lib.load(config_path("vanilla") + ":size=tiny")
+  config.train.steps, config.train.log_every = 40, 1
+  config.train.checkpoint_every, config.eval.every = 10, 1000
+  return config
+
+
+def test_transient_storage_errors_are_retried_then_reported(straight, tmp_path, monkeypatch):
+  workdir = _copy(straight, tmp_path, "flaky")
+  run = steps.build_run(_cli_config())
+  real = ocp.CheckpointManager.restore
+  failures = {"left": 2}
+
+  def flaky(self, *a, **k):
+    if failures["left"]:
+      failures["left"] -= 1
+      raise OSError(errno.EIO, "Input/output error")
+    return real(self, *a, **k)
+
+  monkeypatch.setattr(checkpoint.time, "sleep", lambda s: None)
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", flaky)
+  mngr = checkpoint.manager(workdir)
+  step, state = checkpoint.restore_latest(mngr, run.abstract_state, set_aside=True)
+  assert step == 40 and int(state.step) == 40 and failures["left"] == 0
+  failures["left"] = 10**6  # the storage stays down
+  with pytest.raises(CheckpointError, match="failed 3 times with a storage error"):
+    checkpoint.restore_latest(mngr, run.abstract_state, set_aside=True)
+  mngr.close()
+  assert not any(d.endswith(".corrupt") for d in os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_inference_reads_the_parameters_alone(straight, tmp_path):
+  """Evaluation and generation need no optimizer state: with it deleted, both work."""
+  import shutil  # noqa: PLC0415
+
+  from hiertx import evaluate, generate  # noqa: PLC0415
+
+  workdir = _copy(straight, tmp_path, "params_only")
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "40", "opt_state"))
+  assert np.isfinite(evaluate.evaluate_checkpoint(workdir)["eval/loss"])
+  text, step = generate.from_checkpoint(workdir, "def ", 8, temperature=0.0)
+  assert step == 40 and len(text) > 0
 
 
 def _nan_nll(monkeypatch):

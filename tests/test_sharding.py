@@ -119,3 +119,54 @@ def test_two_processes_match_one(tiny_config, tmp_path):
   evals = [r["eval/loss"] for r in metrics.read_jsonl(os.path.join(mp, "metrics.jsonl"))
            if "eval/loss" in r]
   assert restored["eval/loss"] == pytest.approx(evals[-1], rel=1e-5)
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_config, tmp_path):
+  """Two processes (jax.distributed), SIGTERM to process 1 only: both save the
+  same step and exit 0; the rerun resumes and ends with the losses of an
+  uninterrupted run."""
+  import signal  # noqa: PLC0415
+  import time  # noqa: PLC0415
+
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import multiprocess  # noqa: PLC0415
+
+  workdir = str(tmp_path / "mp")
+  os.makedirs(workdir)
+  overrides = ["--config.train.steps=30", "--config.train.log_every=1",
+               "--config.train.checkpoint_every=100", "--config.eval.every=100",
+               "--config.train.stop_check_every=4"]
+  procs = multiprocess.commands("configs/vanilla.py:size=tiny", workdir, overrides, 2, 4,
+                                multiprocess.free_port())
+  logs = [open(os.path.join(workdir, f"process_{i}.log"), "w") for i in range(2)]
+  running = [subprocess.Popen(args, env={**os.environ, **env}, cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT) for (env, args), log in zip(procs, logs)]
+  log0 = os.path.join(workdir, "process_0.log")
+  deadline = time.time() + 300
+  while "step 6/30" not in open(log0).read():
+    assert time.time() < deadline and running[0].poll() is None, open(log0).read()[-2000:]
+    time.sleep(0.2)
+  running[1].send_signal(signal.SIGTERM)
+  codes = [p.wait(timeout=180) for p in running]
+  for log in logs:
+    log.close()
+  texts = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
+  assert codes == [0, 0], [t[-1500:] for t in texts]
+  saved = [int(t.split("saved a checkpoint at step ")[1].split(";")[0]) for t in texts]
+  assert saved[0] == saved[1] and saved[0] % 4 == 0 and 6 <= saved[0] < 30, saved
+  assert "SIGTERM" in texts[1] and "a stop request on another process" in texts[0]
+  r = subprocess.run([sys.executable, "launch/multiprocess.py", "--num_processes=2",
+                      "--devices_per_process=4", "--config=configs/vanilla.py:size=tiny",
+                      f"--workdir={workdir}", "--", *overrides], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 0 and f"resumed at step {saved[0]}" in r.stdout, r.stdout[-2000:]
+  config = tiny_config("vanilla", train__steps=30, train__log_every=1,
+                       train__checkpoint_every=100, eval__every=100)
+  single = str(tmp_path / "single")
+  train.train_and_evaluate(config, single)
+  loss = lambda wd: {r["step"]: r["train/loss"] for r in metrics.read_jsonl(  # noqa: E731
+      os.path.join(wd, "metrics.jsonl")) if "train/loss" in r}
+  resumed, straight = loss(workdir), loss(single)
+  assert sorted(resumed) == list(range(1, 31))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 31)],
+                             [straight[s] for s in range(1, 31)], rtol=2e-5)

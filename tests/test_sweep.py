@@ -94,6 +94,8 @@ def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
   assert "model.num_heads" in rows[2]["error"]
   assert md.count("\n| num_heads-") == 3 and "**FAILED**" in md
   assert "| memory / vanilla |" in md and "| Pareto |" in md  # every run here is vanilla
+  assert "| gzip -9 bits/byte | xz -9 bits/byte |" in md
+  assert 0 < rows[0]["gzip_bpb"] < 8 and 0 < rows[0]["xz_bpb"] < 8
   assert all(r["model"] == "vanilla" for r in rows[:2])
   assert rows[0]["step"] == 4 and rows[0]["final_bpb"] > 0 and rows[0]["xla_peak_bytes"] > 0
   for png in ("loss_curves.png", "bpb_vs_memory.png"):

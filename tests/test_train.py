@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from hiertx import checkpoint, evaluate, metrics, optimizer, train
+from hiertx import checkpoint, data, evaluate, metrics, optimizer, train
 from hiertx.errors import CheckpointError, ConfigError
 
 
@@ -187,3 +187,45 @@ def test_weight_decay_skips_layer_norms_of_scanned_blocks():
   assert not block["ln_attn"]["scale"] and not block["ln_attn"]["bias"]
   assert block["mlp"]["wi"]["kernel"] and mask["embed"]["token"]
   assert not mask["embed"]["position"]
+
+
+def test_whole_document_evaluation_scores_every_byte_once(vanilla_run):
+  """Windows of the training length advancing by it are the pieces of unpacked
+  rows: the same number as row-based evaluation of the whole split. With more
+  context than stride, every token is still scored exactly once."""
+  config, workdir, _ = vanilla_run
+  seq = config.data.seq_len
+  docs = evaluate.evaluate_documents(workdir, "validation", seq, seq)
+  cfg, run, _, params = evaluate.load_params(workdir)
+  cfg.data.pack, cfg.data.align = False, 1
+  rows = run.evaluate(params, data.eval_batches(cfg.data, "validation", 8, 10**6))
+  assert docs["eval/tokens"] == rows["eval/tokens"] > 1000
+  assert docs["eval/loss"] == pytest.approx(rows["eval/loss"], rel=1e-5)
+  assert docs["eval/bits_per_byte"] == pytest.approx(rows["eval/bits_per_byte"], rel=1e-5)
+  longer = evaluate.evaluate_documents(workdir, "validation", 2 * seq, seq // 2)
+  assert longer["eval/tokens"] == docs["eval/tokens"] and longer["eval/bytes"] == docs[
+      "eval/bytes"]
+  assert longer["eval/loss"] < docs["eval/loss"]  # more context, lower loss
+  assert 0 < longer["gzip_bits_per_byte"] < 8 and 0 < longer["xz_bits_per_byte"] < 8
+  assert os.path.exists(os.path.join(workdir, f"eval_validation_20_ctx{2 * seq}_stride"
+                                     f"{seq // 2}.json"))
+
+
+def test_windows_cover_each_document_once_with_bounded_context():
+  lengths = [1, 5, 64, 65, 200]
+  for context, stride in ((64, 64), (128, 32), (10, 3)):
+    plan = evaluate.windows(lengths, context, stride)
+    for d, n in enumerate(lengths):
+      spans = sorted((lo, hi) for doc, _, lo, hi in plan if doc == d)
+      assert [lo for lo, _ in spans] == list(range(0, n, stride))
+      assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])) and spans[-1][1] == n
+    for _, start, lo, hi in plan:
+      assert hi - start <= context and start == max(0, lo - (context - stride))
+
+
+def test_compressor_baselines():
+  text = b"the quick brown fox jumps over the lazy dog\n" * 200
+  repetitive = metrics.compressor_bits_per_byte(text)
+  noise = metrics.compressor_bits_per_byte(np.random.default_rng(0).bytes(8800))
+  assert repetitive["gzip_bits_per_byte"] < 0.5 and repetitive["xz_bits_per_byte"] < 0.5
+  assert noise["gzip_bits_per_byte"] > 7.9 and noise["xz_bits_per_byte"] > 7.9
