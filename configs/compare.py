@@ -7,7 +7,20 @@ Sweeps (run with launch/sweep.py, summarised with launch/report.py):
 
   paper_claim  memory vs perplexity (Subramanian et al. 2020): the five models
                at the same width, sequence length, batch and steps, two seeds;
-               10 runs of 300 steps, about 40 minutes on 2 CPU cores.
+               10 runs of 300 steps, about 40 minutes on 2 CPU cores. A first
+               look: 300 steps compare early optimisation more than capacity.
+  claim        the paper's pair after real training: the 30-layer hierarchical
+               models (bottom_up, top_down, hourglass at size=paper30) against
+               the 14-layer vanilla (paper14), at width 128 (4 heads, MLP 512),
+               sequence 256, batch 8, 3,000 steps (6.1M tokens, about half an
+               epoch of the stdlib corpus; the cosine schedule ends there), two
+               seeds each; about two hours on 2 CPU cores. Retina is left out:
+               its 30 layers all run at full length, so it costs about twice
+               vanilla's memory and time (see experiments/memory_depth.py).
+  claim_gpu    the same comparison sized for one accelerator: width 512
+               (8 heads, MLP 2048), sequence 2048, batch 16, 10,000 steps
+               (330M tokens) in bfloat16 on PG-19 (books, downloaded by TFDS;
+               `-- --config.data.text_files=...` for local text instead).
   depth        vanilla at 2, 4 and 8 layers against top_down at 1, 2 and 4
                blocks per scale (the paper's "more layers for less memory").
 """
@@ -31,6 +44,26 @@ def get_config(arg=None):
 def sweep_paper_claim():
   return sweep.product({"arg.model": list(MODELS), "train.seed": [0, 1]},
                        [{"train.steps": 300, "eval.every": 100, "train.checkpoint_every": 100}])
+
+
+_CLAIM_MODELS = sweep.zipped({"arg.model": ["vanilla", "bottom_up", "top_down", "hourglass"],
+                              "arg.size": ["paper14", "paper30", "paper30", "paper30"]})
+
+
+def sweep_claim():
+  return sweep.product(_CLAIM_MODELS, {"train.seed": [0, 1]}, [{
+      "model.d_model": 128, "model.num_heads": 4, "model.mlp_dim": 512,
+      "data.seq_len": 256, "data.batch_size": 8, "eval.batch_size": 8, "eval.batches": 16,
+      "train.steps": 3000, "train.warmup_steps": 100, "train.log_every": 50,
+      "eval.every": 250, "train.checkpoint_every": 500}])
+
+
+def sweep_claim_gpu():
+  return sweep.product(_CLAIM_MODELS, {"train.seed": [0, 1]}, [{
+      "model.d_model": 512, "model.num_heads": 8, "model.mlp_dim": 2048, "model.dtype": "bfloat16",
+      "data.task": "pg19", "data.seq_len": 2048, "data.batch_size": 16, "eval.batch_size": 16,
+      "eval.batches": 32, "train.steps": 10000, "train.warmup_steps": 500,
+      "train.log_every": 100, "eval.every": 1000, "train.checkpoint_every": 1000}])
 
 
 def sweep_depth():

@@ -55,6 +55,13 @@ def test_the_shipped_sweeps_load():
   runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "paper_claim")
   assert len(runs) == 10 and {r["arg.model"] for r in runs} == {
       "vanilla", "bottom_up", "top_down", "retina", "hourglass"}
+  for name, width, steps in (("claim", 128, 3000), ("claim_gpu", 512, 10000)):
+    runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), name)
+    assert len(runs) == 8 and all(r["model.d_model"] == width for r in runs)
+    assert all(r["train.steps"] >= steps for r in runs)
+    sizes = {(r["arg.model"], r["arg.size"]) for r in runs}
+    assert sizes == {("vanilla", "paper14"), ("bottom_up", "paper30"), ("top_down", "paper30"),
+                     ("hourglass", "paper30")}
   with pytest.raises(ConfigError, match="its sweeps: .*paper_claim"):
     sweep.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
 
