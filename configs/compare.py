@@ -51,7 +51,8 @@ _CLAIM_MODELS = sweep.zipped({"arg.model": ["vanilla", "bottom_up", "top_down", 
 
 
 def sweep_claim():
-  return sweep.product(_CLAIM_MODELS, {"train.seed": [0, 1]}, [{
+  # Seed 0 of every model first: an interrupted sweep already compares them all.
+  return sweep.product({"train.seed": [0, 1]}, _CLAIM_MODELS, [{
       "model.d_model": 128, "model.num_heads": 4, "model.mlp_dim": 512,
       "data.seq_len": 256, "data.batch_size": 8, "eval.batch_size": 8, "eval.batches": 16,
       "train.steps": 3000, "train.warmup_steps": 100, "train.log_every": 50,
@@ -59,7 +60,7 @@ def sweep_claim():
 
 
 def sweep_claim_gpu():
-  return sweep.product(_CLAIM_MODELS, {"train.seed": [0, 1]}, [{
+  return sweep.product({"train.seed": [0, 1]}, _CLAIM_MODELS, [{
       "model.d_model": 512, "model.num_heads": 8, "model.mlp_dim": 2048, "model.dtype": "bfloat16",
       "data.task": "pg19", "data.seq_len": 2048, "data.batch_size": 16, "eval.batch_size": 16,
       "eval.batches": 32, "train.steps": 10000, "train.warmup_steps": 500,
