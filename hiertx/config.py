@@ -61,7 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
       every=200,  # also evaluated at the last step
       split="validation",
       batch_size=16,
-      batches=16,
+      batches=16,  # blocks of rows spread evenly over the split (all of it if it is smaller)
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   # Logical axis -> mesh axes. Modules name logical axes only.

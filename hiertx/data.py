@@ -353,15 +353,19 @@ def _read_ahead(read, step: int, depth: int = 2) -> Iterator[dict]:
 
 def eval_batches(data_cfg, split: str, global_batch: int, max_batches: int,
                  shard: Shard = Shard(), align: int = 1) -> list[dict]:
-  """This process's rows of the first `max_batches` batches of a split, in
-  corpus order, padded to full size. The same rows at every evaluation."""
+  """This process's rows of `max_batches` batches of a split, padded to full
+  size; the same rows at every evaluation. When the split holds more batches,
+  the batches are blocks of consecutive rows spread evenly over it (the first
+  rows alone are a few documents of the split, not a sample of it)."""
   targets, segments, _ = packed_rows(data_cfg, split, align, shard)
   local = global_batch // shard.count
+  per_batch = local if data_cfg.process_sharding == "source" else global_batch
+  whole = -(-len(targets) // per_batch)
+  n_batches = min(max_batches, whole)
   out = []
-  for i in range(min(max_batches, -(-len(targets) // global_batch))):
-    lo = i * global_batch + (shard.index * local if data_cfg.process_sharding == "rows" else 0)
-    if data_cfg.process_sharding == "source":
-      lo = i * local
+  for i in range(n_batches):
+    first = i * per_batch if n_batches == whole else i * len(targets) // n_batches
+    lo = first + (shard.index * local if data_cfg.process_sharding == "rows" else 0)
     t = np.zeros((local, data_cfg.seq_len), np.int32)
     s = np.zeros_like(t)
     got = targets[lo:lo + local]

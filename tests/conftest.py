@@ -2,11 +2,14 @@
 
 import os
 
-# No excess precision: a bfloat16 value is rounded wherever the program says so,
-# whatever XLA fuses, so the bfloat16 decoding test compares like with like.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8"
-                           + " --xla_allow_excess_precision=false").strip()
+# Compiling dominates the tests' time (tiny models, a few steps each): the
+# backend's optimisation level 0 compiles about 1.8x faster and still runs the
+# tiny steps faster overall. No excess precision: a bfloat16 value is rounded
+# wherever the program says so, whatever XLA fuses, so the bfloat16 decoding
+# test compares like with like.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_allow_excess_precision=false"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS
+                           + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One persistent compilation cache for the session, shared by the xdist workers
 # and the trainer processes tests start: the same tiny train steps are compiled
@@ -25,6 +28,12 @@ for _var, _prefix in (("JAX_COMPILATION_CACHE_DIR", "hiertx_test_xla_cache_"),
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_device_env() -> dict:
+  """The environment for a child process with one CPU device (the tests' XLA
+  settings without the 8 simulated devices)."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": TEST_XLA_FLAGS}
 
 
 def config_path(name: str) -> str:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, config_path
+from conftest import ROOT, config_path, one_device_env
 from hiertx import config as config_lib
 from hiertx.errors import ConfigError, HiertxError
 
@@ -26,6 +26,12 @@ CASES = {
     "train bad value": (["-m", "hiertx.train", "--config=configs/vanilla.py:size=tiny",
                          "--workdir={tmp}", "--config.model.d_model=wide"],
                         "--config.model.d_model=wide"),
+    "train invalid value": (["-m", "hiertx.train", "--config=configs/vanilla.py:size=tiny",
+                             "--workdir={tmp}", "--config.model.num_layers=0"],
+                            "config.model.num_layers: must be a positive integer"),
+    "train missing data": (["-m", "hiertx.train", "--config=configs/vanilla.py:size=tiny",
+                            "--workdir={tmp}", "--config.data.text_files=/nonexistent/*.txt"],
+                           "matches no files"),
     "train missing file": (["-m", "hiertx.train", "--config=configs/vanila.py",
                             "--workdir={tmp}"], "no config file 'configs/vanila.py'"),
     "evaluate no workdir": (["-m", "hiertx.evaluate", "--workdir={tmp}/none"], "no config.json"),
@@ -59,8 +65,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_entry_point_reports_mistakes_in_one_line(name, tmp_path):
   args, expected = CASES[name]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
+  env = one_device_env()
   r = subprocess.run([sys.executable, *[a.replace("{tmp}", str(tmp_path)) for a in args]],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   out = r.stdout + r.stderr

@@ -1,12 +1,10 @@
 """Config files, `:arg` variants, command-line overrides and clear config errors."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, config_path
+from conftest import config_path
 from hiertx import config as config_lib
 from hiertx import models
 from hiertx.errors import ConfigError
@@ -80,32 +78,3 @@ def test_arg_parsing():
       "size": "tiny", "runlocal": True}
   with pytest.raises(ConfigError, match="unknown config argument"):
     config_lib.parse_arg("sise=tiny", size="small")
-
-
-def _cli(*args, timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "hiertx.train", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-
-
-def test_cli_reports_user_errors_without_a_traceback(tmp_path):
-  r = _cli("--config=configs/vanilla.py:size=tiny", "--config.model.num_layers=0",
-           f"--workdir={tmp_path}/a")
-  assert r.returncode == 1 and "config.model.num_layers: must be a positive integer" in r.stderr
-  assert "Traceback" not in r.stderr
-  r = _cli("--config=configs/vanilla.py:size=tiny", "--config.data.text_files=/nonexistent/*.txt",
-           f"--workdir={tmp_path}/b")
-  assert r.returncode == 1 and "matches no files" in r.stderr and "Traceback" not in r.stderr
-  r = _cli("--config=configs/vanilla.py:size=tiny", "--config.model.no_such_field=3",
-           f"--workdir={tmp_path}/c")
-  assert r.returncode != 0 and "no_such_field" in r.stderr
-
-
-def test_cli_trains_with_overrides(tmp_path):
-  r = _cli("--config=configs/top_down.py:size=tiny", "--config.train.steps=6",
-           "--config.model.upsampling=linear", f"--workdir={tmp_path}/run")
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert "step 6/6" in r.stdout and "bits/byte" in r.stdout
-  saved = config_lib.from_json(open(tmp_path / "run" / "config.json").read())
-  assert saved.model.upsampling == "linear" and saved.train.steps == 6

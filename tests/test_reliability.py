@@ -4,6 +4,7 @@ bad workdirs and random config overrides. Nothing may be lost or crash."""
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,19 +15,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT
-from hiertx import checkpoint, metrics, steps, train
+from conftest import ROOT, config_path, one_device_env
+from hiertx import checkpoint, evaluate, generate, metrics, steps, train
+from hiertx import config as config_lib
 from hiertx.errors import CheckpointError, HiertxError
 
 CLI_ARGS = ["--config=configs/vanilla.py:size=tiny", "--config.train.steps=40",
             "--config.train.log_every=1", "--config.train.checkpoint_every=10",
-            "--config.eval.every=1000"]
+            "--config.eval.every=1000", "--config.model.positions=rotary"]
 
 
 def _env():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  return env
+  return one_device_env()
 
 
 def _train_cli(workdir, **kw):
@@ -46,6 +46,33 @@ def straight(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
   assert _train_cli(workdir).returncode == 0
   return workdir
+
+
+def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(straight, tmp_path):
+  """A real `python -m hiertx.train` (with config overrides) gets SIGTERM
+  mid-run: it saves where it stopped, and the rerun ends with the losses of
+  the uninterrupted run."""
+  saved_config = config_lib.from_json(open(os.path.join(straight, "config.json")).read())
+  assert saved_config.model.positions == "rotary" and saved_config.train.steps == 40
+  workdir = str(tmp_path / "stopped")
+  proc = subprocess.Popen([sys.executable, "-m", "hiertx.train", f"--workdir={workdir}",
+                           *CLI_ARGS], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if line.startswith("step 12/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest = proc.stdout.read()
+  assert proc.wait(timeout=120) == 0, rest[-2000:]
+  saved = checkpoint.manager(workdir).latest_step()
+  assert 12 <= saved < 40 and f"SIGTERM: saved a checkpoint at step {saved}" in rest, rest
+  r = _train_cli(workdir)
+  assert r.returncode == 0 and f"resumed at step {saved}" in r.stdout
+  assert "step 40/40" in r.stdout and "bits/byte" in r.stdout
+  a, b = _losses(workdir), _losses(straight)
+  assert sorted(a) == sorted(b) == list(range(1, 41))
+  for step in a:
+    assert a[step] == pytest.approx(b[step], rel=1e-6), step
 
 
 def test_killed_run_resumes_to_the_same_losses(straight, tmp_path):
@@ -72,7 +99,6 @@ def test_killed_run_resumes_to_the_same_losses(straight, tmp_path):
 
 
 def _copy(straight, tmp_path, name):
-  import shutil  # noqa: PLC0415
 
   workdir = str(tmp_path / name)
   shutil.copytree(straight, workdir)
@@ -126,12 +152,11 @@ def test_no_readable_checkpoint_stops_instead_of_starting_over(straight, tmp_pat
 
 
 def _cli_config():
-  from hiertx import config as config_lib  # noqa: PLC0415
-  from conftest import config_path  # noqa: PLC0415
-
+  """The config CLI_ARGS give."""
   config = config_lib.load(config_path("vanilla") + ":size=tiny")
   config.train.steps, config.train.log_every = 40, 1
   config.train.checkpoint_every, config.eval.every = 10, 1000
+  config.model.positions = "rotary"
   return config
 
 
@@ -161,9 +186,7 @@ def test_transient_storage_errors_are_retried_then_reported(straight, tmp_path, 
 
 def test_inference_reads_the_parameters_alone(straight, tmp_path):
   """Evaluation and generation need no optimizer state: with it deleted, both work."""
-  import shutil  # noqa: PLC0415
 
-  from hiertx import evaluate, generate  # noqa: PLC0415
 
   workdir = _copy(straight, tmp_path, "params_only")
   shutil.rmtree(os.path.join(workdir, "checkpoints", "40", "opt_state"))

@@ -2,15 +2,17 @@
 between meshes; bad meshes fail before compiling."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import ROOT
+from conftest import ROOT, one_device_env
 from hiertx import data, evaluate, metrics, sharding, steps, train
 from hiertx.errors import ConfigError
 
@@ -82,8 +84,7 @@ def test_checkpoint_restores_onto_other_meshes(tiny_config, tmp_path):
   on_2x4 = evaluate.evaluate_checkpoint(workdir, mesh="data=2,fsdp=4")
   assert on_2x4["eval/loss"] == pytest.approx(logged, rel=1e-5)
   # One device, in a fresh process that has only one.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
+  env = one_device_env()
   r = subprocess.run([sys.executable, "-m", "hiertx.evaluate", f"--workdir={workdir}"],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -95,41 +96,13 @@ def test_mesh_shape_resolution():
   assert sharding.mesh_shape(dict(data=2, fsdp=2, tensor=-1), 8) == (2, 2, 2)
 
 
-def test_two_processes_match_one(tiny_config, tmp_path):
-  """Two real processes x 4 CPU devices, joined by jax.distributed."""
-  overrides = ["--config.train.steps=6", "--config.train.log_every=1",
-               "--config.train.checkpoint_every=6", "--config.eval.every=6"]
-  mp = str(tmp_path / "mp")
-  r = subprocess.run([sys.executable, "launch/multiprocess.py", "--num_processes=2",
-                      "--devices_per_process=4", "--config=configs/vanilla.py:size=tiny",
-                      f"--workdir={mp}", "--", *overrides],
-                     cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-  config = tiny_config("vanilla", train__steps=6, train__log_every=1, train__checkpoint_every=6,
-                       eval__every=6)
-  single = str(tmp_path / "single")
-  train.train_and_evaluate(config, single)
-  loss = lambda wd: [r["train/loss"] for r in metrics.read_jsonl(  # noqa: E731
-      os.path.join(wd, "metrics.jsonl")) if "train/loss" in r]
-  assert len(loss(mp)) == 6
-  np.testing.assert_allclose(loss(mp), loss(single), rtol=2e-5)
-  info = metrics.read_jsonl(os.path.join(mp, "metrics.jsonl"))[0]
-  assert info["memory/xla_peak_bytes"] > 0
-  restored = evaluate.evaluate_checkpoint(mp)  # the 2-process checkpoint, in one process
-  evals = [r["eval/loss"] for r in metrics.read_jsonl(os.path.join(mp, "metrics.jsonl"))
-           if "eval/loss" in r]
-  assert restored["eval/loss"] == pytest.approx(evals[-1], rel=1e-5)
-
-
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_config, tmp_path):
-  """Two processes (jax.distributed), SIGTERM to process 1 only: both save the
-  same step and exit 0; the rerun resumes and ends with the losses of an
-  uninterrupted run."""
-  import signal  # noqa: PLC0415
-  import time  # noqa: PLC0415
-
+  """Two real processes x 4 CPU devices (jax.distributed), SIGTERM to process 1
+  only: both save the same step and exit 0; the rerun resumes and ends with the
+  losses of an uninterrupted one-process run; the two-process checkpoint
+  evaluates in one process to the loss the run logged."""
   sys.path.insert(0, os.path.join(ROOT, "launch"))
-  import multiprocess  # noqa: PLC0415
+  import multiprocess  # noqa: PLC0415  (a launcher script, not a package)
 
   workdir = str(tmp_path / "mp")
   os.makedirs(workdir)
@@ -170,3 +143,8 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_confi
   assert sorted(resumed) == list(range(1, 31))
   np.testing.assert_allclose([resumed[s] for s in range(1, 31)],
                              [straight[s] for s in range(1, 31)], rtol=2e-5)
+  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert rows[0]["memory/xla_peak_bytes"] > 0
+  restored = evaluate.evaluate_checkpoint(workdir)
+  assert restored["eval/loss"] == pytest.approx(
+      [r["eval/loss"] for r in rows if "eval/loss" in r][-1], rel=1e-5)
