@@ -8,7 +8,7 @@ data) printed as one line instead of a traceback.
 import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from hiertx import config as config_lib
 from hiertx.errors import FlagError, HiertxError
@@ -18,6 +18,14 @@ def quiet_library_logs() -> None:
   """Library INFO logs (Orbax, JAX) drown the progress lines; --verbosity restores them."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+def start(argv: list[str]) -> None:
+  """The first lines of every `main(argv)`: no stray positional arguments,
+  quiet library logs."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
 
 
 def run(fn, *args, **kwargs):

@@ -179,9 +179,7 @@ def _baselines(r: dict) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.start(argv)
   distributed.initialize_from_flags()
   f = flags.FLAGS
   if f.context is None and f.stride is None:

@@ -63,9 +63,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.start(argv)
   f = flags.FLAGS
   text, step = cli.run(from_checkpoint, f.workdir, f.prompt, f.max_new_tokens, f.temperature,
                        f.top_k, f.top_p, f.seed, f.step)

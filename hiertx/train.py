@@ -298,9 +298,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.quiet_library_logs()
+  cli.start(argv)
   distributed.initialize_from_flags()
   f = flags.FLAGS
   out = cli.run(train_and_evaluate, f.config, f.workdir, f.allow_config_change)

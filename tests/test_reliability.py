@@ -35,6 +35,20 @@ def _train_cli(workdir, **kw):
                         timeout=300, **kw)
 
 
+def _signal_at(workdir, step, sig):
+  """Trains with CLI_ARGS and sends `sig` when step `step` is logged: (exit
+  code, output after that line)."""
+  proc = subprocess.Popen([sys.executable, "-m", "hiertx.train", f"--workdir={workdir}",
+                           *CLI_ARGS], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if line.startswith(f"step {step}/"):
+      proc.send_signal(sig)
+      break
+  rest = proc.stdout.read()
+  return proc.wait(timeout=120), rest
+
+
 def _losses(workdir):
   """Loss per step; a step redone after a kill keeps its last value."""
   return {r["step"]: r["train/loss"] for r in metrics.read_jsonl(
@@ -55,15 +69,8 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(straight, tmp_
   saved_config = config_lib.from_json(open(os.path.join(straight, "config.json")).read())
   assert saved_config.model.positions == "rotary" and saved_config.train.steps == 40
   workdir = str(tmp_path / "stopped")
-  proc = subprocess.Popen([sys.executable, "-m", "hiertx.train", f"--workdir={workdir}",
-                           *CLI_ARGS], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  for line in proc.stdout:
-    if line.startswith("step 12/"):
-      proc.send_signal(signal.SIGTERM)
-      break
-  rest = proc.stdout.read()
-  assert proc.wait(timeout=120) == 0, rest[-2000:]
+  code, rest = _signal_at(workdir, 12, signal.SIGTERM)
+  assert code == 0, rest[-2000:]
   saved = checkpoint.manager(workdir).latest_step()
   assert 12 <= saved < 40 and f"SIGTERM: saved a checkpoint at step {saved}" in rest, rest
   r = _train_cli(workdir)
@@ -76,18 +83,11 @@ def test_sigterm_saves_and_the_rerun_matches_an_uninterrupted_run(straight, tmp_
 
 
 def test_killed_run_resumes_to_the_same_losses(straight, tmp_path):
-  """kill -9 mid-run (SIGTERM's save-and-exit is tested in test_train.py): the
-  rerun redoes the steps since the last checkpoint, with the same losses."""
+  """kill -9 mid-run (no chance to save): the rerun redoes the steps since the
+  last checkpoint, with the same losses."""
   workdir = str(tmp_path / "killed")
-  proc = subprocess.Popen([sys.executable, "-m", "hiertx.train", f"--workdir={workdir}",
-                           *CLI_ARGS], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  for line in proc.stdout:
-    if line.startswith("step 25/"):
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.stdout.read()
-  assert proc.wait(timeout=120) == -signal.SIGKILL
+  code, _ = _signal_at(workdir, 25, signal.SIGKILL)
+  assert code == -signal.SIGKILL
   saved = checkpoint.manager(workdir).latest_step()
   assert saved in (10, 20)  # work since then is redone
   r = _train_cli(workdir)
