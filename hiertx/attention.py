@@ -25,9 +25,11 @@ Scores, the softmax statistics and the accumulators are float32 whatever the
 input dtype; the two matmuls take their inputs in the input dtype (bfloat16
 under mixed precision) and accumulate in float32.
 
-On GPU, `cudnn` runs fine-scale causal self-attention through
-`jax.nn.dot_product_attention` (cuDNN flash attention); every other mask falls
-back to `blockwise` (`attend` decides, from the static ends, never from data).
+Accelerator kernels take fine-scale causal self-attention with documents (the
+fine stacks of every model): on GPU `cudnn` runs it through
+`jax.nn.dot_product_attention` (cuDNN flash attention), on TPU `splash` through
+the Pallas splash-attention kernel. Every other mask goes `blockwise` (`attend`
+decides from the static ends, never from data).
 """
 
 import dataclasses
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-KINDS = ("dense", "blockwise", "cudnn")
+KINDS = ("dense", "blockwise", "cudnn", "splash")
 _F32 = jnp.float32
 # The end position of padding keys: larger than any query's end, so never used.
 FAR = 1 << 30
@@ -337,7 +339,7 @@ def cudnn_eligible(q_end, k_end, dtype, head_dim: int, backend: str | None = Non
   (ends 0, 1, 2, ... on both sides) in half precision; nothing else."""
   q_end, k_end = np.asarray(q_end), np.asarray(k_end)
   fine = np.arange(len(q_end))
-  return ((backend or jax.default_backend()) == "gpu" and len(q_end) == len(k_end)
+  return ((backend or _backend()) == "gpu" and len(q_end) == len(k_end)
           and np.array_equal(q_end, fine) and np.array_equal(k_end, fine)
           and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128)
 
@@ -351,6 +353,69 @@ def fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, implemen
                                       is_causal=True, implementation=implementation)
 
 
+def _backend() -> str:
+  return jax.default_backend()
+
+
+# The splash kernel's query and key block: lengths must be multiples of it.
+SPLASH_BLOCK = 128
+
+
+def splash_eligible(q_end, k_end, backend: str | None = None) -> bool:
+  """The splash kernel gets causal self-attention over one fine grid whose
+  length is a multiple of its block, on TPU; nothing else."""
+  q_end, k_end = np.asarray(q_end), np.asarray(k_end)
+  fine = np.arange(len(q_end))
+  return ((backend or _backend()) == "tpu" and len(q_end) % SPLASH_BLOCK == 0
+          and np.array_equal(q_end, fine) and np.array_equal(k_end, fine))
+
+
+def _splash_kernel(heads: int, length: int, interpret: bool):
+  """A causal splash-attention kernel for [heads, length, K] (one sequence).
+  Built inside each trace: a kernel keeps arrays made while tracing, so one
+  cached across traces would leak tracers."""
+  # Imported here: the Pallas TPU package is only needed where the kernel runs.
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
+  b = SPLASH_BLOCK
+  sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                        block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                            interpret=interpret), sk.SegmentIds
+
+
+def splash_causal(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT, interpret: bool | None = None):
+  """Fine-scale causal self-attention with documents through the Pallas
+  splash-attention kernel; the output only. Under a mesh (`jax.sharding.set_mesh`)
+  each device runs the kernel on its own rows and heads (`shard_map` over the
+  batch axes and `tensor`), since the partitioner cannot split a kernel call.
+  `interpret` (default: off TPU) runs the kernel's reference interpreter."""
+  if interpret is None:
+    interpret = jax.devices()[0].platform != "tpu"
+  scale = q_BxTxHxK.shape[-1] ** -0.5
+
+  def local(q, k, v, seg):
+    kernel, segment_ids = _splash_kernel(q.shape[2], q.shape[1], interpret)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=segment_ids(q=s, kv=s))  # noqa: E731
+    # The kernel does not scale its queries.
+    q = (q.astype(_F32) * scale).astype(q.dtype)
+    return heads_first(jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v), seg))
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT)
+  P = jax.sharding.PartitionSpec
+  batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
+  heads = "tensor" if ("tensor" in mesh.axis_names
+                       and q_BxTxHxK.shape[2] % mesh.shape["tensor"] == 0) else None
+  spec = P(batch, None, heads, None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
+                       out_specs=spec, check_vma=False)(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
+                                                        seg_BxT)
+
+
 # ----------------------------------------------------------------------------
 # The entry point every block uses.
 
@@ -360,7 +425,8 @@ def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
   """End-rule attention with the configured implementation.
 
   Ends that are not static (traced, e.g. a decoding step's position) take the
-  dense path; so does `dense`. `cudnn` is used only where `cudnn_eligible`.
+  dense path; so does `dense`. `cudnn` is used only where `cudnn_eligible`,
+  `splash` only where `splash_eligible`; other masks run `blockwise`.
   """
   static = isinstance(q_end, np.ndarray) and isinstance(k_end, np.ndarray)
   if cfg.kind == "dense" or not static:
@@ -369,6 +435,9 @@ def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
   elif (cfg.kind == "cudnn" and not with_lse
         and cudnn_eligible(q_end, k_end, q_BxQxHxK.dtype, q_BxQxHxK.shape[-1])):
     return fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, "cudnn")
+  elif cfg.kind == "splash" and not with_lse and splash_eligible(q_end, k_end):
+    # Self-attention: the query and key documents are the same.
+    return splash_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ)
   else:
     out = blockwise(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
                     cfg.q_chunk, cfg.k_chunk)

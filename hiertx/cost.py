@@ -69,7 +69,7 @@ class Shape:
   learned_positions: bool
   remat: str
   scan: bool
-  attention: str  # dense | blockwise | cudnn
+  attention: str  # dense | blockwise | cudnn | splash
   q_chunk: int
   k_chunk: int
 

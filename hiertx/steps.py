@@ -165,9 +165,11 @@ def build_run(config, devices=None, check_data: bool = True) -> Run:
     if config[section].batch_size % par:
       raise ConfigError(f"{section}.batch_size", f"{config[section].batch_size} is not "
                         f"divisible by the data-parallel size {par} (mesh.data x mesh.fsdp)")
-  if config.model.get("attention") == "cudnn" and mesh.devices.flat[0].platform != "gpu":
-    raise ConfigError("model.attention", "cudnn runs on GPUs; these devices are "
-                      f"{mesh.devices.flat[0].platform}: use blockwise")
+  platform = mesh.devices.flat[0].platform
+  for kind, needs in (("cudnn", "gpu"), ("splash", "tpu")):
+    if config.model.get("attention") == kind and platform != needs:
+      raise ConfigError("model.attention", f"{kind} runs on {needs.upper()}s; these devices "
+                        f"are {platform}: use blockwise")
   vocab = tasks.vocabulary(config.data.vocab)
   model = models.build(config.model, vocab.vocab_size, config.data.seq_len)
   tx = optimizer.make(config.train)

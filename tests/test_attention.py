@@ -101,6 +101,47 @@ def test_fused_causal_kernel_plumbing_matches_the_rule():
   assert not attention.cudnn_eligible(fine[::2], fine[::2], jnp.bfloat16, 64, backend="gpu")
 
 
+def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
+  """The Pallas splash kernel TPUs get (run here in its interpreter): outputs
+  and gradients of fine causal self-attention with documents equal `dense`,
+  alone and under `shard_map` on the 8-device mesh (2 data x 2 fsdp x 2
+  tensor); `attend` sends it nothing but that mask, and only on TPU."""
+  t = attention.SPLASH_BLOCK * 2
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(8, t, 4, 16)), jnp.float32) for _ in range(3))
+  # Rows with a second document starting at different places, one with none.
+  starts = np.asarray([30, 129, 200, 255, 1, 100, 60, t])
+  seg = jnp.asarray(np.where(np.arange(t)[None] < starts[:, None], 1, 2).astype(np.int32))
+  fine = np.arange(t)
+  ref = lambda q, k, v: attention.dense(  # noqa: E731
+      q, k, v, attention.end_rule_mask(fine, fine, seg, seg))[0]
+  np.testing.assert_allclose(attention.splash_causal(q, k, v, seg, interpret=True),
+                             ref(q, k, v), atol=1e-5)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2, 2),
+                           ("data", "fsdp", "tensor"))
+  monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+  cfg = attention.AttentionConfig("splash", 64, 64)
+  attend = lambda q, k, v: attention.attend(q, k, v, fine, fine, seg, seg, cfg)  # noqa: E731
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  with jax.sharding.set_mesh(mesh):
+    jaxpr = str(jax.make_jaxpr(attend)(q, k, v))
+    got, grads = jax.jit(jax.value_and_grad(lambda *a: (attend(*a) * w).sum(), (0, 1, 2)))(
+        q, k, v)
+  assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+  want, want_grads = jax.value_and_grad(lambda *a: (ref(*a) * w).sum(), (0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, wg in zip(grads, want_grads):
+    np.testing.assert_allclose(g, wg, atol=5e-5)
+  # Coarse keys, or a length off the kernel's block: blockwise, not the kernel.
+  assert attention.splash_eligible(fine, fine, backend="tpu")
+  assert not attention.splash_eligible(fine, fine, backend="gpu")
+  assert not attention.splash_eligible(fine, fine[::4], backend="tpu")
+  assert not attention.splash_eligible(fine[:100], fine[:100], backend="tpu")
+  coarse = jax.make_jaxpr(lambda q, k, v: attention.attend(
+      q, k[:, ::4], v[:, ::4], fine, fine[::4], seg, seg[:, ::4], cfg))(q, k, v)
+  assert "pallas_call" not in str(coarse)
+
+
 # Every model and variant: blockwise (small chunks, so several pairs and
 # lengths that divide neither the chunks nor the pooling) equals dense.
 EQUALITY = sorted(MODELS)

@@ -78,3 +78,14 @@ def test_arg_parsing():
       "size": "tiny", "runlocal": True}
   with pytest.raises(ConfigError, match="unknown config argument"):
     config_lib.parse_arg("sise=tiny", size="small")
+
+
+@pytest.mark.parametrize("kind,needs", [("cudnn", "GPUs"), ("splash", "TPUs")])
+def test_accelerator_kernels_are_refused_on_other_devices(kind, needs, tiny_config):
+  """Never a silent fallback: a kernel the devices cannot run stops the run
+  before anything is built."""
+  from hiertx import steps
+  config = tiny_config("vanilla", model__attention=kind)
+  with pytest.raises(ConfigError, match=f"config.model.attention: {kind} runs on {needs}; "
+                     "these devices are cpu: use blockwise"):
+    steps.build_run(config)

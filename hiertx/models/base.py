@@ -50,7 +50,7 @@ class LanguageModel(nn.Module):
   dtype: str = "float32"
   remat: str = "none"  # none | block | dots (hiertx.layers.REMAT_POLICIES)
   scan_layers: bool = False  # repeated blocks as one lax.scan, parameters stacked
-  attention: str = "blockwise"  # dense | blockwise | cudnn (hiertx.attention)
+  attention: str = "blockwise"  # dense | blockwise | cudnn | splash (hiertx.attention)
   attention_q_chunk: int = 256
   attention_k_chunk: int = 256
 
