@@ -21,6 +21,11 @@ Sweeps (run with launch/sweep.py, summarised with launch/report.py):
                (8 heads, MLP 2048), sequence 2048, batch 16, 10,000 steps
                (330M tokens) in bfloat16 on PG-19 (books, downloaded by TFDS;
                `-- --config.data.text_files=...` for local text instead).
+  boundaries   hourglass small ('2@1 4@4 2@1', width 128) with each boundary
+               source for its shortening (fixed every 4 bytes; whitespace;
+               entropy above 3 bits; learned with prior rate 1/4), two seeds,
+               sequence 256, batch 8, 1,000 steps; about 45 minutes on 2 CPU
+               cores. experiments/boundaries.py tabulates it per corpus.
   depth        vanilla at 2, 4 and 8 layers against top_down at 1, 2 and 4
                blocks per scale (the paper's "more layers for less memory").
 """
@@ -65,6 +70,16 @@ def sweep_claim_gpu():
       "data.task": "pg19", "data.seq_len": 2048, "data.batch_size": 16, "eval.batch_size": 16,
       "eval.batches": 32, "train.steps": 10000, "train.warmup_steps": 500,
       "train.log_every": 100, "eval.every": 1000, "train.checkpoint_every": 1000}])
+
+
+def sweep_boundaries():
+  # Seed 0 of every source first: an interrupted sweep already compares them all.
+  return sweep.product({"train.seed": [0, 1]}, {
+      "arg.model": ["hourglass"],
+      "model.boundaries": ["fixed", "whitespace", "entropy", "learned"]}, [{
+          "data.seq_len": 256, "data.batch_size": 8, "eval.batch_size": 8, "eval.batches": 32,
+          "train.steps": 1000, "train.warmup_steps": 100, "train.log_every": 50,
+          "eval.every": 250, "train.checkpoint_every": 500}])
 
 
 def sweep_depth():

@@ -5,6 +5,9 @@ upsampling into the residual, post blocks; hierarchy in `N@f` notation.
   python -m hiertx.train --config=configs/hourglass.py \
       --config.model.hierarchy='2@1 16@3 2@1' ...   # the enwik8 shape of its Table 1
 
+  python -m hiertx.train --config=configs/hourglass.py \
+      --config.model.boundaries=whitespace ...   # groups end at spaces (README)
+
 Sizes: tiny, small (default), base, paper30 (width 256: 2@1 26@4 2@1).
 """
 
@@ -22,6 +25,11 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", runlocal=False)
   c = config_lib.base_config()
   c.model = config_lib.model_config(
-      "hourglass", arg.size, hierarchy=config_lib.choose(SIZES, arg.size, "size"), pooling="mean", upsampling="repeat")
+      "hourglass", arg.size, hierarchy=config_lib.choose(SIZES, arg.size, "size"),
+      pooling="mean", upsampling="repeat",
+      # Content groups for the first shortening (hiertx.boundaries; README):
+      boundaries="fixed",  # fixed | whitespace | entropy | learned
+      max_group=16, group_capacity=1.5, entropy_threshold=3.0, boundary_temperature=1.0,
+      boundary_prior_weight=1.0)
   config_lib.apply_size_defaults(c, arg)
   return c

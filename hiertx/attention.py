@@ -87,9 +87,13 @@ def _normalise(acc_BxQxHxK, m_BxHxQ, l_BxHxQ):
 
 
 def end_rule_mask(q_end, k_end, q_seg_BxQ, k_seg_BxS):
-  """bool [B, Q, S]: key.end <= query.end, within one document."""
-  causal_QxS = jnp.asarray(k_end)[None, :] <= jnp.asarray(q_end)[:, None]
-  return causal_QxS[None] & (q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :])
+  """bool [B, Q, S]: key.end <= query.end, within one document. Ends are [Q]
+  and [S], or per row [B, Q] and [B, S] (content-grouped scales)."""
+  q_end, k_end = jnp.asarray(q_end), jnp.asarray(k_end)
+  q_end_BxQ = q_end if q_end.ndim == 2 else q_end[None]
+  k_end_BxS = k_end if k_end.ndim == 2 else k_end[None]
+  causal_BxQxS = k_end_BxS[:, None, :] <= q_end_BxQ[:, :, None]
+  return causal_BxQxS & (q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :])
 
 
 # ----------------------------------------------------------------------------

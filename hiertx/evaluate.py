@@ -141,8 +141,8 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
     rows = slice(shard.index * local, (shard.index + 1) * local)
     out = jax.device_get(run.eval_step(params, run.put_batch({k: v[rows] for k, v in
                                                               batch.items()})))
-    for k in sums:
-      sums[k] += float(out[k])
+    for k in out:
+      sums[k] = sums.get(k, 0.0) + float(out[k])
     if (b + 1) % 50 == 0 and jax.process_index() == 0:
       done = time.time() - t0
       print(f"  {b + 1}/{n_batches} batches, ETA {done / (b + 1) * (n_batches - b - 1):.0f}s",
@@ -155,6 +155,14 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
             "eval/bytes": sums["bytes"], **metrics.compressor_bits_per_byte(bytes(scored))}
   _write(workdir, f"eval_{split}_{step}_ctx{context}_stride{stride}.json", result)
   return result
+
+
+def _groups(r: dict) -> str:
+  """Content groups (hiertx.boundaries): their mean length and dropped closes."""
+  if "eval/mean_group_length" not in r:
+    return ""
+  return (f" | mean group {r['eval/mean_group_length']:.2f} bytes, dropped closes "
+          f"{r['eval/dropped_closes']:.2%}")
 
 
 def define_flags() -> None:
@@ -186,7 +194,7 @@ def main(argv):
     r = cli.run(evaluate_checkpoint, f.workdir, f.step, f.split, f.batches, f.mesh)
     print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
           f"{r['eval/perplexity']:.3f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
-          f"{r['eval/tokens']:.0f} tokens; {_baselines(r)}", flush=True)
+          f"{r['eval/tokens']:.0f} tokens; {_baselines(r)}{_groups(r)}", flush=True)
     return
   config = cli.run(checkpoint.load_config, f.workdir)
   context = f.context or f.stride or config.data.seq_len
@@ -195,7 +203,7 @@ def main(argv):
   print(f"step {r['step']} ({r['split']}, whole documents, context {r['context']}, stride "
         f"{r['stride']}): bits/byte {r['eval/bits_per_byte']:.4f} | {r['eval/bytes']:,.0f} "
         f"bytes in {r['documents']:,} documents ({r['windows']:,} windows) | loss "
-        f"{r['eval/loss']:.4f}; {_baselines(r)}", flush=True)
+        f"{r['eval/loss']:.4f}; {_baselines(r)}{_groups(r)}", flush=True)
   sys.stdout.flush()
 
 

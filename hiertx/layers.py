@@ -95,21 +95,43 @@ class KV:
     return cls(jnp.zeros(full, cfg.jnp_dtype), jnp.zeros(full, cfg.jnp_dtype))
 
   def set(self, idx, new: "KV") -> "KV":
-    """Slot `idx` of the cache axis (-3) set to `new`'s single entry."""
-    put = lambda c, x: jax.lax.dynamic_update_index_in_dim(c, x[..., 0, :, :], idx, c.ndim - 3)  # noqa: E731
+    """Slot `idx` of the cache axis (-3) set to `new`'s single entry; `idx` of
+    shape [B] sets one slot per row (a row with a slot outside the cache keeps
+    its cache as it was)."""
+    if jnp.ndim(idx) == 1:
+      put = lambda c, x: set_rows(c, idx, x[..., 0, :, :], axis=-3)  # noqa: E731
+    else:
+      put = lambda c, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+          c, x[..., 0, :, :], idx, c.ndim - 3)
     return KV(put(self.k, new.k), put(self.v, new.v))
 
-  def filled(self, capacity: int, count: int) -> "KV":
-    """A buffer of `capacity` slots holding the first `count` entries (rest 0)."""
+  def filled(self, capacity: int, count) -> "KV":
+    """A buffer of `capacity` slots holding the first `count` entries (rest 0;
+    `count` may be [B], per row)."""
     return KV(filled(self.k, capacity, count, axis=-3), filled(self.v, capacity, count, axis=-3))
 
 
-def filled(values, capacity: int, count: int, axis: int = 1):
-  """`values` along `axis` cut or zero-padded to `capacity`, entries >= count zeroed."""
+def set_rows(cache, idx_B, value, axis: int = 1):
+  """`cache` with slot idx_B[b] of `axis` set to value[b] in each row b (the
+  axis before `axis` is the batch); rows whose index is outside the cache
+  (e.g. -1) are left as they were."""
+  axis = axis % cache.ndim
+  shape = [1] * cache.ndim
+  shape[axis - 1], shape[axis] = idx_B.shape[0], cache.shape[axis]
+  hit = (jnp.arange(cache.shape[axis]) == idx_B[:, None]).reshape(shape)
+  return jnp.where(hit, jnp.expand_dims(value, axis).astype(cache.dtype), cache)
+
+
+def filled(values, capacity: int, count, axis: int = 1):
+  """`values` along `axis` cut or zero-padded to `capacity`, entries >= count
+  zeroed; `count` of shape [B] counts per row (the axis before `axis`)."""
   axis = axis % values.ndim
   n = values.shape[axis]
   shape = [1] * values.ndim
   shape[axis] = n
+  if jnp.ndim(count):
+    shape[axis - 1] = count.shape[0]
+    count = count[:, None]
   keep = (jnp.arange(n) < count).reshape(shape).astype(values.dtype)
   values = values * keep
   if n >= capacity:
@@ -117,6 +139,19 @@ def filled(values, capacity: int, count: int, axis: int = 1):
   pad = [(0, 0)] * values.ndim
   pad[axis] = (0, capacity - n)
   return jnp.pad(values, pad)
+
+
+def attention_ends(query, key):
+  """The (query, key) ends attention compares for two `scales.Scale`s: static
+  when both scales have static ends, or for self-attention within one
+  content-grouped scale (its order); per-row traced ends [B, L] otherwise."""
+  if query.end_BxL is None and key.end_BxL is None:
+    return query.end_L, key.end_L
+  if query.end_BxL is not None and key.end_BxL is not None and query.spans == key.spans:
+    return query.end_L, key.end_L  # a model has one content-grouped scale
+  traced = lambda s: (s.end_BxL if s.end_BxL is not None  # noqa: E731
+                      else jnp.broadcast_to(s.end_L, s.seg_BxL.shape))
+  return traced(query), traced(key)
 
 
 class Attention(nn.Module):
@@ -165,14 +200,17 @@ class Attention(nn.Module):
   def __call__(self, x_BxQxD, query, kv: KV, key):
     """Queries from `x` (a Scale `query`) over rotated keys/values (a Scale `key`)."""
     q = self.project_q(x_BxQxD, query.rotary_pos)
-    o = attention_lib.attend(q, kv.k, kv.v, query.end_L, key.end_L, query.seg_BxL, key.seg_BxL,
-                         self.cfg.attention)
+    q_end, k_end = attention_ends(query, key)
+    o = attention_lib.attend(q, kv.k, kv.v, q_end, k_end, query.seg_BxL, key.seg_BxL,
+                             self.cfg.attention)
     return self.output(o)
 
   def over_cache(self, x_BxD, end, kv: KV, mask_C):
-    """One decoding query (ending at `end`) over cached keys/values [B, C, H, K]."""
+    """One decoding query (ending at `end`) over cached keys/values [B, C, H, K];
+    `mask_C` is [C], or [B, C] when rows read different slots."""
     q = self.project_q(x_BxD[:, None], end[None])
-    mask_Bx1xC = jnp.broadcast_to(mask_C[None, None], (x_BxD.shape[0], 1, mask_C.shape[0]))
+    mask_BxC = mask_C if mask_C.ndim == 2 else mask_C[None]
+    mask_Bx1xC = jnp.broadcast_to(mask_BxC[:, None], (x_BxD.shape[0], 1, mask_BxC.shape[-1]))
     o, _ = attention_lib.dense(q, kv.k, kv.v, mask_Bx1xC)
     return self.output(o)[:, 0]
 
@@ -254,17 +292,22 @@ class Block(nn.Module):
 
   def step(self, x_BxD, kv: KV, idx, end):
     """Self-attention decoding: the new vector at slot `idx` of this block's
-    cache (ending at `end`) joins the cache and reads slots 0 .. idx."""
+    cache (ending at `end`) joins the cache and reads slots 0 .. idx. With
+    `idx` of shape [B] each row uses its own slot (content-grouped scales)."""
     h = self.ln_attn(x_BxD)
     kv = kv.set(idx, self.attn.keys_values(h[:, None], end[None]))
-    a = self.attn.over_cache(h, end, kv, jnp.arange(kv.k.shape[-3]) <= idx)
+    slots = jnp.arange(kv.k.shape[-3])
+    a = self.attn.over_cache(h, end, kv, slots <= (idx[:, None] if jnp.ndim(idx) else idx))
     return self._finish(x_BxD, a), kv
 
   def cross_step(self, x_BxD, end, kv: KV, key_end_C):
     """Cross-attention decoding: one query over cached keys of the other
     sequence; slots whose vectors end after `end` are not read."""
-    a = self.attn.over_cache(self.ln_attn(x_BxD), end, kv, key_end_C <= end)
-    return self._finish(x_BxD, a)
+    return self.cross_read(x_BxD, end, kv, key_end_C <= end)
+
+  def cross_read(self, x_BxD, end, kv: KV, mask_BxC):
+    """Cross-attention decoding over the cached slots `mask_BxC` ([C] or [B, C])."""
+    return self._finish(x_BxD, self.attn.over_cache(self.ln_attn(x_BxD), end, kv, mask_BxC))
 
 
 # Rematerialisation: which activations a block keeps for the backward pass.

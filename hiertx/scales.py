@@ -41,6 +41,11 @@ class Scale:
   # embeddings use it, so a document's attention is the same wherever it sits
   # in a packed row); None: the end positions themselves.
   pos_BxL: jax.Array | None = None
+  # int32 [B, L]: the ends of a content-grouped scale (hiertx.boundaries), which
+  # differ per row and are only known at run time. Its `spans` are then the
+  # vectors' order (0, 1, 2, ...): ends increase along a row, so within the
+  # scale "end <= query's end" is "index <= query's index", a static rule.
+  end_BxL: jax.Array | None = None
 
   @property
   def end_L(self) -> np.ndarray:
@@ -144,6 +149,16 @@ def upsample_repeat(z_BxGxD: jax.Array, coarse: Scale, fine: Scale, k: int) -> j
   return up_BxLxD * same_doc[..., None].astype(z_BxGxD.dtype)
 
 
+def upsample_latest(z_BxGxD, latest_BxT, coarse: Scale, fine: Scale) -> jax.Array:
+  """Content groups: fine position t receives coarse index latest[t] (the last
+  group closed at or before t; -1: none yet), if from its own document."""
+  idx_BxT = jnp.maximum(latest_BxT, 0)
+  z_BxTxD = jnp.take_along_axis(z_BxGxD, idx_BxT[..., None], axis=1)
+  same_doc = ((jnp.take_along_axis(coarse.seg_BxL, idx_BxT, axis=1) == fine.seg_BxL)
+              & (latest_BxT >= 0))
+  return z_BxTxD * same_doc[..., None].astype(z_BxGxD.dtype)
+
+
 POOLINGS = ("mean", "linear", "attention")
 UPSAMPLINGS = ("repeat", "linear", "attention")
 
@@ -243,6 +258,26 @@ class Upsample(nn.Module):
       d = z_BxD.shape[-1]
       return fine_BxD + jax.lax.dynamic_slice_in_dim(self.proj(z_BxD), (i % self.k) * d, d, 1)
     return self.block.cross_step(fine_BxD + z_BxD, end, coarse_kv, coarse_end_G)
+
+  def groups(self, fine_BxTxD, z_BxGxD, latest_BxT, fine: Scale, coarse: Scale,
+             deterministic: bool = True):
+    """Content groups (hiertx.boundaries): fine position t receives group
+    latest[t], the last one closed at or before t; attention reads every group
+    closed by t (per-row ends, so the dense path)."""
+    x_BxTxD = fine_BxTxD + upsample_latest(z_BxGxD, latest_BxT, coarse, fine)
+    if self.kind == "repeat":
+      return x_BxTxD
+    return self.block.attend_to(x_BxTxD, fine, z_BxGxD, coarse, deterministic)
+
+  def step_groups(self, fine_BxD, z_BxGxD, latest_B, end, coarse_kv: "layers.KV | None" = None):
+    """Decoding with content groups: fine position `end` reads group latest[b]
+    of each row (attention: every cached group up to it)."""
+    z_BxD = jnp.take_along_axis(z_BxGxD, jnp.maximum(latest_B, 0)[:, None, None], axis=1)[:, 0]
+    z_BxD = z_BxD * (latest_B >= 0)[:, None].astype(z_BxD.dtype)  # no group closed yet
+    if self.kind == "repeat":
+      return fine_BxD + z_BxD
+    slots = jnp.arange(z_BxGxD.shape[1])
+    return self.block.cross_read(fine_BxD + z_BxD, end, coarse_kv, slots <= latest_B[:, None])
 
   def coarse_keys(self, z_BxD, end) -> "layers.KV":
     """Keys/values of one new coarse vector for the attention cache, [B, 1, H, K]."""

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hiertx import boundaries
 from hiertx import config as config_lib
 from hiertx import cost
 from hiertx import data
@@ -50,8 +51,31 @@ def token_nll(logits_BxTxV, targets_BxT):
 
 
 def apply_model(model, params, batch, deterministic=True, rngs=None):
-  return model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
-                     batch["positions"], deterministic=deterministic, rngs=rngs)
+  """Logits, and what the pass added to the auxiliary collections
+  (hiertx.boundaries: training losses and boundary counts) as
+  {collection: {name: scalar summed over modules}}."""
+  logits, aux = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                            batch["positions"], deterministic=deterministic, rngs=rngs,
+                            mutable=[boundaries.LOSSES, boundaries.STATS])
+  return logits, {c: _sum_by_name(aux.get(c, {})) for c in (boundaries.LOSSES,
+                                                                boundaries.STATS)}
+
+
+def _sum_by_name(tree) -> dict:
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
+    out[name] = out.get(name, 0.0) + leaf
+  return out
+
+
+def boundary_metrics(prefix: str, stats: dict) -> dict:
+  """Content groups: closes and dropped closes per real position."""
+  if "positions" not in stats:
+    return {}
+  n = jnp.maximum(stats["positions"], 1.0)
+  return {f"{prefix}/boundary_rate": stats["closes"] / n,
+          f"{prefix}/dropped_closes": stats["dropped"] / n}
 
 
 def train_step(state: TrainState, batch, *, model, tx, seed: int, skip_nonfinite: bool = False):
@@ -63,11 +87,14 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int, skip_nonfinite
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
   def loss_fn(params):
-    logits = apply_model(model, params, batch, deterministic=False, rngs={"dropout": rng})
+    logits, aux = apply_model(model, params, batch, deterministic=False,
+                              rngs={"dropout": rng})
     w = batch["weights"].astype(jnp.float32)
-    return (token_nll(logits, batch["targets"]) * w).sum() / jnp.maximum(w.sum(), 1.0)
+    loss = (token_nll(logits, batch["targets"]) * w).sum() / jnp.maximum(w.sum(), 1.0)
+    # Auxiliary losses (a boundary source's own) train beside the model's.
+    return loss + sum(aux[boundaries.LOSSES].values(), 0.0), (loss, aux)
 
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -77,23 +104,30 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int, skip_nonfinite
         lambda n, o: jnp.where(ok, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new, {"train/loss": loss, "train/grad_norm": grad_norm}
+  return new, {"train/loss": loss, "train/grad_norm": grad_norm,
+               **{f"train/{k}": v for k, v in aux[boundaries.LOSSES].items()},
+               **boundary_metrics("train", aux[boundaries.STATS])}
 
 
 def eval_step(params, batch, *, model, bytes_V):
   """Sums over a batch: nll (nats), scored tokens, and the bytes they stand for."""
-  logits = apply_model(model, params, batch)
+  logits, aux = apply_model(model, params, batch)
   w = batch["weights"].astype(jnp.float32)
   return {"nll": (token_nll(logits, batch["targets"]) * w).sum(),
           "tokens": w.sum(),
-          "bytes": (bytes_V[batch["targets"]] * w).sum()}
+          "bytes": (bytes_V[batch["targets"]] * w).sum(),
+          **aux[boundaries.STATS]}
 
 
 def summarize_eval(sums: dict) -> dict:
   loss = sums["nll"] / max(sums["tokens"], 1.0)
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
-          "eval/bits_per_byte": sums["nll"] / (math.log(2) * max(sums["bytes"], 1.0)),
-          "eval/tokens": sums["tokens"]}
+  out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
+         "eval/bits_per_byte": sums["nll"] / (math.log(2) * max(sums["bytes"], 1.0)),
+         "eval/tokens": sums["tokens"]}
+  if "positions" in sums:  # content groups
+    out["eval/mean_group_length"] = sums["positions"] / max(sums["closes"], 1.0)
+    out["eval/dropped_closes"] = sums["dropped"] / max(sums["positions"], 1.0)
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -142,11 +176,12 @@ class Run:
     return {k: jax.make_array_from_process_local_data(s, v) for k, v in batch.items()}
 
   def evaluate(self, params, batches) -> dict:
-    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    sums = {}
     for b in batches:
       out = jax.device_get(self.eval_step(params, self.put_batch(b)))
-      for k in sums:
-        sums[k] += float(out[k])
+      for k in out:
+        sums[k] = sums.get(k, 0.0) + float(out[k])
+    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0, **sums}
     return summarize_eval(sums)
 
 

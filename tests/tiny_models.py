@@ -21,6 +21,15 @@ MODELS = {
     "hourglass": dict(name="hourglass", hierarchy="1@1 1@2 1@4 1@2 1@1"),
     "hourglass_attention": dict(name="hourglass", hierarchy="1@1 2@3 1@1",
                                 pooling="attention", upsampling="attention"),
+    # Content groups (hiertx.boundaries); vocabulary ids 12..16 are space-like.
+    "hourglass_whitespace": dict(name="hourglass", hierarchy="1@1 1@3 1@1",
+                                 boundaries="whitespace", max_group=4, positions="rotary"),
+    "hourglass_entropy": dict(name="hourglass", hierarchy="1@1 1@2 1@1", boundaries="entropy",
+                              entropy_threshold=4.0, max_group=3, pooling="attention",
+                              upsampling="attention"),
+    "hourglass_learned": dict(name="hourglass", hierarchy="1@1 1@2 1@1", boundaries="learned",
+                              max_group=5, group_capacity=1.25, upsampling="attention",
+                              positions="rotary"),
 }
 
 

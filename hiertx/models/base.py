@@ -80,7 +80,8 @@ class LanguageModel(nn.Module):
     self.embed = layers.Embed(self.padded_vocab, self.block_cfg, self.max_len)
     self.head = layers.Head(self.padded_vocab, self.block_cfg)
 
-  def body(self, x_BxTxD: jax.Array, fine: scales.Scale, deterministic: bool) -> jax.Array:
+  def body(self, x_BxTxD: jax.Array, fine: scales.Scale, deterministic: bool,
+           tokens_BxT: jax.Array | None = None) -> jax.Array:
     raise NotImplementedError
 
   def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None,
@@ -97,7 +98,8 @@ class LanguageModel(nn.Module):
     x_BxPxD = self.embed(tokens_BxP, pos_BxP, deterministic)
     # A zero-cost hook: tests differentiate outputs w.r.t. the input embeddings.
     x_BxPxD = self.perturb("embeddings", x_BxPxD)
-    h_BxPxD = self.body(x_BxPxD, scales.fine_scale(seg_BxP, pos_BxP), deterministic)
+    h_BxPxD = self.body(x_BxPxD, scales.fine_scale(seg_BxP, pos_BxP), deterministic,
+                        tokens_BxT=tokens_BxP)
     return self.head(h_BxPxD)[:, :t, :self.vocab_size]
 
   # --------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class BottomUpLM(base.LanguageModel):
     """States of scale s as aggregation keys: plus the scale's embedding."""
     return h_BxLxD + self.scale_embedding[s].astype(h_BxLxD.dtype)
 
-  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
+  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     h = self.scale["0"](x_BxTxD, fine, deterministic)
     states, grid = [h], [fine]
     for s, k in enumerate(self.pool_factors, start=1):

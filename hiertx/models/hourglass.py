@@ -10,12 +10,23 @@ Decoding state (DESIGN.md section 5), per level i at factor f_i:
   pre[i], post[i] key/value caches of the level's stacks
   up[i] attention upsampling's keys/values of z[i+1]
 Level i gains a position when fine position t is a multiple of f_i.
+
+Content groups (`boundaries` other than "fixed", hiertx.boundaries) replace the
+first shortening's fixed groups: one shortening level ("N@1 M@k N@1", k the
+target average group length), mean or attention pooling, repeat or attention
+upsampling. Level 1 then gains a position, per row, when a group closes; the
+state adds `groups` = [last close position, groups so far, previous token],
+each [B].
 """
 
 import re
 
+import jax.numpy as jnp
+
+from hiertx import boundaries as boundaries_lib
 from hiertx import layers
 from hiertx import scales
+from hiertx import workload as workload_lib
 from hiertx.errors import ConfigError
 from hiertx.models import base
 
@@ -49,14 +60,30 @@ class HourglassLM(base.LanguageModel):
   hierarchy: str = "2@1 4@4 2@1"
   pooling: str = "mean"
   upsampling: str = "repeat"
+  boundaries: str = "fixed"  # hiertx.boundaries.SOURCES
+  max_group: int = 16  # content groups: at most this many bytes
+  group_capacity: float = 1.5  # content groups: slots per row = capacity * T / k
+  entropy_threshold: float = 3.0  # bits, boundaries=entropy
+  boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned
+  boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
 
   @property
   def levels(self):
     """(pre block counts, post block counts, factors), outermost first."""
     return parse_hierarchy(self.hierarchy)
 
+  @property
+  def content(self) -> bool:
+    """Whether the first shortening groups by content (hiertx.boundaries)."""
+    return self.boundaries != "fixed"
+
   def pooling_multiple(self) -> int:
-    return self.levels[2][-1]
+    # Content groups start at every document's first byte wherever it sits.
+    return 1 if self.content else self.levels[2][-1]
+
+  def slots(self, length: int) -> int:
+    """Coarse slots per row of a content-grouped level 1 over `length` positions."""
+    return boundaries_lib.num_slots(length, self.levels[2][1], self.group_capacity)
 
   def setup(self):
     super().setup()
@@ -67,31 +94,73 @@ class HourglassLM(base.LanguageModel):
     ks = [b // a for a, b in zip(factors, factors[1:])]
     self.shorten = {str(i): scales.Pool(self.pooling, k, c) for i, k in enumerate(ks)}
     self.upsample = {str(i): scales.Upsample(self.upsampling, k, c) for i, k in enumerate(ks)}
+    if self.content:
+      self.source = boundaries_lib.Source(
+          self.boundaries, ks[0], self.vocab_size, self.padded_vocab, c,
+          self.entropy_threshold, self.boundary_temperature, self.boundary_prior_weight)
 
-  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
-    return self._level(x_BxTxD, fine, 0, deterministic)
+  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
+    return self._level(x_BxTxD, fine, 0, deterministic, tokens_BxT)
 
-  def _level(self, x_BxLxD, grid: scales.Scale, i: int, deterministic: bool):
+  def _level(self, x_BxLxD, grid: scales.Scale, i: int, deterministic: bool, tokens_BxT=None):
     _, post, factors = self.levels
     x_BxLxD = self.pre[str(i)](x_BxLxD, grid, deterministic)
     layers.remember(self, f"x_{i}", x_BxLxD)
     if i < len(post):
-      k = factors[i + 1] // factors[i]
-      z = self.shorten[str(i)](x_BxLxD, grid, deterministic)
-      z = self._level(z, scales.coarser(grid, k), i + 1, deterministic)
+      if self.content:
+        z, coarse, latest_BxT = self._content_groups(x_BxLxD, grid, tokens_BxT, deterministic)
+      else:
+        z = self.shorten[str(i)](x_BxLxD, grid, deterministic)
+        coarse = scales.coarser(grid, factors[i + 1] // factors[i])
+      z = self._level(z, coarse, i + 1, deterministic)
       z = self.perturb(f"coarse_{i + 1}", z)  # tests: gradients w.r.t. coarse states
-      x_BxLxD = self.upsample[str(i)](x_BxLxD, z, grid, scales.coarser(grid, k), deterministic)
+      if self.content:
+        x_BxLxD = self.upsample[str(i)].groups(x_BxLxD, z, latest_BxT, grid, coarse,
+                                               deterministic)
+      else:
+        x_BxLxD = self.upsample[str(i)](x_BxLxD, z, grid, coarse, deterministic)
       x_BxLxD = self.post[str(i)](x_BxLxD, grid, deterministic)
     layers.remember(self, f"z_{i}", x_BxLxD)
     return x_BxLxD
 
+  def _content_groups(self, x_BxTxD, fine: scales.Scale, tokens_BxT, deterministic: bool):
+    """Level 1 from content groups of the level-0 states: (pooled [B, G, D],
+    the coarse scale, the group each fine position reads [B, T])."""
+    b, t, _ = x_BxTxD.shape
+    want_BxT, weight_BxT = self.source.want(tokens_BxT, x_BxTxD, fine, deterministic)
+    close_BxT, drop_BxT = boundaries_lib.close_groups(
+        want_BxT, fine.rotary_pos, fine.seg_BxL, k=self.levels[2][1],
+        capacity=self.group_capacity, max_group=self.max_group)
+    boundaries_lib.record(self, close_BxT, drop_BxT, fine.seg_BxL)
+    layers.remember(self, "closes", close_BxT)
+    layers.remember(self, "tokens", tokens_BxT)
+    grp = boundaries_lib.groups(close_BxT, self.slots(t))
+    coarse = boundaries_lib.coarse_scale(fine, grp)
+    members, valid = boundaries_lib.window(x_BxTxD, grp.end_BxG, grp.prev_end_BxG,
+                                           fine.seg_BxL, self.max_group)
+    z_BxGxD = self.shorten["0"].group(members, valid, deterministic)
+    if weight_BxT is not None:  # straight-through: value 1, the predictor's gradient
+      end_BxG = jnp.minimum(grp.end_BxG, t - 1)
+      z_BxGxD = z_BxGxD * jnp.take_along_axis(weight_BxT, end_BxG, axis=1)[..., None].astype(
+          z_BxGxD.dtype)
+    return z_BxGxD, coarse, grp.latest_BxT
+
   # Decoding -------------------------------------------------------------------
+
+  def cache_slots(self, capacity: int) -> list[int]:
+    factors = self.levels[2]
+    if self.content:
+      return [capacity, self.slots(capacity)]
+    return [capacity // f for f in factors]
 
   def init_cache(self, batch, capacity):
     pre, post, factors = self.levels
-    slots = [capacity // f for f in factors]
+    slots = self.cache_slots(capacity)
     c = self.block_cfg
-    return {"x": [self.hidden(batch, n) for n in slots],
+    groups = ([jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32),
+               jnp.zeros((batch,), jnp.int32)] if self.content else [])
+    return {"groups": groups,
+            "x": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "pre": [layers.KV.empty(c, n, batch, slots[i]) for i, n in enumerate(pre)],
             "post": [layers.KV.empty(c, n, batch, slots[i]) for i, n in enumerate(post)],
@@ -125,15 +194,69 @@ class HourglassLM(base.LanguageModel):
 
   def step(self, state, token_B, t):
     state = {k: list(v) for k, v in state.items()}
-    state = self._step_level(0, t, self.embed.step(token_B, t))(state)
+    x0_BxD = self.embed.step(token_B, t)
+    if self.content:
+      state = self._step_content(state, token_B, t, x0_BxD)
+    else:
+      state = self._step_level(0, t, x0_BxD)(state)
     return state, self.logits_at(state["z"][0][:, t])
+
+  def _step_content(self, st, token_B, t, x0_BxD):
+    """Fine position t with content groups: level-0 pre blocks, the close rule,
+    level 1 at slot `groups so far` of each row that closes a group, upsampling
+    from each row's last closed group, post blocks."""
+    b = token_B.shape[0]
+    set_x = lambda name, lvl, x: base.set_at(  # noqa: E731
+        st[name], lvl, st[name][lvl].at[:, t].set(x))
+    x, kv = self.pre["0"].step(x0_BxD, st["pre"][0], t, t)
+    st = dict(st, x=set_x("x", 0, x), pre=base.set_at(st["pre"], 0, kv))
+    last_B, count_B, prev_B = st["groups"]
+    want_B = self.source.want_step(token_B, prev_B, x, t)
+    ones_B = jnp.ones((b,), jnp.int32)
+    # A decoded stream is one document from position 0: its groups are the row's.
+    (new_last_B, new_count_B, _), (close_B, _) = boundaries_lib.close_step(
+        (last_B, count_B, count_B), want_B, jnp.full((b,), t, jnp.int32), ones_B, t,
+        k=self.levels[2][1], capacity=self.group_capacity, max_group=self.max_group)
+    slot_B = jnp.where(close_B, count_B, -1)  # -1: this row writes nothing
+
+    def coarse_step(st):
+      cache = st["x"][0]
+      members, valid = boundaries_lib.window(
+          cache, jnp.full((b, 1), t, jnp.int32), last_B[:, None],
+          jnp.ones(cache.shape[:2], jnp.int32), self.max_group)
+      z_BxD = self.shorten["0"].group(members, valid)[:, 0]
+      z_BxD, kv = self.pre["1"].step(z_BxD, st["pre"][1], slot_B, t)
+      put = lambda name: base.set_at(  # noqa: E731
+          st[name], 1, layers.set_rows(st[name][1], slot_B, z_BxD))
+      st = dict(st, x=put("x"), z=put("z"), pre=base.set_at(st["pre"], 1, kv))
+      if st["up"]:
+        up = st["up"][0].set(slot_B, self.upsample["0"].coarse_keys(z_BxD, t))
+        st = dict(st, up=base.set_at(st["up"], 0, up))
+      return st
+
+    st = base.when(close_B.any(), coarse_step, st)
+    x = self.upsample["0"].step_groups(x, st["z"][1], new_count_B - 1, t,
+                                       st["up"][0] if st["up"] else None)
+    x, kv = self.post["0"].step(x, st["post"][0], t, t)
+    return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv),
+                groups=[new_last_B, new_count_B, token_B.astype(jnp.int32)])
 
   def prompt_state(self, p, capacity):
     sown = self.variables[layers.DECODE]
     pre, post, factors = self.levels
-    slots = [capacity // f for f in factors]
-    counts = [(p - 1) // f + 1 for f in factors]
-    return {"x": [layers.filled(sown[f"x_{i}"], slots[i], counts[i]) for i in range(len(pre))],
+    slots = self.cache_slots(capacity)
+    if self.content:
+      # Level 1 holds each row's groups so far (per-row counts).
+      closes_BxP = sown["closes"]
+      count_B = closes_BxP.sum(1).astype(jnp.int32)
+      counts = [p, count_B]
+      last_B = jnp.max(jnp.where(closes_BxP, jnp.arange(p), -1), axis=1)
+      groups = [last_B.astype(jnp.int32), count_B, sown["tokens"][:, p - 1].astype(jnp.int32)]
+    else:
+      counts = [(p - 1) // f + 1 for f in factors]
+      groups = []
+    return {"groups": groups,
+            "x": [layers.filled(sown[f"x_{i}"], slots[i], counts[i]) for i in range(len(pre))],
             "z": [layers.filled(sown[f"z_{i}"], slots[i], counts[i]) for i in range(len(pre))],
             "pre": [self.pre[str(i)].prompt_cache(slots[i], counts[i]) for i in range(len(pre))],
             "post": [self.post[str(i)].prompt_cache(slots[i], counts[i])
@@ -145,6 +268,8 @@ class HourglassLM(base.LanguageModel):
 
   def blocks_at(self, t):
     pre, post, factors = self.levels
+    if self.content:
+      return self._content_blocks_at(t)
     out = []
     for i, f in enumerate(factors):
       out.append(self.self_attention(f"pre_{i}", pre[i], t // f, f))
@@ -154,11 +279,30 @@ class HourglassLM(base.LanguageModel):
                                  self.upsampling)
     return out
 
+  def _content_blocks_at(self, t):
+    """Level 1 holds `slots(t)` groups in row order; pooling reads a window of
+    `max_group` per group; attention upsampling has per-row ends, so it runs
+    dense (every fine query against every slot, the map kept)."""
+    pre, post, _ = self.levels
+    g, m = self.slots(t), self.max_group
+    out = [self.self_attention("pre_0", pre[0], t, 1), self.self_attention("post_0", post[0], t, 1),
+           self.self_attention("pre_1", pre[1], g, 1)]
+    if self.pooling == "attention":
+      out.append(workload_lib.Blocks("pool_1", 1, g, m, t, g * m, self.map_keys(m),
+                                     self.rescored(g * m), cross=True, stacked=False))
+    if self.upsampling == "attention":
+      out.append(workload_lib.Blocks("upsample_0", 1, t, g, g, t * g, g, 0.0, cross=True,
+                                     stacked=False))
+    return out
+
   def extra_params(self):
     _, _, factors = self.levels
     d = self.d_model
     linear = (self.pooling == "linear") + (self.upsampling == "linear")
-    return sum(b // a * d * d * linear for a, b in zip(factors, factors[1:]))
+    source = {"entropy": 2 * d + d * self.padded_vocab,  # LayerNorm, vocabulary head
+              "learned": 2 * d + d * d + d + d + 1}  # LayerNorm, d -> d -> 1 with biases
+    return (sum(b // a * d * d * linear for a, b in zip(factors, factors[1:]))
+            + source.get(self.boundaries, 0))
 
   @classmethod
   def check_config(cls, cfg, seq_len):
@@ -167,3 +311,35 @@ class HourglassLM(base.LanguageModel):
     base.check_pooling_fits("model.hierarchy", innermost, seq_len)
     base.choice(cfg, "pooling", scales.POOLINGS)
     base.choice(cfg, "upsampling", scales.UPSAMPLINGS)
+    base.choice(cfg, "boundaries", boundaries_lib.SOURCES)
+    if cfg["boundaries"] != "fixed":
+      check_content_groups(cfg)
+
+
+def check_content_groups(cfg) -> None:
+  """What content groups (hiertx.boundaries) support."""
+  kind = cfg["boundaries"]
+  pre, _, factors = parse_hierarchy(cfg["hierarchy"])
+  if len(factors) != 2:
+    raise ConfigError("model.hierarchy", f"{cfg['hierarchy']!r}: boundaries={kind!r} groups "
+                      "the first shortening by content and supports one shortening level "
+                      "(e.g. '2@1 4@4 2@1')")
+  if pre[0] < 1 and kind in ("entropy", "learned"):
+    raise ConfigError("model.hierarchy", f"boundaries={kind!r} reads the fine states before "
+                      "shortening: the first level needs at least one block (e.g. '2@1 4@4 2@1')")
+  for name in ("pooling", "upsampling"):
+    if cfg[name] == "linear":
+      raise ConfigError(f"model.{name}", f"linear has one weight per offset in a fixed group; "
+                        f"with boundaries={kind!r} use mean/attention pooling, "
+                        "repeat/attention upsampling")
+  base.positive(cfg, "max_group")
+  for name, low in (("group_capacity", 1.0), ("boundary_temperature", 0.0),
+                    ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0)):
+    v = cfg[name]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low or (
+        name == "boundary_temperature" and v == 0):
+      raise ConfigError(f"model.{name}", f"must be a number >= {low}"
+                        f"{' (and not 0)' if name == 'boundary_temperature' else ''}, got {v!r}")
+  if cfg["max_group"] < factors[1]:
+    raise ConfigError("model.max_group", f"{cfg['max_group']} is below the target group "
+                      f"length {factors[1]} (the hierarchy's shortening)")

@@ -274,7 +274,7 @@ class RetinaLM(base.LanguageModel, layers.Blocks):
     super().setup()
     self.setup_blocks(RetinaBlock, self.block_cfg, self.num_layers, self.spec, step_args=1)
 
-  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
+  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     return self.run_blocks(x_BxTxD, fine, deterministic)
 
   # Decoding -------------------------------------------------------------------

@@ -47,7 +47,7 @@ class TopDownLM(base.LanguageModel):
     self.upsample = {str(s): scales.Upsample(self.upsampling, k, c)
                      for s, k in enumerate(self.pool_factors)}
 
-  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
+  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     embeds, grid = [x_BxTxD], [fine]
     for s, k in enumerate(self.pool_factors, start=1):
       embeds.append(self.pool[str(s)](embeds[-1], grid[-1], deterministic))

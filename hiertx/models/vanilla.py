@@ -12,7 +12,7 @@ class VanillaLM(base.LanguageModel):
     super().setup()
     self.blocks = layers.Stack(self.block_cfg, self.num_layers)
 
-  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool):
+  def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     return self.blocks(x_BxTxD, fine, deterministic)
 
   def init_cache(self, batch, capacity):

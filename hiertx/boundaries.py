@@ -1,0 +1,265 @@
+"""Content-dependent groups for a model's first shortening (DESIGN.md section 8).
+
+Fixed shortening closes a group every k bytes. Here a *boundary source* says,
+for each fine position t, whether a group should close at t, from bytes 0..t
+only (the causality rule: a group's vector ends at its last byte):
+
+  whitespace  t is a space-like byte after a byte that is not (SpaceByte,
+              Slagle 2024, places its coarse positions at such bytes)
+  entropy     the next-byte entropy of a small head on the fine states before
+              shortening exceeds `model.entropy_threshold` bits (the Byte
+              Latent Transformer, Pagnoni et al. 2024, cuts where a small byte
+              model's entropy is high); the head is trained with its own
+              next-byte loss beside the model's
+  learned     a predictor on the same fine states, trained through a
+              Gumbel-sigmoid relaxation with a binomial prior on the boundary
+              rate (Dynamic Token Pooling, Nawrot et al. 2023); at evaluation
+              and decoding the boundary is `logit > 0`
+
+Two rules then apply, the same way in the forward pass and in cached decoding
+(`close_step`), both counted within the document (so packed documents never
+affect each other's groups):
+
+  * a group closes when it has `max_group` bytes of its document (so a group's
+    members are at most the last `max_group` positions before its end, after
+    the previous end and in its document);
+  * a close is *dropped* when the document already has `budget(pos)` groups:
+    at most `capacity * (pos + 1) / k` groups by its position pos. Summed over
+    a row's documents that is at most `capacity * T / k`, which fixes the
+    number of coarse slots per row (static shapes); it is decided from
+    positions <= t, so it is causal too. Dropped closes are counted in the
+    metrics.
+
+A position before its document's first group reads no coarse vector (as a
+fixed model's positions before their first complete group).
+
+A content-grouped coarse scale (`coarse_scale`) keeps per-row ends; slots past
+a row's last group are unused (document 0, end FAR) and no real position
+reads them.
+"""
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hiertx import attention as attention_lib
+from hiertx import layers
+from hiertx import scales
+
+SOURCES = ("fixed", "whitespace", "entropy", "learned")
+# Space-like bytes as hiertx.tasks' byte vocabulary (seqio.ByteVocabulary:
+# id = byte + 3) numbers them: space, tab, newline, carriage return, vertical
+# tab, form feed.
+SPACE_IDS = tuple(b + 3 for b in b" \t\n\r\x0b\x0c")
+# The budget's capacity is kept in 1/64ths so that the forward pass (numpy for
+# the slot count, jnp for the rule) and decoding agree exactly.
+_CAPACITY_UNITS = 64
+# The collections a forward pass adds auxiliary losses and boundary counts to.
+LOSSES = "losses"
+STATS = "stats"
+
+
+def capacity_units(capacity: float) -> int:
+  return max(1, round(capacity * _CAPACITY_UNITS))
+
+
+def budget(pos, k: int, capacity: float):
+  """Groups a document may have closed by its position `pos` (numpy or jnp,
+  exact integers)."""
+  return (pos + 1) * capacity_units(capacity) // (_CAPACITY_UNITS * k)
+
+
+def num_slots(length: int, k: int, capacity: float) -> int:
+  """Coarse slots per row for `length` fine positions (the documents' budgets
+  sum to at most this)."""
+  return max(1, int(budget(np.int64(max(length, 1) - 1), k, capacity)))
+
+
+def is_space(tokens):
+  return jnp.isin(tokens, jnp.asarray(SPACE_IDS, tokens.dtype))
+
+
+def whitespace_wants(tokens_BxT, pos_BxT):
+  """Closes at a space-like byte that follows a byte that is not (a run of
+  spaces is one group's end, as at indentation)."""
+  space = is_space(tokens_BxT)
+  prev_space = jnp.pad(space, ((0, 0), (1, 0)))[:, :-1] & (pos_BxT > 0)
+  return space & ~prev_space
+
+
+def close_step(carry, want_B, pos_B, seg_B, t, *, k: int, capacity: float, max_group: int):
+  """One position of the close rules. carry = (last close position, or the
+  document's start - 1 [B]; groups of the row so far [B]; of the document so
+  far [B]); returns the new carry and (kept close [B], dropped close [B])."""
+  last_B, count_B, doc_count_B = carry
+  start_B = pos_B == 0
+  last_B = jnp.where(start_B, t - 1, last_B)
+  doc_count_B = jnp.where(start_B, 0, doc_count_B)
+  real_B = seg_B > 0  # packing padding never closes a group
+  wish_B = real_B & (want_B | (t - last_B >= max_group))
+  keep_B = wish_B & (doc_count_B < budget(pos_B, k, capacity))
+  add_B = keep_B.astype(count_B.dtype)
+  return ((jnp.where(keep_B, t, last_B), count_B + add_B, doc_count_B + add_B),
+          (keep_B, wish_B & ~keep_B))
+
+
+def close_groups(want_BxT, pos_BxT, seg_BxT, *, k: int, capacity: float, max_group: int):
+  """(kept closes, dropped closes), bool [B, T], for whole rows."""
+  b, t = want_BxT.shape
+  zeros_B = jnp.zeros((b,), jnp.int32)
+  init = (zeros_B - 1, zeros_B, zeros_B)
+
+  def body(carry, xs):
+    return close_step(carry, *xs, k=k, capacity=capacity, max_group=max_group)
+
+  xs = (want_BxT.T, pos_BxT.T, seg_BxT.T, jnp.arange(t, dtype=jnp.int32))
+  _, (keep_TxB, drop_TxB) = jax.lax.scan(body, init, xs)
+  return keep_TxB.T, drop_TxB.T
+
+
+@flax.struct.dataclass
+class Groups:
+  """Where each group of one row ends, and which group each position reads."""
+
+  close_BxT: jax.Array  # bool: a (kept) group closes at t
+  latest_BxT: jax.Array  # int32: the slot of the last group closed at or before t (-1: none)
+  end_BxG: jax.Array  # int32: the position slot g closed at (FAR: unused slot)
+  prev_end_BxG: jax.Array  # int32: the position slot g - 1 closed at (-1 for g = 0)
+
+  @property
+  def used_BxG(self):
+    return self.end_BxG < attention_lib.FAR
+
+
+def groups(close_BxT, slots: int) -> Groups:
+  b, t = close_BxT.shape
+  latest_BxT = jnp.cumsum(close_BxT.astype(jnp.int32), axis=1) - 1
+  rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+  slot_BxT = jnp.where(close_BxT, latest_BxT, slots)  # slot `slots`: dropped by the scatter
+  pos_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  end_BxG = jnp.full((b, slots), attention_lib.FAR, jnp.int32).at[rows, slot_BxT].set(
+      pos_BxT, mode="drop")
+  prev_BxG = jnp.pad(end_BxG, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  return Groups(close_BxT, latest_BxT, end_BxG, prev_BxG)
+
+
+def window(x_BxLxD, end_BxG, prev_end_BxG, seg_BxL, max_group: int):
+  """The members of each group: the `max_group` positions up to its end, valid
+  after the previous end and in the end's document. [B, G, M, D], [B, G, M].
+  An unused slot's window is the row's last position alone (finite, unread)."""
+  length = x_BxLxD.shape[1]
+  end_BxG = jnp.minimum(end_BxG, length - 1)
+  idx_BxGxM = end_BxG[..., None] - max_group + 1 + jnp.arange(max_group)
+  safe = jnp.clip(idx_BxGxM, 0, length - 1)
+  b, g, m = safe.shape
+  members = jnp.take_along_axis(x_BxLxD, safe.reshape(b, g * m, 1), axis=1).reshape(b, g, m, -1)
+  seg_end_BxG = jnp.take_along_axis(seg_BxL, end_BxG, axis=1)
+  seg_BxGxM = jnp.take_along_axis(seg_BxL, safe.reshape(b, g * m), axis=1).reshape(b, g, m)
+  valid = ((idx_BxGxM >= 0) & (idx_BxGxM > prev_end_BxG[..., None])
+           & (seg_BxGxM == seg_end_BxG[..., None]))
+  return members, valid.at[..., -1].set(True)
+
+
+def coarse_scale(fine: scales.Scale, grp: Groups) -> scales.Scale:
+  """The content-grouped scale: per-row ends, documents and within-document
+  positions of each group's last byte; unused slots are document 0."""
+  end = jnp.minimum(grp.end_BxG, fine.seg_BxL.shape[1] - 1)
+  used = grp.used_BxG
+  seg = jnp.where(used, jnp.take_along_axis(fine.seg_BxL, end, axis=1), 0)
+  pos_BxT = fine.pos_BxL if fine.pos_BxL is not None else jnp.broadcast_to(
+      fine.end_L, fine.seg_BxL.shape)
+  pos = jnp.where(used, jnp.take_along_axis(pos_BxT, end, axis=1), 0)
+  g = grp.end_BxG.shape[1]
+  return scales.Scale(seg, ((g, 1, 0),), pos, grp.end_BxG)
+
+
+def binomial_nll(closes_B, n_B, rate: float):
+  """-log Binomial(closes; n, rate), differentiable in `closes` (lgamma)."""
+  lg = jax.scipy.special.gammaln
+  return -(lg(n_B + 1) - lg(closes_B + 1) - lg(n_B - closes_B + 1)
+           + closes_B * np.log(rate) + (n_B - closes_B) * np.log1p(-rate))
+
+
+class Source(nn.Module):
+  """What decides a close at t beyond the three rules: `want(...)` for a whole
+  row, `want_step(...)` for one decoding position. `entropy` and `learned`
+  read the fine states before shortening and add their training losses to
+  the `losses` collection."""
+
+  kind: str
+  k: int
+  vocab_size: int
+  padded_vocab: int
+  cfg: layers.BlockConfig
+  entropy_threshold: float = 3.0
+  temperature: float = 1.0
+  prior_weight: float = 1.0
+
+  def setup(self):
+    c = self.cfg
+    if self.kind == "entropy":
+      self.head = layers.Head(self.padded_vocab, c)
+    elif self.kind == "learned":
+      self.ln = layers.layer_norm(c.jnp_dtype)
+      self.hidden = nn.Dense(c.d_model, dtype=c.jnp_dtype,
+                             kernel_init=nn.with_logical_partitioning(
+                                 nn.initializers.lecun_normal(), ("embed", "mlp")))
+      self.out = nn.Dense(1, dtype=jnp.float32,
+                          kernel_init=nn.with_logical_partitioning(
+                              nn.initializers.lecun_normal(), ("mlp", None)))
+
+  def _entropy_bits(self, x_BxLxD):
+    logits = self.head(x_BxLxD)[..., :self.vocab_size].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -(jnp.exp(logp) * logp).sum(-1) / np.log(2.0), logits
+
+  def _logit(self, x_BxLxD):
+    return self.out(nn.gelu(self.hidden(self.ln(x_BxLxD))))[..., 0].astype(jnp.float32)
+
+  def want(self, tokens_BxT, x_BxTxD, fine: scales.Scale, deterministic: bool):
+    """bool [B, T] wishes, and the straight-through weights of closes (learned;
+    else None)."""
+    if self.kind == "whitespace":
+      return whitespace_wants(tokens_BxT, fine.rotary_pos), None
+    real = fine.seg_BxL > 0
+    if self.kind == "entropy":
+      h_bits, logits = self._entropy_bits(x_BxTxD)
+      if not deterministic:  # the head's own next-byte loss, within documents
+        nxt = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, 1)))
+        same = real & (jnp.pad(fine.seg_BxL[:, 1:], ((0, 0), (0, 1))) == fine.seg_BxL)
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), nxt[..., None], -1)[..., 0]
+        w = same.astype(jnp.float32)
+        self.sow(LOSSES, "entropy_head", (nll * w).sum() / jnp.maximum(w.sum(), 1.0))
+      return jax.lax.stop_gradient(h_bits) > self.entropy_threshold, None
+    logit = self._logit(x_BxTxD)
+    if deterministic:
+      return logit > 0, None
+    # Gumbel-sigmoid (a relaxed Bernoulli) with a straight-through hard sample.
+    u = jax.random.uniform(self.make_rng("dropout"), logit.shape, jnp.float32, 1e-6, 1 - 1e-6)
+    soft = jax.nn.sigmoid((logit + jnp.log(u) - jnp.log1p(-u)) / self.temperature)
+    hard = soft > 0.5
+    st = hard.astype(jnp.float32) + (soft - jax.lax.stop_gradient(soft))
+    w = real.astype(jnp.float32)
+    prior = binomial_nll((st * w).sum(1), w.sum(1), 1.0 / self.k) / jnp.maximum(w.sum(1), 1.0)
+    self.sow(LOSSES, "boundary_prior", self.prior_weight * prior.mean())
+    # Value exactly 1, gradient of the relaxed sample: a kept close passes the
+    # task's gradient to the predictor through its group's vector.
+    return hard, 1.0 + (soft - jax.lax.stop_gradient(soft))
+
+  def want_step(self, token_B, prev_token_B, x_BxD, t):
+    """Decoding: the wish at position t (bytes <= t, state before shortening)."""
+    if self.kind == "whitespace":
+      return is_space(token_B) & ~(is_space(prev_token_B) & (t > 0))
+    if self.kind == "entropy":
+      return self._entropy_bits(x_BxD)[0] > self.entropy_threshold
+    return self._logit(x_BxD) > 0
+
+
+def record(module: nn.Module, close_BxT, drop_BxT, seg_BxT) -> None:
+  """Counts for the metrics: kept and dropped closes, real positions."""
+  real = seg_BxT > 0
+  for name, v in (("closes", close_BxT & real), ("dropped", drop_BxT & real),
+                  ("positions", real)):
+    module.sow(STATS, name, v.sum().astype(jnp.float32))
