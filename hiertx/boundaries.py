@@ -1,4 +1,4 @@
-"""Content-dependent groups for a model's first shortening (DESIGN.md section 8).
+"""Content-dependent groups for a model's first shortening (DESIGN.md section 9).
 
 Fixed shortening closes a group every k bytes. Here a *boundary source* says,
 for each fine position t, whether a group should close at t, from bytes 0..t
@@ -6,15 +6,18 @@ only (the causality rule: a group's vector ends at its last byte):
 
   whitespace  t is a space-like byte after a byte that is not (SpaceByte,
               Slagle 2024, places its coarse positions at such bytes)
-  entropy     the next-byte entropy of a small head on the fine states before
-              shortening exceeds `model.entropy_threshold` bits (the Byte
+  entropy     the next-byte entropy of a small head on the states being
+              shortened (hourglass: after its first pre blocks; top_down: the
+              embeddings) exceeds `model.entropy_threshold` bits (the Byte
               Latent Transformer, Pagnoni et al. 2024, cuts where a small byte
               model's entropy is high); the head is trained with its own
               next-byte loss beside the model's
-  learned     a predictor on the same fine states, trained through a
+  learned     a predictor on the same states, trained through a
               Gumbel-sigmoid relaxation with a binomial prior on the boundary
               rate (Dynamic Token Pooling, Nawrot et al. 2023); at evaluation
-              and decoding the boundary is `logit > 0`
+              and decoding the boundary is `logit > 0`. With
+              `model.boundary_temperature=0` training uses no noise either
+              (the same decisions as evaluation, straight through the sigmoid)
 
 Two rules then apply, the same way in the forward pass and in cached decoding
 (`close_step`), both counted within the document (so packed documents never
@@ -30,8 +33,7 @@ affect each other's groups):
     positions <= t, so it is causal too. Dropped closes are counted in the
     metrics.
 
-A position before its document's first group reads no coarse vector (as a
-fixed model's positions before their first complete group).
+A position before its document's first group reads no coarse vector.
 
 A content-grouped coarse scale (`coarse_scale`) keeps per-row ends; slots past
 a row's last group are unused (document 0, end FAR) and no real position
@@ -183,7 +185,7 @@ def binomial_nll(closes_B, n_B, rate: float):
 
 
 class Source(nn.Module):
-  """What decides a close at t beyond the three rules: `want(...)` for a whole
+  """What decides a close at t before the close rules: `want(...)` for a whole
   row, `want_step(...)` for one decoding position. `entropy` and `learned`
   read the fine states before shortening and add their training losses to
   the `losses` collection."""
@@ -215,6 +217,10 @@ class Source(nn.Module):
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -(jnp.exp(logp) * logp).sum(-1) / np.log(2.0), logits
 
+  def entropy_bits(self, x_BxLxD):
+    """The entropy head's next-byte entropy in bits, [B, L] (boundaries=entropy)."""
+    return self._entropy_bits(x_BxLxD)[0]
+
   def _logit(self, x_BxLxD):
     return self.out(nn.gelu(self.hidden(self.ln(x_BxLxD))))[..., 0].astype(jnp.float32)
 
@@ -236,9 +242,13 @@ class Source(nn.Module):
     logit = self._logit(x_BxTxD)
     if deterministic:
       return logit > 0, None
-    # Gumbel-sigmoid (a relaxed Bernoulli) with a straight-through hard sample.
-    u = jax.random.uniform(self.make_rng("dropout"), logit.shape, jnp.float32, 1e-6, 1 - 1e-6)
-    soft = jax.nn.sigmoid((logit + jnp.log(u) - jnp.log1p(-u)) / self.temperature)
+    if self.temperature > 0:
+      # Gumbel-sigmoid (a relaxed Bernoulli) with a straight-through hard sample.
+      u = jax.random.uniform(self.make_rng("dropout"), logit.shape, jnp.float32, 1e-6, 1 - 1e-6)
+      soft = jax.nn.sigmoid((logit + jnp.log(u) - jnp.log1p(-u)) / self.temperature)
+    else:
+      # No noise: training closes where evaluation does, straight through the sigmoid.
+      soft = jax.nn.sigmoid(logit)
     hard = soft > 0.5
     st = hard.astype(jnp.float32) + (soft - jax.lax.stop_gradient(soft))
     w = real.astype(jnp.float32)
@@ -263,3 +273,92 @@ def record(module: nn.Module, close_BxT, drop_BxT, seg_BxT) -> None:
   for name, v in (("closes", close_BxT & real), ("dropped", drop_BxT & real),
                   ("positions", real)):
     module.sow(STATS, name, v.sum().astype(jnp.float32))
+
+
+def source_params(kind: str, d: int, padded_vocab: int) -> int:
+  """Parameters of a boundary source (for the analytic cost model)."""
+  return {"entropy": 2 * d + d * padded_vocab,  # LayerNorm, vocabulary head
+          "learned": 2 * d + d * d + d + d + 1}.get(kind, 0)  # LayerNorm, d -> d -> 1
+
+
+def init_state(batch: int) -> list:
+  """A `Shortening`'s decoding state before position 0 (no parameters needed)."""
+  zeros_B = jnp.zeros((batch,), jnp.int32)
+  return [zeros_B - 1, zeros_B, zeros_B]
+
+
+class Shortening(nn.Module):
+  """A model's first shortening by content: the boundary source, the close
+  rules and the pooling of each group's window, for the forward pass
+  (`__call__`) and for decoding (`step`, `prompt_state`). `k` is the target
+  mean group length; `pool` (a scales.Pool of the model) pools each window.
+
+  Decoding state: [last close position, groups so far, previous token], each
+  [B]; a decoded stream is one document from position 0.
+  """
+
+  kind: str
+  k: int
+  vocab_size: int
+  padded_vocab: int
+  cfg: layers.BlockConfig
+  max_group: int = 16
+  capacity: float = 1.5
+  entropy_threshold: float = 3.0
+  temperature: float = 1.0
+  prior_weight: float = 1.0
+
+  def setup(self):
+    self.source = Source(self.kind, self.k, self.vocab_size, self.padded_vocab, self.cfg,
+                         self.entropy_threshold, self.temperature, self.prior_weight)
+
+  def slots(self, length: int) -> int:
+    """Coarse slots per row over `length` fine positions."""
+    return num_slots(length, self.k, self.capacity)
+
+  def _rules(self):
+    return dict(k=self.k, capacity=self.capacity, max_group=self.max_group)
+
+  def __call__(self, x_BxTxD, fine: scales.Scale, tokens_BxT, pool, deterministic: bool):
+    """Groups of the states `x` (which the source reads too): (pooled
+    [B, G, D], the coarse scale, the slot each fine position reads [B, T])."""
+    t = x_BxTxD.shape[1]
+    want_BxT, weight_BxT = self.source.want(tokens_BxT, x_BxTxD, fine, deterministic)
+    close_BxT, drop_BxT = close_groups(want_BxT, fine.rotary_pos, fine.seg_BxL, **self._rules())
+    record(self, close_BxT, drop_BxT, fine.seg_BxL)
+    layers.remember(self, "closes", close_BxT)
+    layers.remember(self, "tokens", tokens_BxT)
+    grp = groups(close_BxT, self.slots(t))
+    members, valid = window(x_BxTxD, grp.end_BxG, grp.prev_end_BxG, fine.seg_BxL,
+                            self.max_group)
+    z_BxGxD = pool.group(members, valid, deterministic)
+    if weight_BxT is not None:  # straight-through: value 1, the predictor's gradient
+      end_BxG = jnp.minimum(grp.end_BxG, t - 1)
+      weight_BxG = jnp.take_along_axis(weight_BxT, end_BxG, axis=1)
+      z_BxGxD = z_BxGxD * weight_BxG[..., None].astype(z_BxGxD.dtype)
+    return z_BxGxD, coarse_scale(fine, grp), grp.latest_BxT
+
+  def step(self, state, token_B, x_BxD, cache_BxCxD, t, pool):
+    """Fine position t, whose state `x` is already at slot t of `cache`:
+    (the pooled group closing at t [B, D], the slot it goes to per row (-1:
+    no group closes in that row), the new state, each row's last closed slot)."""
+    last_B, count_B, prev_B = state
+    b = token_B.shape[0]
+    want_B = self.source.want_step(token_B, prev_B, x_BxD, t)
+    (new_last_B, new_count_B, _), (close_B, _) = close_step(
+        (last_B, count_B, count_B), want_B, jnp.full((b,), t, jnp.int32),
+        jnp.ones((b,), jnp.int32), t, **self._rules())
+    members, valid = window(cache_BxCxD, jnp.full((b, 1), t, jnp.int32), last_B[:, None],
+                            jnp.ones(cache_BxCxD.shape[:2], jnp.int32), self.max_group)
+    z_BxD = pool.group(members, valid)[:, 0]
+    slot_B = jnp.where(close_B, count_B, -1)
+    return z_BxD, slot_B, [new_last_B, new_count_B, token_B.astype(jnp.int32)], new_count_B - 1
+
+  def prompt_state(self, p: int):
+    """(the decoding state, groups per row [B]) after a forward pass over a
+    prompt of `p` tokens."""
+    sown = self.variables[layers.DECODE]
+    closes_BxP = sown["closes"]
+    count_B = closes_BxP.sum(1).astype(jnp.int32)
+    last_B = jnp.max(jnp.where(closes_BxP, jnp.arange(p), -1), axis=1).astype(jnp.int32)
+    return [last_B, count_B, sown["tokens"][:, p - 1].astype(jnp.int32)], count_B

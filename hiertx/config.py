@@ -186,6 +186,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.split not in ("train", "validation", "test"):
     raise ConfigError("eval.split", f"{config.eval.split!r} is not train/validation/test")
   models.check(config.model, config.data.seq_len)
+  if config.model.get("boundaries") == "whitespace" and config.data.vocab != "byte":
+    raise ConfigError("model.boundaries", "whitespace finds space-like bytes and needs "
+                      f"data.vocab='byte', got {config.data.vocab!r}")
 
 
 def profile_steps(spec) -> tuple[int, int] | None:

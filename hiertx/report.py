@@ -29,6 +29,12 @@ def summarize(workdir: str) -> dict:
       "final_bpb": evals[-1]["eval/bits_per_byte"] if evals else float("nan"),
       "best_bpb": min((r["eval/bits_per_byte"] for r in evals), default=float("nan")),
       "final_perplexity": evals[-1]["eval/perplexity"] if evals else float("nan"),
+      # Content groups (hiertx.boundaries) at the last evaluation.
+      "mean_group_length": evals[-1].get("eval/mean_group_length", float("nan"))
+                           if evals else float("nan"),
+      "dropped_closes": evals[-1].get("eval/dropped_closes", float("nan"))
+                        if evals else float("nan"),
+      "config": info["config"],
   }
 
 

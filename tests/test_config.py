@@ -48,6 +48,14 @@ def _bad(config_name, **fields):
     ("hourglass", dict(hierarchy="1@1 2@3 1@2"), "model.hierarchy"),
     ("hourglass", dict(hierarchy="2@1 4@3 4@9 4@3 2@1x"), "model.hierarchy"),
     ("retina", dict(windows=(4, 0)), "model.windows"),
+    ("hourglass", dict(boundaries="spaces"), "model.boundaries"),
+    ("hourglass", dict(boundaries="entropy"), "model.hierarchy"),  # two shortenings
+    ("hourglass", dict(boundaries="whitespace", hierarchy="1@1 1@4 1@1", pooling="linear"),
+     "model.pooling"),
+    ("hourglass", dict(boundaries="learned", hierarchy="1@1 1@4 1@1", max_group=3),
+     "model.max_group"),
+    ("hourglass", dict(boundaries="learned", hierarchy="1@1 1@4 1@1", group_capacity=0.5),
+     "model.group_capacity"),
     ("retina", dict(windows=()), "model.windows"),
     ("bottom_up", dict(layers_per_scale=(1, 1)), "model.layers_per_scale"),
     ("top_down", dict(layers_per_scale=(1, 1, 1, 1)), "model.layers_per_scale"),
@@ -66,6 +74,14 @@ def test_bad_model_configs_name_the_field(config_name, fields, field):
   with pytest.raises(ConfigError) as e:
     config_lib.validate(_bad(config_name, **fields))
   assert str(e.value).startswith(f"config.{field}:"), str(e.value)
+
+
+def test_whitespace_boundaries_need_the_byte_vocabulary(tmp_path):
+  c = _bad("hourglass", boundaries="whitespace", hierarchy="1@1 1@4 1@1")
+  c.data.vocab = str(tmp_path / "spm.model")
+  with pytest.raises(ConfigError, match="config.model.boundaries: whitespace .* needs "
+                     "data.vocab='byte'"):
+    config_lib.validate(c)
 
 
 def test_unknown_model_field_is_refused():

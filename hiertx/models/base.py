@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from hiertx import attention as attention_lib
+from hiertx import boundaries as boundaries_lib
 from hiertx import layers
 from hiertx import scales
 from hiertx import workload as workload_lib
@@ -53,6 +54,17 @@ class LanguageModel(nn.Module):
   attention: str = "blockwise"  # dense | blockwise | cudnn | splash (hiertx.attention)
   attention_q_chunk: int = 256
   attention_k_chunk: int = 256
+  # Content groups for the first shortening (hiertx.boundaries), in models
+  # with CONTENT_GROUPS: the source, at most `max_group` bytes per group,
+  # slots per row = group_capacity * T / k (k: the model's first shortening).
+  boundaries: str = "fixed"  # hiertx.boundaries.SOURCES
+  max_group: int = 16
+  group_capacity: float = 1.5
+  entropy_threshold: float = 3.0  # bits, boundaries=entropy
+  boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned (0: no noise)
+  boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
+
+  CONTENT_GROUPS = False  # whether the first shortening may group by content
 
   @property
   def block_cfg(self) -> layers.BlockConfig:
@@ -71,6 +83,26 @@ class LanguageModel(nn.Module):
     """The total pooling factor (k^S): a document starting at a multiple of
     it is grouped exactly as it would be alone (DESIGN.md section 7)."""
     return 1
+
+  @property
+  def content(self) -> bool:
+    """Whether the first shortening groups by content (hiertx.boundaries)."""
+    return self.boundaries != "fixed"
+
+  def content_k(self) -> int:
+    """The first shortening's factor: content groups' target mean length."""
+    raise NotImplementedError
+
+  def content_shortening(self) -> boundaries_lib.Shortening:
+    """The content-grouped first shortening (call in `setup`)."""
+    return boundaries_lib.Shortening(
+        self.boundaries, self.content_k(), self.vocab_size, self.padded_vocab, self.block_cfg,
+        self.max_group, self.group_capacity, self.entropy_threshold, self.boundary_temperature,
+        self.boundary_prior_weight)
+
+  def slots(self, length: int) -> int:
+    """Coarse slots per row of content groups over `length` fine positions."""
+    return boundaries_lib.num_slots(length, self.content_k(), self.group_capacity)
 
   def length_multiple(self) -> int:
     """Sequence lengths are padded to a multiple of this."""
@@ -148,7 +180,8 @@ class LanguageModel(nn.Module):
     """Every block the model runs at `seq_len` (padded to its length multiple)."""
     t = self.decode_capacity(seq_len)
     return workload_lib.Workload(t, tuple(b for b in self.blocks_at(t) if b.count),
-                             self.extra_params())
+                                 self.extra_params() + boundaries_lib.source_params(
+                                     self.boundaries, self.d_model, self.padded_vocab))
 
   def blocks_at(self, t: int) -> list[workload_lib.Blocks]:
     raise NotImplementedError
@@ -197,6 +230,21 @@ class LanguageModel(nn.Module):
       out.append(self.cross_attention(f"upsample_{s}", fine_end, fine_end[::k]))
     return out
 
+  def content_scale_change(self, t: int) -> list[workload_lib.Blocks]:
+    """The attention blocks of a content-grouped first shortening over t
+    positions: `slots(t)` groups in row order; attention pooling reads a
+    window of `max_group` per group; attention upsampling has per-row ends, so
+    it runs dense (every fine query against every slot, its map kept)."""
+    g, m = self.slots(t), self.max_group
+    out = []
+    if self.pooling == "attention":
+      out.append(workload_lib.Blocks("pool_1", 1, g, m, t, g * m, self.map_keys(m),
+                                     self.rescored(g * m), cross=True, stacked=False))
+    if self.upsampling == "attention":
+      out.append(workload_lib.Blocks("upsample_0", 1, t, g, g, t * g, g, 0.0, cross=True,
+                                     stacked=False))
+    return out
+
   # --------------------------------------------------------------------------
   # Configuration.
 
@@ -226,6 +274,29 @@ class LanguageModel(nn.Module):
     if cfg["positions"] == "learned" and seq_len > cfg["max_len"]:
       raise ConfigError("model.max_len", f"{cfg['max_len']} is shorter than "
                         f"data.seq_len={seq_len}; learned positions cannot go past it")
+    choice(cfg, "boundaries", boundaries_lib.SOURCES)
+    if cfg["boundaries"] != "fixed" and not cls.CONTENT_GROUPS:
+      raise ConfigError("model.boundaries", f"{cfg['boundaries']!r}: this model has no "
+                        "shortening to group by content; hourglass and top_down have")
+
+
+def check_content_groups(cfg, k: int) -> None:
+  """What content groups (hiertx.boundaries) need, for a first shortening by k."""
+  kind = cfg["boundaries"]
+  for name in ("pooling", "upsampling"):
+    if cfg[name] == "linear":
+      raise ConfigError(f"model.{name}", f"linear has one weight per offset in a fixed group; "
+                        f"with boundaries={kind!r} use mean/attention pooling, "
+                        "repeat/attention upsampling")
+  positive(cfg, "max_group")
+  for name, low in (("group_capacity", 1.0), ("boundary_temperature", 0.0),
+                    ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0)):
+    v = cfg[name]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
+      raise ConfigError(f"model.{name}", f"must be a number >= {low}, got {v!r}")
+  if cfg["max_group"] < k:
+    raise ConfigError("model.max_group", f"{cfg['max_group']} is below the target group "
+                      f"length {k} (the first shortening's factor)")
 
 
 def field_names(cls) -> set[str]:

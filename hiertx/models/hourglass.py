@@ -21,12 +21,9 @@ each [B].
 
 import re
 
-import jax.numpy as jnp
-
 from hiertx import boundaries as boundaries_lib
 from hiertx import layers
 from hiertx import scales
-from hiertx import workload as workload_lib
 from hiertx.errors import ConfigError
 from hiertx.models import base
 
@@ -60,30 +57,20 @@ class HourglassLM(base.LanguageModel):
   hierarchy: str = "2@1 4@4 2@1"
   pooling: str = "mean"
   upsampling: str = "repeat"
-  boundaries: str = "fixed"  # hiertx.boundaries.SOURCES
-  max_group: int = 16  # content groups: at most this many bytes
-  group_capacity: float = 1.5  # content groups: slots per row = capacity * T / k
-  entropy_threshold: float = 3.0  # bits, boundaries=entropy
-  boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned
-  boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
+
+  CONTENT_GROUPS = True
 
   @property
   def levels(self):
     """(pre block counts, post block counts, factors), outermost first."""
     return parse_hierarchy(self.hierarchy)
 
-  @property
-  def content(self) -> bool:
-    """Whether the first shortening groups by content (hiertx.boundaries)."""
-    return self.boundaries != "fixed"
-
   def pooling_multiple(self) -> int:
     # Content groups start at every document's first byte wherever it sits.
     return 1 if self.content else self.levels[2][-1]
 
-  def slots(self, length: int) -> int:
-    """Coarse slots per row of a content-grouped level 1 over `length` positions."""
-    return boundaries_lib.num_slots(length, self.levels[2][1], self.group_capacity)
+  def content_k(self) -> int:
+    return self.levels[2][1]
 
   def setup(self):
     super().setup()
@@ -95,9 +82,7 @@ class HourglassLM(base.LanguageModel):
     self.shorten = {str(i): scales.Pool(self.pooling, k, c) for i, k in enumerate(ks)}
     self.upsample = {str(i): scales.Upsample(self.upsampling, k, c) for i, k in enumerate(ks)}
     if self.content:
-      self.source = boundaries_lib.Source(
-          self.boundaries, ks[0], self.vocab_size, self.padded_vocab, c,
-          self.entropy_threshold, self.boundary_temperature, self.boundary_prior_weight)
+      self.content_groups = self.content_shortening()
 
   def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     return self._level(x_BxTxD, fine, 0, deterministic, tokens_BxT)
@@ -108,7 +93,8 @@ class HourglassLM(base.LanguageModel):
     layers.remember(self, f"x_{i}", x_BxLxD)
     if i < len(post):
       if self.content:
-        z, coarse, latest_BxT = self._content_groups(x_BxLxD, grid, tokens_BxT, deterministic)
+        z, coarse, latest_BxT = self.content_groups(x_BxLxD, grid, tokens_BxT,
+                                                    self.shorten["0"], deterministic)
       else:
         z = self.shorten[str(i)](x_BxLxD, grid, deterministic)
         coarse = scales.coarser(grid, factors[i + 1] // factors[i])
@@ -123,28 +109,6 @@ class HourglassLM(base.LanguageModel):
     layers.remember(self, f"z_{i}", x_BxLxD)
     return x_BxLxD
 
-  def _content_groups(self, x_BxTxD, fine: scales.Scale, tokens_BxT, deterministic: bool):
-    """Level 1 from content groups of the level-0 states: (pooled [B, G, D],
-    the coarse scale, the group each fine position reads [B, T])."""
-    b, t, _ = x_BxTxD.shape
-    want_BxT, weight_BxT = self.source.want(tokens_BxT, x_BxTxD, fine, deterministic)
-    close_BxT, drop_BxT = boundaries_lib.close_groups(
-        want_BxT, fine.rotary_pos, fine.seg_BxL, k=self.levels[2][1],
-        capacity=self.group_capacity, max_group=self.max_group)
-    boundaries_lib.record(self, close_BxT, drop_BxT, fine.seg_BxL)
-    layers.remember(self, "closes", close_BxT)
-    layers.remember(self, "tokens", tokens_BxT)
-    grp = boundaries_lib.groups(close_BxT, self.slots(t))
-    coarse = boundaries_lib.coarse_scale(fine, grp)
-    members, valid = boundaries_lib.window(x_BxTxD, grp.end_BxG, grp.prev_end_BxG,
-                                           fine.seg_BxL, self.max_group)
-    z_BxGxD = self.shorten["0"].group(members, valid, deterministic)
-    if weight_BxT is not None:  # straight-through: value 1, the predictor's gradient
-      end_BxG = jnp.minimum(grp.end_BxG, t - 1)
-      z_BxGxD = z_BxGxD * jnp.take_along_axis(weight_BxT, end_BxG, axis=1)[..., None].astype(
-          z_BxGxD.dtype)
-    return z_BxGxD, coarse, grp.latest_BxT
-
   # Decoding -------------------------------------------------------------------
 
   def cache_slots(self, capacity: int) -> list[int]:
@@ -157,8 +121,7 @@ class HourglassLM(base.LanguageModel):
     pre, post, factors = self.levels
     slots = self.cache_slots(capacity)
     c = self.block_cfg
-    groups = ([jnp.full((batch,), -1, jnp.int32), jnp.zeros((batch,), jnp.int32),
-               jnp.zeros((batch,), jnp.int32)] if self.content else [])
+    groups = boundaries_lib.init_state(batch) if self.content else []
     return {"groups": groups,
             "x": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
@@ -202,44 +165,31 @@ class HourglassLM(base.LanguageModel):
     return state, self.logits_at(state["z"][0][:, t])
 
   def _step_content(self, st, token_B, t, x0_BxD):
-    """Fine position t with content groups: level-0 pre blocks, the close rule,
-    level 1 at slot `groups so far` of each row that closes a group, upsampling
-    from each row's last closed group, post blocks."""
-    b = token_B.shape[0]
+    """Fine position t with content groups: level-0 pre blocks, the close rules,
+    level 1 at the new slot of each row that closes a group, upsampling from
+    each row's last closed group, post blocks."""
     set_x = lambda name, lvl, x: base.set_at(  # noqa: E731
         st[name], lvl, st[name][lvl].at[:, t].set(x))
     x, kv = self.pre["0"].step(x0_BxD, st["pre"][0], t, t)
     st = dict(st, x=set_x("x", 0, x), pre=base.set_at(st["pre"], 0, kv))
-    last_B, count_B, prev_B = st["groups"]
-    want_B = self.source.want_step(token_B, prev_B, x, t)
-    ones_B = jnp.ones((b,), jnp.int32)
-    # A decoded stream is one document from position 0: its groups are the row's.
-    (new_last_B, new_count_B, _), (close_B, _) = boundaries_lib.close_step(
-        (last_B, count_B, count_B), want_B, jnp.full((b,), t, jnp.int32), ones_B, t,
-        k=self.levels[2][1], capacity=self.group_capacity, max_group=self.max_group)
-    slot_B = jnp.where(close_B, count_B, -1)  # -1: this row writes nothing
+    z_BxD, slot_B, groups, latest_B = self.content_groups.step(
+        st["groups"], token_B, x, st["x"][0], t, self.shorten["0"])
 
     def coarse_step(st):
-      cache = st["x"][0]
-      members, valid = boundaries_lib.window(
-          cache, jnp.full((b, 1), t, jnp.int32), last_B[:, None],
-          jnp.ones(cache.shape[:2], jnp.int32), self.max_group)
-      z_BxD = self.shorten["0"].group(members, valid)[:, 0]
-      z_BxD, kv = self.pre["1"].step(z_BxD, st["pre"][1], slot_B, t)
+      z, kv = self.pre["1"].step(z_BxD, st["pre"][1], slot_B, t)
       put = lambda name: base.set_at(  # noqa: E731
-          st[name], 1, layers.set_rows(st[name][1], slot_B, z_BxD))
+          st[name], 1, layers.set_rows(st[name][1], slot_B, z))
       st = dict(st, x=put("x"), z=put("z"), pre=base.set_at(st["pre"], 1, kv))
       if st["up"]:
-        up = st["up"][0].set(slot_B, self.upsample["0"].coarse_keys(z_BxD, t))
+        up = st["up"][0].set(slot_B, self.upsample["0"].coarse_keys(z, t))
         st = dict(st, up=base.set_at(st["up"], 0, up))
       return st
 
-    st = base.when(close_B.any(), coarse_step, st)
-    x = self.upsample["0"].step_groups(x, st["z"][1], new_count_B - 1, t,
+    st = base.when((slot_B >= 0).any(), coarse_step, st)
+    x = self.upsample["0"].step_groups(x, st["z"][1], latest_B, t,
                                        st["up"][0] if st["up"] else None)
     x, kv = self.post["0"].step(x, st["post"][0], t, t)
-    return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv),
-                groups=[new_last_B, new_count_B, token_B.astype(jnp.int32)])
+    return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv), groups=groups)
 
   def prompt_state(self, p, capacity):
     sown = self.variables[layers.DECODE]
@@ -247,11 +197,8 @@ class HourglassLM(base.LanguageModel):
     slots = self.cache_slots(capacity)
     if self.content:
       # Level 1 holds each row's groups so far (per-row counts).
-      closes_BxP = sown["closes"]
-      count_B = closes_BxP.sum(1).astype(jnp.int32)
+      groups, count_B = self.content_groups.prompt_state(p)
       counts = [p, count_B]
-      last_B = jnp.max(jnp.where(closes_BxP, jnp.arange(p), -1), axis=1)
-      groups = [last_B.astype(jnp.int32), count_B, sown["tokens"][:, p - 1].astype(jnp.int32)]
     else:
       counts = [(p - 1) // f + 1 for f in factors]
       groups = []
@@ -280,29 +227,17 @@ class HourglassLM(base.LanguageModel):
     return out
 
   def _content_blocks_at(self, t):
-    """Level 1 holds `slots(t)` groups in row order; pooling reads a window of
-    `max_group` per group; attention upsampling has per-row ends, so it runs
-    dense (every fine query against every slot, the map kept)."""
     pre, post, _ = self.levels
-    g, m = self.slots(t), self.max_group
-    out = [self.self_attention("pre_0", pre[0], t, 1), self.self_attention("post_0", post[0], t, 1),
-           self.self_attention("pre_1", pre[1], g, 1)]
-    if self.pooling == "attention":
-      out.append(workload_lib.Blocks("pool_1", 1, g, m, t, g * m, self.map_keys(m),
-                                     self.rescored(g * m), cross=True, stacked=False))
-    if self.upsampling == "attention":
-      out.append(workload_lib.Blocks("upsample_0", 1, t, g, g, t * g, g, 0.0, cross=True,
-                                     stacked=False))
-    return out
+    g = self.slots(t)
+    return [self.self_attention("pre_0", pre[0], t, 1),
+            self.self_attention("post_0", post[0], t, 1),
+            self.self_attention("pre_1", pre[1], g, 1), *self.content_scale_change(t)]
 
   def extra_params(self):
     _, _, factors = self.levels
     d = self.d_model
     linear = (self.pooling == "linear") + (self.upsampling == "linear")
-    source = {"entropy": 2 * d + d * self.padded_vocab,  # LayerNorm, vocabulary head
-              "learned": 2 * d + d * d + d + d + 1}  # LayerNorm, d -> d -> 1 with biases
-    return (sum(b // a * d * d * linear for a, b in zip(factors, factors[1:]))
-            + source.get(self.boundaries, 0))
+    return sum(b // a * d * d * linear for a, b in zip(factors, factors[1:]))
 
   @classmethod
   def check_config(cls, cfg, seq_len):
@@ -311,35 +246,10 @@ class HourglassLM(base.LanguageModel):
     base.check_pooling_fits("model.hierarchy", innermost, seq_len)
     base.choice(cfg, "pooling", scales.POOLINGS)
     base.choice(cfg, "upsampling", scales.UPSAMPLINGS)
-    base.choice(cfg, "boundaries", boundaries_lib.SOURCES)
     if cfg["boundaries"] != "fixed":
-      check_content_groups(cfg)
-
-
-def check_content_groups(cfg) -> None:
-  """What content groups (hiertx.boundaries) support."""
-  kind = cfg["boundaries"]
-  pre, _, factors = parse_hierarchy(cfg["hierarchy"])
-  if len(factors) != 2:
-    raise ConfigError("model.hierarchy", f"{cfg['hierarchy']!r}: boundaries={kind!r} groups "
-                      "the first shortening by content and supports one shortening level "
-                      "(e.g. '2@1 4@4 2@1')")
-  if pre[0] < 1 and kind in ("entropy", "learned"):
-    raise ConfigError("model.hierarchy", f"boundaries={kind!r} reads the fine states before "
-                      "shortening: the first level needs at least one block (e.g. '2@1 4@4 2@1')")
-  for name in ("pooling", "upsampling"):
-    if cfg[name] == "linear":
-      raise ConfigError(f"model.{name}", f"linear has one weight per offset in a fixed group; "
-                        f"with boundaries={kind!r} use mean/attention pooling, "
-                        "repeat/attention upsampling")
-  base.positive(cfg, "max_group")
-  for name, low in (("group_capacity", 1.0), ("boundary_temperature", 0.0),
-                    ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0)):
-    v = cfg[name]
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low or (
-        name == "boundary_temperature" and v == 0):
-      raise ConfigError(f"model.{name}", f"must be a number >= {low}"
-                        f"{' (and not 0)' if name == 'boundary_temperature' else ''}, got {v!r}")
-  if cfg["max_group"] < factors[1]:
-    raise ConfigError("model.max_group", f"{cfg['max_group']} is below the target group "
-                      f"length {factors[1]} (the hierarchy's shortening)")
+      _, _, factors = parse_hierarchy(cfg["hierarchy"])
+      if len(factors) != 2:
+        raise ConfigError("model.hierarchy", f"{cfg['hierarchy']!r}: boundaries="
+                          f"{cfg['boundaries']!r} groups the first shortening by content and "
+                          "supports one shortening level (e.g. '2@1 4@4 2@1')")
+      base.check_content_groups(cfg, factors[1])

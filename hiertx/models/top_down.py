@@ -11,10 +11,17 @@ Decoding state (DESIGN.md section 5), per scale s with K_s = prod(k[:s]):
   kv[s] the stack's key/value caches            [N_s, B, C / K_s, H, K]
   up[s] attention upsampling's keys/values of z[s+1]
 Scale s gains a position when fine position t is a multiple of K_s.
+
+Content groups (`boundaries` other than "fixed", hiertx.boundaries) replace the
+fixed groups of a single pooling (`pool_factors=(k,)`, k the target mean group
+length); the boundary source reads the embeddings being pooled (so `entropy`
+is a next-byte head on one byte's embedding: a bigram model). Scale 1 then
+gains a position, per row, when a group closes; the state adds `groups`.
 """
 
 import math
 
+from hiertx import boundaries as boundaries_lib
 from hiertx import layers
 from hiertx import scales
 from hiertx.errors import ConfigError
@@ -27,6 +34,8 @@ class TopDownLM(base.LanguageModel):
   pooling: str = "mean"
   upsampling: str = "repeat"
 
+  CONTENT_GROUPS = True
+
   @property
   def top(self) -> int:
     return len(self.pool_factors)
@@ -36,7 +45,11 @@ class TopDownLM(base.LanguageModel):
     return math.prod(self.pool_factors[:s])
 
   def pooling_multiple(self) -> int:
-    return math.prod(self.pool_factors)
+    # Content groups start at every document's first byte wherever it sits.
+    return 1 if self.content else math.prod(self.pool_factors)
+
+  def content_k(self) -> int:
+    return self.pool_factors[0]
 
   def setup(self):
     super().setup()
@@ -46,16 +59,26 @@ class TopDownLM(base.LanguageModel):
     self.scale = {str(s): layers.Stack(c, n) for s, n in enumerate(self.layers_per_scale)}
     self.upsample = {str(s): scales.Upsample(self.upsampling, k, c)
                      for s, k in enumerate(self.pool_factors)}
+    if self.content:
+      self.content_groups = self.content_shortening()
 
   def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     embeds, grid = [x_BxTxD], [fine]
-    for s, k in enumerate(self.pool_factors, start=1):
-      embeds.append(self.pool[str(s)](embeds[-1], grid[-1], deterministic))
-      grid.append(scales.coarser(grid[-1], k))
+    if self.content:  # one pooling, by content
+      e, coarse, latest_BxT = self.content_groups(x_BxTxD, fine, tokens_BxT, self.pool["1"],
+                                                  deterministic)
+      embeds.append(e)
+      grid.append(coarse)
+    else:
+      for s, k in enumerate(self.pool_factors, start=1):
+        embeds.append(self.pool[str(s)](embeds[-1], grid[-1], deterministic))
+        grid.append(scales.coarser(grid[-1], k))
     z = None
     for s in range(self.top, -1, -1):
       x = embeds[s]
-      if s < self.top:
+      if s < self.top and self.content:
+        x = self.upsample["0"].groups(x, z, latest_BxT, fine, grid[1], deterministic)
+      elif s < self.top:
         x = self.upsample[str(s)](x, z, grid[s], grid[s + 1], deterministic)
       z = self.scale[str(s)](x, grid[s], deterministic)
       if s:
@@ -66,10 +89,16 @@ class TopDownLM(base.LanguageModel):
 
   # Decoding -------------------------------------------------------------------
 
+  def cache_slots(self, capacity: int) -> list[int]:
+    if self.content:
+      return [capacity, self.slots(capacity)]
+    return [capacity // self.factor(s) for s in range(self.top + 1)]
+
   def init_cache(self, batch, capacity):
-    slots = [capacity // self.factor(s) for s in range(self.top + 1)]
+    slots = self.cache_slots(capacity)
     attention_up = self.upsampling == "attention"
-    return {"e": [self.hidden(batch, n) for n in slots],
+    return {"groups": boundaries_lib.init_state(batch) if self.content else [],
+            "e": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "kv": [layers.KV.empty(self.block_cfg, n, batch, slots[s])
                    for s, n in enumerate(self.layers_per_scale)],
@@ -79,6 +108,9 @@ class TopDownLM(base.LanguageModel):
   def step(self, state, token_B, t):
     state = {k: list(v) for k, v in state.items()}
     state["e"][0] = state["e"][0].at[:, t].set(self.embed.step(token_B, t))
+    if self.content:
+      state = self._step_content(state, token_B, t)
+      return state, self.logits_at(state["z"][0][:, t])
 
     def pooled(s):  # e_s at its new index, from e_{s-1}
       def fn(st):
@@ -111,11 +143,42 @@ class TopDownLM(base.LanguageModel):
     state = run_scale(0)(state)
     return state, self.logits_at(state["z"][0][:, t])
 
+  def _step_content(self, st, token_B, t):
+    """Fine position t with content groups: the close rules, scale 1 at the new
+    slot of each row that closes a group, then scale 0 reading each row's last
+    closed group."""
+    e_BxD = st["e"][0][:, t]
+    z_BxD, slot_B, groups, latest_B = self.content_groups.step(
+        st["groups"], token_B, e_BxD, st["e"][0], t, self.pool["1"])
+
+    def coarse_step(st):
+      put = lambda name, x: base.set_at(  # noqa: E731
+          st[name], 1, layers.set_rows(st[name][1], slot_B, x))
+      x, kv = self.scale["1"].step(z_BxD, st["kv"][1], slot_B, t)
+      st = dict(st, e=put("e", z_BxD), z=put("z", x), kv=base.set_at(st["kv"], 1, kv))
+      if st["up"]:
+        up = st["up"][0].set(slot_B, self.upsample["0"].coarse_keys(x, t))
+        st = dict(st, up=base.set_at(st["up"], 0, up))
+      return st
+
+    st = base.when((slot_B >= 0).any(), coarse_step, st)
+    x = self.upsample["0"].step_groups(e_BxD, st["z"][1], latest_B, t,
+                                       st["up"][0] if st["up"] else None)
+    x, kv = self.scale["0"].step(x, st["kv"][0], t, t)
+    return dict(st, z=base.set_at(st["z"], 0, st["z"][0].at[:, t].set(x)),
+                kv=base.set_at(st["kv"], 0, kv), groups=groups)
+
   def prompt_state(self, p, capacity):
     sown = self.variables[layers.DECODE]
-    slots = [capacity // self.factor(s) for s in range(self.top + 1)]
-    counts = [(p - 1) // self.factor(s) + 1 for s in range(self.top + 1)]
+    slots = self.cache_slots(capacity)
+    if self.content:
+      groups, count_B = self.content_groups.prompt_state(p)
+      counts = [p, count_B]
+    else:
+      groups = []
+      counts = [(p - 1) // self.factor(s) + 1 for s in range(self.top + 1)]
     return {
+        "groups": groups,
         "e": [layers.filled(sown[f"e_{s}"], slots[s], counts[s]) for s in range(self.top + 1)],
         "z": [layers.filled(sown[f"z_{s}"], slots[s], counts[s]) for s in range(self.top + 1)],
         "kv": [self.scale[str(s)].prompt_cache(slots[s], counts[s])
@@ -126,6 +189,10 @@ class TopDownLM(base.LanguageModel):
   # Cost ----------------------------------------------------------------------
 
   def blocks_at(self, t):
+    if self.content:
+      return [self.self_attention("scale_0", self.layers_per_scale[0], t, 1),
+              self.self_attention("scale_1", self.layers_per_scale[1], self.slots(t), 1),
+              *self.content_scale_change(t)]
     lengths = [t // self.factor(s) for s in range(self.top + 1)]
     out = [self.self_attention(f"scale_{s}", n, lengths[s], self.factor(s))
            for s, n in enumerate(self.layers_per_scale)]
@@ -152,4 +219,10 @@ class TopDownLM(base.LanguageModel):
                         f"tokens and only fine blocks can see them (got {per_scale})")
     base.choice(cfg, "pooling", scales.POOLINGS)
     base.choice(cfg, "upsampling", scales.UPSAMPLINGS)
+    if cfg["boundaries"] != "fixed":
+      if n != 1:
+        raise ConfigError("model.pool_factors", f"{factors}: boundaries={cfg['boundaries']!r} "
+                          "groups one pooling by content; give one factor, e.g. (4,), and "
+                          "two entries of model.layers_per_scale")
+      base.check_content_groups(cfg, factors[0])
 

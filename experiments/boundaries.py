@@ -1,0 +1,175 @@
+r"""Fixed against content-dependent group boundaries (hiertx.boundaries), per
+corpus: one markdown table and one plot from runs of the `boundaries` sweep
+(configs/compare.py: hourglass '2@1 4@4 2@1', each boundary source, two seeds).
+
+  python launch/sweep.py --config=configs/compare.py --sweep=boundaries \
+      --sweep_dir=/tmp/sweeps/bnd_stdlib
+  python launch/sweep.py --config=configs/compare.py --sweep=boundaries \
+      --sweep_dir=/tmp/sweeps/bnd_shakespeare \
+      -- --config.data.text_files=../shared/data/tinyshakespeare.txt
+  python experiments/boundaries.py \
+      --sweep_dirs=/tmp/sweeps/bnd_stdlib,/tmp/sweeps/bnd_shakespeare
+
+`--calibrate=<workdir>` instead prints, for a run with `boundaries=entropy`,
+the entropy head's bits at quantiles of the validation bytes: the threshold
+that closes a group at a share 1/k of them gives a mean group length near k.
+
+  python experiments/boundaries.py --calibrate=/tmp/sweeps/bnd_stdlib/seed-0.boundaries-entropy
+
+Columns: validation bits per byte at the last step (each seed, and their
+mean), XLA peak memory of the train step, median training tokens/s, and the
+mean group length and share of dropped closes at the last evaluation (fixed
+groups are 4 bytes by construction). Writes `--plot` (PNG).
+"""
+
+import json
+import math
+import os
+import statistics
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from hiertx import cli  # noqa: E402
+from hiertx import report  # noqa: E402
+from hiertx.errors import HiertxError  # noqa: E402
+
+SOURCES = ("fixed", "whitespace", "entropy", "learned")
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("sweep_dirs", [], "Directories the boundaries sweep ran in, one per "
+                    "corpus.")
+  flags.DEFINE_string("calibrate", None, "A workdir of a boundaries=entropy run: print its "
+                      "entropy head's quantiles instead.")
+  flags.DEFINE_string("plot", "/tmp/hiertx_boundaries.png", "Where to write the plot.")
+
+
+def corpus_of(config: dict) -> str:
+  data = config["data"]
+  files = data.get("text_files") or ""
+  return os.path.basename(files) if files else data.get("task", "stdlib")
+
+
+def load(sweep_dir: str) -> list[dict]:
+  """A finished row per run of one sweep directory (unfinished runs skipped, said)."""
+  path = os.path.join(sweep_dir, "sweep.json")
+  if not os.path.exists(path):
+    raise HiertxError(f"--sweep_dirs: {sweep_dir} has no sweep.json; run launch/sweep.py "
+                      "--config=configs/compare.py --sweep=boundaries there first")
+  with open(path) as f:
+    runs = json.load(f)["runs"]
+  rows = []
+  for run in runs:
+    workdir = run["workdir"]
+    if not os.path.exists(os.path.join(workdir, "run_info.json")):
+      print(f"  {run['name']}: not started, left out", file=sys.stderr)
+      continue
+    row = report.summarize(workdir)
+    model = row["config"]["model"]
+    if row["step"] < row["config"]["train"]["steps"]:
+      print(f"  {run['name']}: at step {row['step']}, left out", file=sys.stderr)
+      continue
+    rows.append({**row, "corpus": corpus_of(row["config"]),
+                 "boundaries": model.get("boundaries", "fixed"),
+                 "seed": row["config"]["train"]["seed"]})
+  return rows
+
+
+def table(rows: list[dict]) -> tuple[str, list[dict]]:
+  groups = {}
+  for r in rows:
+    groups.setdefault((r["corpus"], r["boundaries"]), []).append(r)
+  out, summary = [], []
+  for (corpus, source), rs in sorted(groups.items(), key=lambda kv: (
+      kv[0][0], SOURCES.index(kv[0][1]) if kv[0][1] in SOURCES else 99)):
+    rs = sorted(rs, key=lambda r: r["seed"])
+    bpb = [r["final_bpb"] for r in rs]
+    mean = statistics.mean(bpb)
+    group = statistics.mean(r["mean_group_length"] for r in rs)
+    dropped = statistics.mean(r["dropped_closes"] for r in rs)
+    summary.append({"corpus": corpus, "boundaries": source, "bpb": bpb, "mean": mean})
+    out.append([corpus, source, len(rs), ", ".join(f"{b:.3f}" for b in bpb), f"{mean:.3f}",
+                statistics.mean(r["xla_peak_bytes"] for r in rs) / 2**20,
+                statistics.median(r["tokens_per_s"] for r in rs),
+                4.0 if source == "fixed" else group,
+                0.0 if source == "fixed" or math.isnan(dropped) else dropped])
+  header = ["corpus", "boundaries", "seeds", "bits/byte per seed", "mean bits/byte",
+            "XLA peak MiB", "tokens/s", "mean group bytes", "dropped closes"]
+  return report.markdown_table(header, out), summary
+
+
+def plot(summary: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  corpora = sorted({s["corpus"] for s in summary})
+  fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 3.5), squeeze=False)
+  for ax, corpus in zip(axes[0], corpora):
+    items = [s for s in summary if s["corpus"] == corpus]
+    for i, s in enumerate(items):
+      ax.bar(i, s["mean"], color="C0" if s["boundaries"] == "fixed" else "C1", alpha=0.6)
+      ax.scatter([i] * len(s["bpb"]), s["bpb"], color="k", s=12, zorder=3)
+    ax.set_xticks(range(len(items)), [s["boundaries"] for s in items])
+    low = min(min(s["bpb"]) for s in items)
+    ax.set_ylim(low * 0.95, max(max(s["bpb"]) for s in items) * 1.02)
+    ax.set_title(corpus)
+    ax.set_ylabel("validation bits/byte (bars: mean; dots: seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def entropy_quantiles(workdir: str, batches: int = 16) -> dict[float, float]:
+  """Bits of the entropy head of a `boundaries=entropy` run's newest checkpoint
+  at quantiles of the real bytes of `batches` validation batches."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from hiertx import data, evaluate
+  config, run, _, params = evaluate.load_params(workdir)
+  if config.model.get("boundaries") != "entropy":
+    raise HiertxError(f"--calibrate: {workdir} is not a boundaries=entropy run")
+  model = run.model
+
+  @jax.jit
+  def bits(params, b):
+    # The states the head reads: what the first shortening pools.
+    _, sown = model.apply({"params": params}, b["inputs"], b["segment_ids"], b["positions"],
+                          mutable=["decode"])
+    x = sown["decode"]["x_0" if "x_0" in sown["decode"] else "e_0"]
+    return model.apply({"params": params}, x, b["segment_ids"], method=lambda m, x, seg: (
+        m.content_groups.source.entropy_bits(x)))
+
+  out = []
+  for b in data.eval_batches(config.data, "validation", config.eval.batch_size, batches,
+                             align=run.align):
+    h = bits(params, {k: jnp.asarray(v) for k, v in b.items()})
+    out.append(np.asarray(h)[np.asarray(b["segment_ids"]) > 0])
+  values = np.concatenate(out)
+  return {q: float(np.quantile(values, q)) for q in (0.5, 0.6, 2 / 3, 0.75, 0.8, 5 / 6, 0.875)}
+
+
+def main(argv):
+  cli.start(argv)
+  if flags.FLAGS.calibrate:
+    print("share of bytes below | entropy head bits | mean group bytes at this threshold")
+    for q, v in cli.run(entropy_quantiles, flags.FLAGS.calibrate).items():
+      print(f"{q:.3f} | {v:.3f} | {1 / (1 - q):.1f}")
+    return
+  if not flags.FLAGS.sweep_dirs:
+    raise app.UsageError("give --sweep_dirs (or --calibrate)")
+  rows = []
+  for d in flags.FLAGS.sweep_dirs:
+    rows += cli.run(load, d)
+  if not rows:
+    raise SystemExit("no finished runs in --sweep_dirs yet")
+  text, summary = table(rows)
+  print(text)
+  plot(summary, flags.FLAGS.plot)
+  print(f"plot: {flags.FLAGS.plot}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

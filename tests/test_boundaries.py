@@ -1,0 +1,101 @@
+"""Content-dependent groups (hiertx.boundaries): the close rules, coarse
+vectors used exactly when their group has closed, and the learned predictor's
+rate. Leak, packing, decoding and blockwise tests run on the tiny
+`hourglass_whitespace/entropy/learned` and `top_down_learned` variants with
+every other model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import seqio
+
+from hiertx import boundaries, models, steps
+from test_models import _jacobian_norms, build, length
+from tiny_models import model_cfg
+
+V = 23
+CONTENT = ["hourglass_whitespace", "hourglass_entropy", "hourglass_learned", "top_down_learned"]
+
+
+def _rules(want, pos, seg, k=4, capacity=1.0, max_group=5):
+  keep, drop = boundaries.close_groups(jnp.asarray(want), jnp.asarray(pos), jnp.asarray(seg),
+                                       k=k, capacity=capacity, max_group=max_group)
+  return np.asarray(keep), np.asarray(drop)
+
+
+def test_close_rules_per_document():
+  """Longest group, budget and document starts, on hand-made rows."""
+  t = 16
+  pos, seg = np.arange(t)[None], np.ones((1, t), np.int32)
+  # Nothing wanted: a group closes after every max_group bytes.
+  keep, drop = _rules(np.zeros((1, t), bool), pos, seg, capacity=2.0)
+  assert np.flatnonzero(keep[0]).tolist() == [4, 9, 14] and not drop.any()
+  # Everything wanted, capacity 1 at k=4: at most (pos + 1) // 4 groups by pos.
+  keep, drop = _rules(np.ones((1, t), bool), pos, seg)
+  assert np.flatnonzero(keep[0]).tolist() == [3, 7, 11, 15]
+  assert drop.sum() == t - 4
+  # A second document starting at 6 restarts both counts; padding never closes.
+  seg2 = np.where(np.arange(t) < 6, 1, 2)[None].astype(np.int32)
+  seg2[0, 14:] = 0
+  pos2 = np.where(np.arange(t) < 6, np.arange(t), np.arange(t) - 6)[None]
+  pos2[0, 14:] = 0
+  keep, drop = _rules(np.ones((1, t), bool), pos2, seg2)
+  assert np.flatnonzero(keep[0]).tolist() == [3, 9, 13]
+  assert not (keep | drop)[0, 14:].any()
+  # The budget sums to at most the slots of the row: every close has a slot.
+  for cap in (1.0, 1.5, 2.5):
+    keep, _ = _rules(np.ones((1, 64), bool), np.arange(64)[None], np.ones((1, 64), np.int32),
+                     capacity=cap)
+    assert keep.sum() == boundaries.num_slots(64, 4, cap)
+
+
+def test_whitespace_ids_are_the_byte_vocabularys():
+  assert boundaries.SPACE_IDS == tuple(seqio.ByteVocabulary().encode(" \t\n\r\x0b\x0c"))
+  ids = jnp.asarray([seqio.ByteVocabulary().encode("ab  c\n\nd")])
+  want = boundaries.whitespace_wants(ids, jnp.arange(ids.shape[1])[None])
+  assert np.flatnonzero(want[0]).tolist() == [2, 5]  # the first of each run of spaces
+
+
+@pytest.mark.parametrize("key", CONTENT)
+def test_groups_are_read_as_soon_as_they_close_and_never_before(key):
+  """Output t depends on coarse slot g iff g is a group closed at or before t
+  (its last byte <= t): exactly zero otherwise, non-zero for all of them."""
+  t = length(key)
+  model, params, tokens, pert = build(key, t, with_perturbations=True)
+  norms = _jacobian_norms(model, params, tokens, pert, "coarse_1")  # [t, slots]
+  _, sown = model.apply({"params": params}, tokens[:1], mutable=["decode"])
+  closes = np.asarray(sown["decode"]["content_groups"]["closes"][0])
+  assert 1 < closes.sum() < t, closes  # content decided some groups, not all
+  latest = np.cumsum(closes) - 1
+  allowed = np.arange(norms.shape[1])[None, :] <= latest[:, None]
+  assert np.all(norms[~allowed] == 0.0), f"{key}: a group used before it closed"
+  assert np.all(norms[allowed] > 0), f"{key}: unused at {np.argwhere(allowed & (norms == 0))}"
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_learned_boundary_rate_follows_its_prior(k):
+  """Trained on the language-model loss plus the binomial prior (rate 1/k),
+  the predictor's sampled boundary rate moves from about 1/2 at
+  initialisation to the prior's rate within 0.06 (the sampling noise of
+  ~1,000 positions is about 0.015). The budget (capacity k: one group per
+  position) never binds, so the rate is the predictor's."""
+  model = models.build(model_cfg("hourglass_learned", hierarchy=f"1@1 1@{k} 1@1",
+                                 max_group=16, group_capacity=float(k)), V, 64)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (16, 64), 1, V)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+           "segment_ids": jnp.ones((16, 63), jnp.int32),
+           "positions": jnp.broadcast_to(jnp.arange(63), (16, 63)),
+           "weights": jnp.ones((16, 63), jnp.int32)}
+  params = model.init(jax.random.PRNGKey(1), batch["inputs"])["params"]
+  tx = optax.adam(3e-3)
+  state = steps.TrainState(jnp.asarray(0), params, tx.init(params))
+  step = jax.jit(lambda s: steps.train_step(s, batch, model=model, tx=tx, seed=0))
+  rates = []
+  for _ in range(150):
+    state, m = step(state)
+    rates.append(float(m["train/boundary_rate"]))
+  assert abs(rates[0] - 0.5) < 0.1, rates[0]
+  final = float(np.mean(rates[-10:]))
+  assert abs(final - 1 / k) < 0.06, (k, rates[0], final)
