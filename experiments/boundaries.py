@@ -19,7 +19,7 @@ that closes a group at a share 1/k of them gives a mean group length near k.
 Columns: validation bits per byte at the last step (each seed, and their
 mean), XLA peak memory of the train step, median training tokens/s, and the
 mean group length and share of dropped closes at the last evaluation (fixed
-groups are 4 bytes by construction). Writes `--plot` (PNG).
+groups are k bytes by construction). Writes `--plot` (PNG).
 """
 
 import json
@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hiertx import cli  # noqa: E402
 from hiertx import report  # noqa: E402
 from hiertx.errors import HiertxError  # noqa: E402
+from hiertx.models import hourglass  # noqa: E402
 
 SOURCES = ("fixed", "whitespace", "entropy", "learned")
 
@@ -50,6 +51,20 @@ def corpus_of(config: dict) -> str:
   data = config["data"]
   files = data.get("text_files") or ""
   return os.path.basename(files) if files else data.get("task", "stdlib")
+
+
+def arm_of(model: dict) -> str:
+  """A run's boundary source with the settings that tell the sweep's arms apart."""
+  source = model.get("boundaries", "fixed")
+  k = (hourglass.parse_hierarchy(model["hierarchy"])[2][1] if model["name"] == "hourglass"
+       else model["pool_factors"][0])
+  if source == "fixed":
+    return f"fixed k={k}"
+  if source == "entropy":
+    return f"entropy > {model['entropy_threshold']:g} bits"
+  if source == "learned":
+    return f"learned, noise {model['boundary_temperature']:g}"
+  return source
 
 
 def load(sweep_dir: str) -> list[dict]:
@@ -71,8 +86,7 @@ def load(sweep_dir: str) -> list[dict]:
     if row["step"] < row["config"]["train"]["steps"]:
       print(f"  {run['name']}: at step {row['step']}, left out", file=sys.stderr)
       continue
-    rows.append({**row, "corpus": corpus_of(row["config"]),
-                 "boundaries": model.get("boundaries", "fixed"),
+    rows.append({**row, "corpus": corpus_of(row["config"]), "boundaries": arm_of(model),
                  "seed": row["config"]["train"]["seed"]})
   return rows
 
@@ -83,39 +97,42 @@ def table(rows: list[dict]) -> tuple[str, list[dict]]:
     groups.setdefault((r["corpus"], r["boundaries"]), []).append(r)
   out, summary = [], []
   for (corpus, source), rs in sorted(groups.items(), key=lambda kv: (
-      kv[0][0], SOURCES.index(kv[0][1]) if kv[0][1] in SOURCES else 99)):
+      kv[0][0], SOURCES.index(kv[0][1].split()[0].rstrip(",")), kv[0][1])):
     rs = sorted(rs, key=lambda r: r["seed"])
     bpb = [r["final_bpb"] for r in rs]
     mean = statistics.mean(bpb)
     group = statistics.mean(r["mean_group_length"] for r in rs)
     dropped = statistics.mean(r["dropped_closes"] for r in rs)
-    summary.append({"corpus": corpus, "boundaries": source, "bpb": bpb, "mean": mean})
+    if source.startswith("fixed"):
+      group = float(source.split("=")[1])
+    summary.append({"corpus": corpus, "boundaries": source, "bpb": bpb, "mean": mean,
+                    "group": group})
     out.append([corpus, source, len(rs), ", ".join(f"{b:.3f}" for b in bpb), f"{mean:.3f}",
                 statistics.mean(r["xla_peak_bytes"] for r in rs) / 2**20,
-                statistics.median(r["tokens_per_s"] for r in rs),
-                4.0 if source == "fixed" else group,
-                0.0 if source == "fixed" or math.isnan(dropped) else dropped])
+                statistics.median(r["tokens_per_s"] for r in rs), group,
+                "0" if source.startswith("fixed") or math.isnan(dropped) else f"{dropped:.2%}"])
   header = ["corpus", "boundaries", "seeds", "bits/byte per seed", "mean bits/byte",
             "XLA peak MiB", "tokens/s", "mean group bytes", "dropped closes"]
   return report.markdown_table(header, out), summary
 
 
 def plot(summary: list[dict], path: str) -> None:
+  """Per corpus: bits per byte against mean group length, a point per seed,
+  each arm labelled (fixed arms in blue)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   corpora = sorted({s["corpus"] for s in summary})
-  fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 3.5), squeeze=False)
+  fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4), squeeze=False)
   for ax, corpus in zip(axes[0], corpora):
-    items = [s for s in summary if s["corpus"] == corpus]
-    for i, s in enumerate(items):
-      ax.bar(i, s["mean"], color="C0" if s["boundaries"] == "fixed" else "C1", alpha=0.6)
-      ax.scatter([i] * len(s["bpb"]), s["bpb"], color="k", s=12, zorder=3)
-    ax.set_xticks(range(len(items)), [s["boundaries"] for s in items])
-    low = min(min(s["bpb"]) for s in items)
-    ax.set_ylim(low * 0.95, max(max(s["bpb"]) for s in items) * 1.02)
+    for s in (s for s in summary if s["corpus"] == corpus):
+      color = "C0" if s["boundaries"].startswith("fixed") else "C1"
+      ax.scatter([s["group"]] * len(s["bpb"]), s["bpb"], color=color, s=16)
+      ax.annotate(s["boundaries"], (s["group"], s["mean"]), fontsize=7,
+                  xytext=(4, 0), textcoords="offset points")
     ax.set_title(corpus)
-    ax.set_ylabel("validation bits/byte (bars: mean; dots: seeds)")
+    ax.set_xlabel("mean group length (bytes)")
+    ax.set_ylabel("validation bits/byte (a point per seed)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 

@@ -1,5 +1,6 @@
 """The experiment scripts on tiny shapes: they run and report what they claim."""
 
+import json
 import os
 import sys
 
@@ -7,9 +8,11 @@ import pytest
 
 from conftest import ROOT
 from hiertx import report
+from hiertx.errors import HiertxError
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import bench  # noqa: E402
+import boundaries as boundaries_experiment  # noqa: E402
 import decode_bench  # noqa: E402
 import memory_depth  # noqa: E402
 import seq_scaling  # noqa: E402
@@ -73,3 +76,54 @@ def test_decode_bench_compares_cached_and_recomputed_generation():
   assert rows[3]["cache_bytes"] / rows[2]["cache_bytes"] < 132 / 68
   table = decode_bench.table(rows)
   assert "cache / first context" in table and "prompt s (parallel)" in table
+
+
+def _fake_run(workdir, corpus, model, seed, bpb, group, reached=1000):
+  """A finished (or not) run's files as the trainer writes them."""
+  os.makedirs(workdir)
+  config = {"model": {"name": "hourglass", "hierarchy": "2@1 4@4 2@1", "entropy_threshold": 4.4,
+                      "boundary_temperature": 0.0, **model},
+            "data": {"text_files": corpus, "task": "stdlib"},
+            "train": {"seed": seed, "steps": 1000}}
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump({"config": config, "facts": {"params/total": 10,
+                                           "memory/xla_peak_bytes": 2**20 * 100}}, f)
+  ev = {"eval/bits_per_byte": bpb, "eval/perplexity": 2.0}
+  if model.get("boundaries", "fixed") != "fixed":
+    ev.update({"eval/mean_group_length": group, "eval/dropped_closes": 0.01})
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    for step, row in ((10, {"train/tokens_per_s": 1.0, "train/loss": 3.0}),
+                      (20, {"train/tokens_per_s": 1000.0, "train/loss": 2.0}), (reached, ev)):
+      f.write(json.dumps({"step": step, **row}) + "\n")
+
+
+def test_boundaries_table_per_corpus_and_arm(tmp_path):
+  """Arms are told apart by their settings, seeds are averaged, unfinished
+  runs are left out, and the plot is written."""
+  runs = []
+  for corpus in ("", "/data/tiny.txt"):
+    d = tmp_path / (corpus.strip("/").replace("/", "_") or "stdlib")
+    arms = [({}, 3.0, 0), ({"hierarchy": "2@1 4@8 2@1"}, 3.2, 0),
+            ({"boundaries": "whitespace"}, 3.1, 6.0), ({"boundaries": "learned"}, 3.3, 4.2)]
+    runs = []
+    for i, (model, bpb, group) in enumerate(arms):
+      for seed in (0, 1):
+        name = f"run{i}-{seed}"
+        _fake_run(str(d / name), corpus, model, seed, bpb + 0.1 * seed, group,
+                  reached=1000 if (i, seed) != (3, 1) else 500)
+        runs.append({"name": name, "workdir": str(d / name)})
+    runs.append({"name": "never", "workdir": str(d / "never")})
+    with open(d / "sweep.json", "w") as f:
+      json.dump({"runs": runs}, f)
+  rows = (boundaries_experiment.load(str(tmp_path / "stdlib"))
+          + boundaries_experiment.load(str(tmp_path / "data_tiny.txt")))
+  text, summary = boundaries_experiment.table(rows)
+  assert "| stdlib | fixed k=4 | 2 | 3.000, 3.100 | 3.050 | 100 | 1,000 | 4 | 0 |" in text
+  assert "| tiny.txt | fixed k=8 | 2 |" in text
+  assert "| stdlib | whitespace | 2 | 3.100, 3.200 | 3.150 | 100 | 1,000 | 6 | 1.00% |" in text
+  assert "| stdlib | learned, noise 0 | 1 | 3.300 |" in text  # seed 1 did not finish
+  plot = tmp_path / "plot.png"
+  boundaries_experiment.plot(summary, str(plot))
+  assert plot.stat().st_size > 1000
+  with pytest.raises(HiertxError, match="has no sweep.json; run launch/sweep.py"):
+    boundaries_experiment.load(str(tmp_path / "nothing"))
