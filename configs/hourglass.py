@@ -26,10 +26,6 @@ def get_config(arg=None):
   c = config_lib.base_config()
   c.model = config_lib.model_config(
       "hourglass", arg.size, hierarchy=config_lib.choose(SIZES, arg.size, "size"),
-      pooling="mean", upsampling="repeat",
-      # Content groups for the first shortening (hiertx.boundaries; README):
-      boundaries="fixed",  # fixed | whitespace | entropy | learned
-      max_group=16, group_capacity=1.5, entropy_threshold=3.0, boundary_temperature=1.0,
-      boundary_prior_weight=1.0)
+      pooling="mean", upsampling="repeat")
   config_lib.apply_size_defaults(c, arg)
   return c

@@ -3,6 +3,8 @@ pooled embeddings plus the upsampled coarser output).
 
   python -m hiertx.train --config=configs/top_down.py --workdir=/tmp/top_down
   python -m hiertx.train --config=configs/top_down.py --config.model.upsampling=attention ...
+  python -m hiertx.train --config=configs/top_down.py --config.model.pool_factors='(4,)' \
+      --config.model.layers_per_scale='(2,2)' --config.model.boundaries=whitespace ...
 
 Sizes: tiny, small (default), base, paper30 (width 256: 4 fine + 10 at k=4 +
 16 at k=16 = 30 layers).
