@@ -1,6 +1,5 @@
 """Config files, `:arg` variants, command-line overrides and clear config errors."""
 
-
 import pytest
 
 from conftest import config_path
