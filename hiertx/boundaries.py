@@ -11,7 +11,8 @@ only (the causality rule: a group's vector ends at its last byte):
               embeddings) exceeds `model.entropy_threshold` bits (the Byte
               Latent Transformer, Pagnoni et al. 2024, cuts where a small byte
               model's entropy is high); the head is trained with its own
-              next-byte loss beside the model's
+              next-byte loss beside the model's. Not the model's own output:
+              at t it already reads the group the decision at t would close
   learned     a predictor on the same states, trained through a
               Gumbel-sigmoid relaxation with a binomial prior on the boundary
               rate (Dynamic Token Pooling, Nawrot et al. 2023); at evaluation
