@@ -339,21 +339,26 @@ class Shortening(nn.Module):
       z_BxGxD = z_BxGxD * weight_BxG[..., None].astype(z_BxGxD.dtype)
     return z_BxGxD, coarse_scale(fine, grp), grp.latest_BxT
 
-  def step(self, state, token_B, x_BxD, cache_BxCxD, t, pool):
-    """Fine position t, whose state `x` is already at slot t of `cache`:
-    (the pooled group closing at t [B, D], the slot it goes to per row (-1:
-    no group closes in that row), the new state, each row's last closed slot)."""
+  def step(self, state, token_B, x_BxD, t):
+    """Fine position t with state `x`: (the slot a group closing at t goes to
+    per row (-1: none closes in that row), the new state, each row's last
+    closed slot)."""
     last_B, count_B, prev_B = state
     b = token_B.shape[0]
     want_B = self.source.want_step(token_B, prev_B, x_BxD, t)
     (new_last_B, new_count_B, _), (close_B, _) = close_step(
         (last_B, count_B, count_B), want_B, jnp.full((b,), t, jnp.int32),
         jnp.ones((b,), jnp.int32), t, **self._rules())
-    members, valid = window(cache_BxCxD, jnp.full((b, 1), t, jnp.int32), last_B[:, None],
-                            jnp.ones(cache_BxCxD.shape[:2], jnp.int32), self.max_group)
-    z_BxD = pool.group(members, valid)[:, 0]
     slot_B = jnp.where(close_B, count_B, -1)
-    return z_BxD, slot_B, [new_last_B, new_count_B, token_B.astype(jnp.int32)], new_count_B - 1
+    return slot_B, [new_last_B, new_count_B, token_B.astype(jnp.int32)], new_count_B - 1
+
+  def closing_group(self, state, cache_BxCxD, t, pool):
+    """The group closing at t pooled from the cached states (slot t holds
+    position t; `state` from before t), [B, D]."""
+    b = cache_BxCxD.shape[0]
+    members, valid = window(cache_BxCxD, jnp.full((b, 1), t, jnp.int32), state[0][:, None],
+                            jnp.ones(cache_BxCxD.shape[:2], jnp.int32), self.max_group)
+    return pool.group(members, valid)[:, 0]
 
   def prompt_state(self, p: int):
     """(the decoding state, groups per row [B]) after a forward pass over a

@@ -172,10 +172,11 @@ class HourglassLM(base.LanguageModel):
         st[name], lvl, st[name][lvl].at[:, t].set(x))
     x, kv = self.pre["0"].step(x0_BxD, st["pre"][0], t, t)
     st = dict(st, x=set_x("x", 0, x), pre=base.set_at(st["pre"], 0, kv))
-    z_BxD, slot_B, groups, latest_B = self.content_groups.step(
-        st["groups"], token_B, x, st["x"][0], t, self.shorten["0"])
+    slot_B, groups, latest_B = self.content_groups.step(st["groups"], token_B, x, t)
 
     def coarse_step(st):
+      z_BxD = self.content_groups.closing_group(st["groups"], st["x"][0], t,
+                                                self.shorten["0"])
       z, kv = self.pre["1"].step(z_BxD, st["pre"][1], slot_B, t)
       put = lambda name: base.set_at(  # noqa: E731
           st[name], 1, layers.set_rows(st[name][1], slot_B, z))

@@ -148,10 +148,10 @@ class TopDownLM(base.LanguageModel):
     slot of each row that closes a group, then scale 0 reading each row's last
     closed group."""
     e_BxD = st["e"][0][:, t]
-    z_BxD, slot_B, groups, latest_B = self.content_groups.step(
-        st["groups"], token_B, e_BxD, st["e"][0], t, self.pool["1"])
+    slot_B, groups, latest_B = self.content_groups.step(st["groups"], token_B, e_BxD, t)
 
     def coarse_step(st):
+      z_BxD = self.content_groups.closing_group(st["groups"], st["e"][0], t, self.pool["1"])
       put = lambda name, x: base.set_at(  # noqa: E731
           st[name], 1, layers.set_rows(st[name][1], slot_B, x))
       x, kv = self.scale["1"].step(z_BxD, st["kv"][1], slot_B, t)
