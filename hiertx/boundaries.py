@@ -291,8 +291,9 @@ def init_state(batch: int) -> list:
 class Shortening(nn.Module):
   """A model's first shortening by content: the boundary source, the close
   rules and the pooling of each group's window, for the forward pass
-  (`__call__`) and for decoding (`step`, `prompt_state`). `k` is the target
-  mean group length; `pool` (a scales.Pool of the model) pools each window.
+  (`__call__`) and for decoding (`step`, `closing_group`, `prompt_state`).
+  `k` is the target mean group length; `pool` (a scales.Pool of the model)
+  pools each window.
 
   Decoding state: [last close position, groups so far, previous token], each
   [B]; a decoded stream is one document from position 0.
