@@ -16,7 +16,6 @@ from test_models import _jacobian_norms, build, length
 from tiny_models import model_cfg
 
 V = 23
-CONTENT = ["hourglass_whitespace", "hourglass_entropy", "hourglass_learned", "top_down_learned"]
 
 
 def _rules(want, pos, seg, k=4, capacity=1.0, max_group=5):
@@ -58,7 +57,8 @@ def test_whitespace_ids_are_the_byte_vocabularys():
   assert np.flatnonzero(want[0]).tolist() == [2, 5]  # the first of each run of spaces
 
 
-@pytest.mark.parametrize("key", CONTENT)
+# How groups are read does not depend on the source: one variant per model.
+@pytest.mark.parametrize("key", ["hourglass_learned", "top_down_learned"])
 def test_groups_are_read_as_soon_as_they_close_and_never_before(key):
   """Output t depends on coarse slot g iff g is a group closed at or before t
   (its last byte <= t): exactly zero otherwise, non-zero for all of them."""
@@ -89,11 +89,11 @@ def test_learned_boundary_rate_follows_its_prior(k):
            "positions": jnp.broadcast_to(jnp.arange(63), (16, 63)),
            "weights": jnp.ones((16, 63), jnp.int32)}
   params = model.init(jax.random.PRNGKey(1), batch["inputs"])["params"]
-  tx = optax.adam(3e-3)
+  tx = optax.adam(1e-2)
   state = steps.TrainState(jnp.asarray(0), params, tx.init(params))
   step = jax.jit(lambda s: steps.train_step(s, batch, model=model, tx=tx, seed=0))
   rates = []
-  for _ in range(150):
+  for _ in range(60):
     state, m = step(state)
     rates.append(float(m["train/boundary_rate"]))
   assert abs(rates[0] - 0.5) < 0.1, rates[0]
