@@ -65,29 +65,46 @@ def test_prefix_invariance(key, t):
         f"{key}: output {j} ignores x_{j}")
 
 
-def _jacobian_norms(model, params, tokens, pert, name):
-  """|d logits_t / d perturbation[name]_j| summed over vocabulary and width: [T, L_name]."""
+def _jacobian_norms(model, params, tokens, pert, *names):
+  """|d logits_t / d perturbation[name]_j| summed over vocabulary and width:
+  [T, L_name] for each name (one name: the array alone)."""
   tokens = tokens[:1]
   pert = jax.tree_util.tree_map(lambda x: x[:1], pert)
 
   def logits_of(p):
     return model.apply({"params": params, "perturbations": p}, tokens)[0]  # [T, V]
 
-  jac = jax.jit(jax.jacrev(logits_of))(pert)[name][:, :, 0]  # [T, V, L, D]
-  return np.asarray(jnp.abs(jac).sum(axis=(1, 3)))
+  jac = jax.jit(jax.jacrev(logits_of))(pert)
+  out = [np.asarray(jnp.abs(jac[n][:, :, 0]).sum(axis=(1, 3))) for n in names]  # [T, V, L, D]
+  return out[0] if len(names) == 1 else tuple(out)
 
 
 @pytest.mark.parametrize("key,t", CASES)
 def test_jacobian_is_exactly_causal_and_every_past_token_reaches(key, t):
   """For every output position t and every input embedding j, padding included:
-  d out_t / d emb_j is exactly 0 for j > t and non-zero for every j <= t."""
+  d out_t / d emb_j is exactly 0 for j > t and non-zero for every j <= t.
+
+  Content groups (hiertx.boundaries), from the same Jacobian: output t
+  depends on coarse slot g iff g is a group closed at or before t (its last
+  byte <= t): exactly zero otherwise, non-zero for every one of them."""
   model, params, tokens, pert = build(key, t, with_perturbations=True)
-  norms = _jacobian_norms(model, params, tokens, pert, "embeddings")  # [t, padded length]
+  if model.content:
+    norms, coarse = _jacobian_norms(model, params, tokens, pert, "embeddings", "coarse_1")
+  else:
+    norms = _jacobian_norms(model, params, tokens, pert, "embeddings")  # [t, padded length]
   assert norms.shape[1] >= t
   future = np.triu(np.ones_like(norms, bool), k=1)
   assert np.all(norms[future] == 0.0), f"{key}: future leaks at {np.argwhere(norms * future)}"
   past = ~future
   assert np.all(norms[past] > 0), f"{key}: past inputs not reaching {np.argwhere(past & (norms == 0))}"
+  if model.content:
+    _, sown = model.apply({"params": params}, tokens[:1], mutable=["decode"])
+    closes = np.asarray(sown["decode"]["content_groups"]["closes"][0])
+    assert 1 < closes.sum() < t, closes  # content decided some groups, not all
+    latest = np.cumsum(closes) - 1
+    allowed = np.arange(coarse.shape[1])[None, :] <= latest[:, None]  # [t, slots]
+    assert np.all(coarse[~allowed] == 0.0), f"{key}: a group used before it closed"
+    assert np.all(coarse[allowed] > 0), f"{key}: unused at {np.argwhere(allowed & (coarse == 0))}"
 
 
 COARSE = ["bottom_up", "bottom_up_attn_pool", "top_down", "top_down_linear",
