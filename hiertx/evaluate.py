@@ -157,14 +157,6 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
   return result
 
 
-def _groups(r: dict) -> str:
-  """Content groups (hiertx.boundaries): their mean length and dropped closes."""
-  if "eval/mean_group_length" not in r:
-    return ""
-  return (f" | mean group {r['eval/mean_group_length']:.2f} bytes, dropped closes "
-          f"{r['eval/dropped_closes']:.2%}")
-
-
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A hiertx training workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -194,7 +186,7 @@ def main(argv):
     r = cli.run(evaluate_checkpoint, f.workdir, f.step, f.split, f.batches, f.mesh)
     print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
           f"{r['eval/perplexity']:.3f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
-          f"{r['eval/tokens']:.0f} tokens; {_baselines(r)}{_groups(r)}", flush=True)
+          f"{r['eval/tokens']:.0f} tokens; {_baselines(r)}{steps.groups_text(r)}", flush=True)
     return
   config = cli.run(checkpoint.load_config, f.workdir)
   context = f.context or f.stride or config.data.seq_len
@@ -203,7 +195,7 @@ def main(argv):
   print(f"step {r['step']} ({r['split']}, whole documents, context {r['context']}, stride "
         f"{r['stride']}): bits/byte {r['eval/bits_per_byte']:.4f} | {r['eval/bytes']:,.0f} "
         f"bytes in {r['documents']:,} documents ({r['windows']:,} windows) | loss "
-        f"{r['eval/loss']:.4f}; {_baselines(r)}{_groups(r)}", flush=True)
+        f"{r['eval/loss']:.4f}; {_baselines(r)}{steps.groups_text(r)}", flush=True)
   sys.stdout.flush()
 
 

@@ -119,6 +119,15 @@ def eval_step(params, batch, *, model, bytes_V):
           **aux[boundaries.STATS]}
 
 
+def groups_text(result: dict) -> str:
+  """' | mean group ... bytes, dropped closes ...%' for an evaluation of content
+  groups (hiertx.boundaries); '' otherwise."""
+  if "eval/mean_group_length" not in result:
+    return ""
+  return (f" | mean group {result['eval/mean_group_length']:.2f} bytes, dropped closes "
+          f"{result['eval/dropped_closes']:.2%}")
+
+
 def summarize_eval(sums: dict) -> dict:
   loss = sums["nll"] / max(sums["tokens"], 1.0)
   out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
