@@ -11,11 +11,15 @@ MFU, in one process so the numbers share one machine state.
 
 A run is a config file under configs/ (with its `:arg`), optionally followed
 by `;field=value` overrides of its own; `--set` applies to every run. FLOPs
-per step are the analytic count of the work done (`hiertx.cost`: attention
-chunk pairs that are skipped are not work), with the dense-equivalent count's
-MFU beside it. The peak is the data-sheet figure on GPU/TPU; on CPU it is a
-float32 1024x1024 matmul measured here, before and after the models run (both
-are printed: a gap between them means the machine was busy).
+per step are analytic (`hiertx.cost`: attention chunk pairs that are skipped
+are not work): MFU divides the model FLOPs (nothing recomputed), HFU the
+hardware FLOPs (with the scores the backward pass recomputes and any remat),
+and the dense-equivalent MFU counts every score of full maps. The peak is the
+data-sheet figure of the run's dtype on GPU/TPU (bfloat16 and float16 runs
+against the half-precision column); on CPU it is a 1024x1024 matmul of that
+dtype measured here, before and after the models run (both are printed: a gap
+between them means the machine was busy). Each run prints which
+implementation every attention site got.
 """
 
 import sys
@@ -44,7 +48,7 @@ def parse_shape(text: str) -> tuple[int, int]:
   return int(batch), int(seq)
 
 
-def measure(runs, shapes, steps, sets, peak: float) -> list[dict]:
+def measure(runs, shapes, steps, sets) -> list[dict]:
   """`runs`: 'file[:arg][;field=value...]' each; `shapes`: (batch, length) pairs."""
   rows = []
   for spec in runs:
@@ -52,13 +56,19 @@ def measure(runs, shapes, steps, sets, peak: float) -> list[dict]:
     for batch, seq_len in shapes:
       config = benchmark.config_for(file_arg, seq_len, batch, [*sets, *own])
       run, compiled, facts = benchmark.compile_step(config)
+      print(f"{spec} {batch}x{seq_len} attention sites:\n  "
+            + facts["attention/sites"].replace("\n", "\n  "), flush=True)
       step_s = benchmark.time_steps(run, compiled, config, steps=steps)
-      flops, dense = facts["flops/step_analytic"], facts["flops/step_analytic_dense"]
+      peak, _ = metrics.peak_flops(config.model.dtype)
+      model, hardware = facts["flops/step_model"], facts["flops/step_analytic"]
       rows.append({"run": spec, "model": config.model.name, "shape": f"{batch}x{seq_len}",
-                   "params": facts["params/total"], "step_s": step_s,
-                   "tokens_per_s": batch * seq_len / step_s, "flops_per_s": flops / step_s,
-                   "mfu": flops / step_s / peak, "mfu_dense": dense / step_s / peak,
-                   "peak_mib": facts["memory/xla_peak_bytes"] / 2**20})
+                   "dtype": config.model.dtype, "params": facts["params/total"],
+                   "step_s": step_s, "tokens_per_s": batch * seq_len / step_s,
+                   "flops_per_s": model / step_s, "peak": peak, "mfu": model / step_s / peak,
+                   "hfu": hardware / step_s / peak,
+                   "mfu_dense": facts["flops/step_analytic_dense"] / step_s / peak,
+                   "peak_mib": facts["memory/xla_peak_bytes"] / 2**20,
+                   "while_loops": facts["xla/while_loops"]})
       print(f"{spec} {batch}x{seq_len}: {step_s:.3f} s/step, "
             f"{rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
   return rows
@@ -66,11 +76,12 @@ def measure(runs, shapes, steps, sets, peak: float) -> list[dict]:
 
 def table(rows) -> str:
   return report.markdown_table(
-      ["run", "batch x length", "params", "s/step", "tokens/s", "GFLOP/s", "MFU",
-       "MFU (dense-equivalent FLOPs)", "XLA peak MiB"],
-      [[r["run"], r["shape"], r["params"], f"{r['step_s']:.4f}", f"{r['tokens_per_s']:,.0f}",
-        f"{r['flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.1%}", f"{r['mfu_dense']:.1%}",
-        r["peak_mib"]] for r in rows])
+      ["run", "batch x length", "dtype", "params", "s/step", "tokens/s", "model GFLOP/s",
+       "MFU", "HFU", "MFU (dense-equivalent FLOPs)", "XLA peak MiB", "while loops"],
+      [[r["run"], r["shape"], r["dtype"], r["params"], f"{r['step_s']:.4f}",
+        f"{r['tokens_per_s']:,.0f}", f"{r['flops_per_s'] / 1e9:.1f}", f"{r['mfu']:.1%}",
+        f"{r['hfu']:.1%}", f"{r['mfu_dense']:.1%}", r["peak_mib"], r["while_loops"]]
+       for r in rows])
 
 
 def by_shape(rows) -> str:
@@ -88,13 +99,15 @@ def main(argv):
   cli.quiet_library_logs()
   f = flags.FLAGS
   shapes = [cli.run(parse_shape, s) for s in f.shapes]
-  peak, source = metrics.peak_flops("float32")
-  rows = cli.run(measure, f.run or f.runs, shapes, f.steps, f.set, peak)
+  _, source = metrics.peak_flops("float32")  # on CPU: measured before the runs
+  rows = cli.run(measure, f.run or f.runs, shapes, f.steps, f.set)
   print(f"\noverrides {f.set or 'none'}")
-  print(f"peak {peak / 1e9:.1f} GFLOP/s ({source})")
-  if source.startswith("measured"):
-    again = metrics.measured_matmul_peak("float32")
-    print(f"matmul peak measured again after the runs: {again / 1e9:.1f} GFLOP/s")
+  for dtype in dict.fromkeys(r["dtype"] for r in rows):
+    peak = next(r["peak"] for r in rows if r["dtype"] == dtype)
+    print(f"{dtype} peak {peak / 1e9:.1f} GFLOP/s ({source})")
+    if source.startswith("measured"):
+      again = metrics.measured_matmul_peak(dtype)
+      print(f"{dtype} matmul peak measured again after the runs: {again / 1e9:.1f} GFLOP/s")
   print()
   print(table(rows))
   print()

@@ -8,12 +8,15 @@ Two implementations compute the same function:
 
 * `dense`: one [B, H, Q, S] score tensor under an explicit boolean mask. The
   reference, and the right choice for one decoding query over a cache.
-* `blockwise`: queries and keys in chunks with an online (running max and
-  running sum) softmax, so no score tensor larger than one chunk pair exists,
-  forward or backward (a custom VJP recomputes each chunk pair's scores from
-  the saved log-sum-exp). Which chunk pairs the end rule allows is decided from
-  the static end positions when the function is traced: a pair no query can
-  use is never computed. For causal self-attention that is about half of them.
+* `blockwise`: queries and keys in chunks. Which chunk pairs the end rule
+  allows is decided from the static end positions when the function is
+  traced: a pair no query can use is never computed (for causal
+  self-attention about half of them). The allowed pairs are computed in
+  batches, each a few batched matmuls over all its pairs, combined by an
+  online (running max and running sum) softmax: no loops, so no pair waits
+  for another on an accelerator, and no score tensor larger than one batch
+  (`BATCH_SCORES`) exists, forward or backward (a custom VJP recomputes the
+  scores from the saved log-sum-exp).
 
 Both return (output, log-sum-exp), so attention over disjoint key sets can be
 merged exactly (`merge`, used by retina). A query whose keys are all masked
@@ -25,21 +28,31 @@ Scores, the softmax statistics and the accumulators are float32 whatever the
 input dtype; the two matmuls take their inputs in the input dtype (bfloat16
 under mixed precision) and accumulate in float32.
 
-Accelerator kernels take fine-scale causal self-attention with documents (the
-fine stacks of every model): on GPU `cudnn` runs it through
+Accelerator kernels take same-scale causal self-attention with documents
+(queries and keys sharing one strictly increasing set of ends: the stacks of
+every model at every scale): on GPU `cudnn` runs it through
 `jax.nn.dot_product_attention` (cuDNN flash attention), on TPU `splash` through
-the Pallas splash-attention kernel. Every other mask goes `blockwise` (`attend`
-decides from the static ends, never from data).
+the Pallas splash-attention kernel. `choose` decides per call site from the
+static ends, never from data, and records what each site got (`record_sites`);
+a site a kernel cannot take runs `AttentionConfig.fallback`, or is refused.
 """
 
+import contextlib
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hiertx.errors import ConfigError
+
 KINDS = ("dense", "blockwise", "cudnn", "splash")
+# Accelerator kernels: a site one of them cannot take is refused (`error`) or
+# runs the configured fallback.
+KERNELS = ("cudnn", "splash")
+FALLBACKS = ("error", "blockwise", "dense")
 _F32 = jnp.float32
 # The end position of padding keys: larger than any query's end, so never used.
 FAR = 1 << 30
@@ -47,11 +60,13 @@ FAR = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-  """Which implementation, and the chunk sizes of the blockwise one."""
+  """Which implementation, the chunk sizes of the blockwise one, and what a
+  site the chosen kernel cannot take runs instead (`error`: nothing)."""
 
   kind: str = "blockwise"
   q_chunk: int = 256
   k_chunk: int = 256
+  fallback: str = "error"
 
 
 # ----------------------------------------------------------------------------
@@ -162,114 +177,201 @@ def _pad_len(x, n, value=0):
                  constant_values=value)
 
 
-# Up to this many chunk pairs are laid out one after another in the program;
-# more run in a scan over query chunks with a loop over each one's key chunks.
-# The loops keep programs small at any length, and keep one pair's tensors
-# alive at a time: laid out side by side, XLA:CPU recomputed several pairs'
-# probabilities ahead of use (+26% peak memory for vanilla at 8 x 1024), for
-# no measurable speed. One pair (short sequences) needs no loop.
-UNROLL_PAIRS = 1
+# Chunk pairs are computed in batches of at most this many float32 scores
+# (batch x heads x pairs x chunk x chunk), by backend: each batch is a few
+# batched matmuls over all its pairs, and the batches follow one another in
+# the program. No loops, so no pair waits for another inside a batch, while
+# at most one batch's score tensors are alive at a time. On CPU, 2**22 scores
+# (16 MiB): causal attention's forward and backward ran 1.2-1.3x faster than
+# the loops over chunk pairs this replaced (2**20 a little faster still, but
+# with twice the program to compile). Accelerators want few, large batches
+# (2**27 scores: 512 MiB).
+BATCH_SCORES = {"cpu": 1 << 22, "gpu": 1 << 27, "tpu": 1 << 27}
+# At most this many batches per call, so that programs (and compile times)
+# stay bounded at any length: long sequences get larger batches.
+MAX_BATCHES = 32
 
 
-def _pair_scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j):
-  """Scaled, masked float32 scores [B, H, cq, ck] of one chunk pair."""
-  scale = q_i.shape[-1] ** -0.5
-  s = jnp.einsum("bqhk,bshk->bhqs", q_i, k_j, preferred_element_type=_F32) * scale
-  mask_BxQxS = (ke_j[None, :] <= qe_i[:, None])[None] & (qs_i[:, :, None] == ks_j[:, None, :])
-  return jnp.where(mask_BxQxS[:, None], s, -jnp.inf)
+def pairs_per_batch(pairs: int, batch: int, heads: int, pair_scores: int,
+                    backend: str | None = None) -> int:
+  """How many of `pairs` chunk pairs (`pair_scores` scores per sequence and
+  head each) one batch computes at most (`BATCH_SCORES`, `MAX_BATCHES`)."""
+  backend = backend or _backend()
+  budget = BATCH_SCORES[backend] if backend in BATCH_SCORES else max(BATCH_SCORES.values())
+  size = max(1, budget // (batch * heads * pair_scores), -(-pairs // MAX_BATCHES))
+  return min(pairs, size) if pairs else 1
 
 
-def _forward_pair(st, q_i, qe_i, qs_i, k_j, v_j, ke_j, ks_j):
-  """The online softmax state (running max, running sum, accumulator) after
-  one more key chunk."""
-  m, l, acc = st
-  s = _pair_scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j)
-  m_new = jnp.maximum(m, s.max(-1))
-  m_safe = _finite_or_zero(m_new)
-  pr = jnp.exp(s - m_safe[..., None])
-  corr = jnp.exp(m - m_safe)  # m = -inf (nothing yet) gives 0
-  pv = jnp.einsum("bhqs,bshk->bqhk", pr.astype(v_j.dtype), v_j, preferred_element_type=_F32)
-  return m_new, l * corr + pr.sum(-1), acc * corr.transpose(0, 2, 1)[..., None] + pv
+def pair_batches(p: Plan, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The plan's chunk pairs as batches (query chunks, key chunks) of at most
+  `size` pairs: whole query chunks (all their key chunks) where they fit, one
+  query chunk's key chunks over several batches where alone they do not."""
+  out, qi, kj = [], [], []
+
+  def flush():
+    if qi:
+      out.append((np.asarray(qi, np.int32), np.asarray(kj, np.int32)))
+      qi.clear()
+      kj.clear()
+
+  for i in range(len(p.kcount)):
+    js = [int(j) for j in p.kidx[i, :p.kcount[i]]]
+    if len(qi) + len(js) > size:
+      flush()
+    for start in range(0, len(js), size):
+      if len(js) > size:
+        flush()
+      part = js[start:start + size]
+      qi.extend([i] * len(part))
+      kj.extend(part)
+  flush()
+  return out
 
 
-def _backward_pair(q_i, do_i, lse_i, d_i, qe_i, qs_i, k_j, v_j, ke_j, ks_j):
-  """Gradient contributions of one chunk pair: (dq_i, dk_j, dv_j), float32,
-  before the 1/sqrt(K) score scale (applied once at the end)."""
-  pr = jnp.exp(_pair_scores(q_i, qe_i, qs_i, k_j, ke_j, ks_j) - lse_i[..., None])
-  dp = jnp.einsum("bqhk,bshk->bhqs", do_i, v_j, preferred_element_type=_F32)
-  ds = (pr * (dp - d_i[..., None])).astype(q_i.dtype)
-  return (jnp.einsum("bhqs,bshk->bqhk", ds, k_j, preferred_element_type=_F32),
-          jnp.einsum("bhqs,bqhk->bshk", ds, q_i, preferred_element_type=_F32),
-          jnp.einsum("bhqs,bqhk->bshk", pr.astype(do_i.dtype), do_i, preferred_element_type=_F32))
+def _pair_scores(q_P, qe_P, qs_P, k_P, ke_P, ks_P):
+  """Scaled, masked float32 scores [P, B, H, cq, ck] of P chunk pairs:
+  queries [P, B, H, cq, K] (ends [P, cq], documents [P, B, cq]) against keys
+  [P, B, H, ck, K] (ends [P, ck], documents [P, B, ck])."""
+  scale = q_P.shape[-1] ** -0.5
+  s = jnp.einsum("pbhqk,pbhsk->pbhqs", q_P, k_P, preferred_element_type=_F32) * scale
+  causal_Px1xQxS = (ke_P[:, None, :] <= qe_P[:, :, None])[:, None]
+  same_doc_PxBxQxS = qs_P[..., :, None] == ks_P[..., None, :]
+  return jnp.where((causal_Px1xQxS & same_doc_PxBxQxS)[:, :, None], s, -jnp.inf)
+
+
+def _take(x_N, idx):
+  """Rows `idx` (static) of a chunked array [n, ...]: the array itself, a
+  slice, or a gather."""
+  if np.array_equal(idx, np.arange(x_N.shape[0])):
+    return x_N
+  if np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+    return x_N[int(idx[0]):int(idx[0]) + len(idx)]
+  return x_N[jnp.asarray(idx)]
+
+
+def _sum_into(x_P, idx, n: int):
+  """[n, ...]: row r is the sum of the rows of `x_P` [P, ...] with idx == r
+  (static). A matmul with a 0/1 matrix, which is exact (each output is a sum
+  of the same float32 terms) and, unlike a scatter, fast on every backend."""
+  if np.array_equal(idx, np.arange(n)):
+    return x_P
+  onehot_NxP = jnp.asarray(np.arange(n)[:, None] == idx[None, :], x_P.dtype)
+  flat = x_P.reshape(x_P.shape[0], -1)
+  return jnp.dot(onehot_NxP, flat, precision=jax.lax.Precision.HIGHEST).reshape(
+      n, *x_P.shape[1:])
+
+
+def _after(x, previous):
+  """`x`, made to wait for `previous` (a value of the previous batch; None for
+  the first). Batches are independent, and a scheduler free to run them in any
+  order may hold many batches' tensors at once (XLA:CPU does); adding
+  0 x (a sum of `previous`) orders them (floating-point x * 0 is not folded)."""
+  if previous is None:
+    return x
+  return x + (previous.sum() * 0).astype(x.dtype)
+
+
+def _max_into(x_P, idx, n: int):
+  """[n, ...]: row r is the maximum of the rows of `x_P` with idx == r
+  (static, sorted)."""
+  if np.array_equal(idx, np.arange(n)):
+    return x_P
+  return jax.ops.segment_max(x_P, jnp.asarray(idx), n, indices_are_sorted=True)
+
+
+def _local(idx):
+  """(sorted distinct values of `idx`, each entry's position among them)."""
+  rows = np.unique(idx)
+  return rows, np.searchsorted(rows, idx)
+
+
+def _rows_of(x_N, rows):
+  """Rows `rows` (static, sorted, distinct) of [n, ...]: a slice where they
+  are contiguous."""
+  if rows[-1] - rows[0] + 1 == len(rows):
+    return jax.lax.slice_in_dim(x_N, int(rows[0]), int(rows[-1]) + 1)
+  return x_N[jnp.asarray(rows)]
+
+
+def _set_rows(x_N, value, rows):
+  """[n, ...] with rows `rows` (static, sorted, distinct) set to `value`: an
+  in-place update of a slice where they are contiguous."""
+  if rows[-1] - rows[0] + 1 == len(rows):
+    return jax.lax.dynamic_update_slice_in_dim(x_N, value.astype(x_N.dtype), int(rows[0]), 0)
+  return x_N.at[jnp.asarray(rows)].set(value.astype(x_N.dtype))
+
+
+def _combine(a, b):
+  """Online-softmax states (max [.., H, cq], sum, accumulator [.., H, cq, K])
+  of query chunks over two disjoint key sets, as one."""
+  (m1, l1, acc1), (m2, l2, acc2) = a, b
+  m = jnp.maximum(m1, m2)
+  m_safe = _finite_or_zero(m)
+  c1, c2 = jnp.exp(m1 - m_safe), jnp.exp(m2 - m_safe)  # -inf (no keys) gives 0
+  return m, l1 * c1 + l2 * c2, acc1 * c1[..., None] + acc2 * c2[..., None]
 
 
 def _blockwise_fn(p: Plan):
   """The custom-VJP attention for one static plan (closed over, not traced)."""
   cq, ck = p.q_chunk, p.k_chunk
   nq, nk = len(p.kcount), len(p.k_end) // ck
-  unrolled = p.pairs <= UNROLL_PAIRS
   # Numpy here, converted inside each traced function: an array made in one
   # trace (e.g. under remat) must not leak into the backward pass's trace.
   q_end_NxC, k_end_MxC = p.q_end.reshape(nq, cq), p.k_end.reshape(nk, ck)
 
-  def pad(x, n, value=0):
-    return _pad_len(x, n, value)
+  def batches(b, h):
+    return pair_batches(p, pairs_per_batch(p.pairs, b, h, cq * ck))
 
   def split(x, n, c):
-    """[B, n c, ...] -> [n, B, c, ...]."""
-    return x.reshape(x.shape[0], n, c, *x.shape[2:]).swapaxes(0, 1)
+    """[B, n c, H, ...] -> [n, B, H, c, ...] (heads first: no batch of pairs
+    transposes anything); [B, n c] -> [n, B, c]."""
+    x = x.reshape(x.shape[0], n, c, *x.shape[2:]).swapaxes(0, 1)
+    return x.swapaxes(2, 3) if x.ndim > 3 else x
 
   def merge(x, length):
-    """[n, B, c, ...] -> [B, length, ...]."""
-    x = x.swapaxes(0, 1)
+    """The inverse of `split`, cut to `length`."""
+    x = (x.swapaxes(2, 3) if x.ndim > 3 else x).swapaxes(0, 1)
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
   def padded(q, k, v, q_seg, k_seg, *per_query):
     """Everything cut into chunks: queries [nq, ...], keys [nk, ...]."""
-    qs = [split(pad(x, nq * cq), nq, cq) for x in (q, *per_query)]
-    q_seg = split(pad(q_seg, nq * cq, -1), nq, cq)
-    ks = [split(pad(x, nk * ck), nk, ck) for x in (k, v)]
-    k_seg = split(pad(k_seg, nk * ck, -2), nk, ck)
+    qs = [split(_pad_len(x, nq * cq), nq, cq) for x in (q, *per_query)]
+    q_seg = split(_pad_len(q_seg, nq * cq, -1), nq, cq)
+    ks = [split(_pad_len(x, nk * ck), nk, ck) for x in (k, v)]
+    k_seg = split(_pad_len(k_seg, nk * ck, -2), nk, ck)
     return qs, q_seg, ks, k_seg
 
-  def keys_of(i):
-    return [int(j) for j in p.kidx[i, :p.kcount[i]]]
+  def scores(qi, kj, q_P, qs_c, k_c, ks_c):
+    return _pair_scores(q_P, q_end_NxC[qi], _take(qs_c, qi), _take(k_c, kj),
+                        k_end_MxC[kj], _take(ks_c, kj))
 
   def forward(q, k, v, q_seg, k_seg):
     b, h, dk = q.shape[0], q.shape[2], q.shape[3]
     (q_c,), qs_c, (k_c, v_c), ks_c = padded(q, k, v, q_seg, k_seg)
-    init = (jnp.full((b, h, cq), -jnp.inf, _F32), jnp.zeros((b, h, cq), _F32),
-            jnp.zeros((b, cq, h, dk), _F32))
-
-    def finish(st):
-      m, l, acc = st
-      o, lse = _normalise(acc, _finite_or_zero(m), l)
-      return o.astype(q.dtype), lse.transpose(0, 2, 1)
-
-    if unrolled:
-      outs = []
-      for i in range(nq):
-        st = init
-        for j in keys_of(i):
-          st = _forward_pair(st, q_c[i], q_end_NxC[i], qs_c[i], k_c[j], v_c[j], k_end_MxC[j],
-                             ks_c[j])
-        outs.append(finish(st))
-      o, lse = (jnp.stack(x) for x in zip(*outs))
-    else:
-      k_end = jnp.asarray(k_end_MxC)
-
-      def per_query_chunk(_, xs):
-        q_i, qe_i, qs_i, kidx_i, kcount_i = xs
-
-        def body(jj, st):
-          j = kidx_i[jj]
-          return _forward_pair(st, q_i, qe_i, qs_i, k_c[j], v_c[j], k_end[j], ks_c[j])
-
-        return None, finish(jax.lax.fori_loop(0, kcount_i, body, init))
-
-      xs = (q_c, jnp.asarray(q_end_NxC), qs_c, jnp.asarray(p.kidx), jnp.asarray(p.kcount))
-      _, (o, lse) = jax.lax.scan(per_query_chunk, None, xs)
-    return merge(o, p.q_len), merge(lse, p.q_len)
+    # Online softmax state of every query chunk: max [nq, B, H, cq], sum, and
+    # accumulator [nq, B, H, cq, K]; a chunk no batch reaches keeps output 0
+    # and lse -inf.
+    state = (jnp.full((nq, b, h, cq), -jnp.inf, _F32), jnp.zeros((nq, b, h, cq), _F32),
+             jnp.zeros((nq, b, h, cq, dk), _F32))
+    seen, last = set(), None
+    for qi, kj in batches(b, h):
+      rows, local = _local(qi)
+      s = scores(qi, kj, _after(_take(q_c, qi), last), qs_c, k_c, ks_c)
+      m = _max_into(s.max(-1), local, len(rows))
+      pr = jnp.exp(s - _take(_finite_or_zero(m), local)[..., None])
+      pv = jnp.einsum("pbhqs,pbhsk->pbhqk", pr.astype(v.dtype), _take(v_c, kj),
+                      preferred_element_type=_F32)
+      new = (m, _sum_into(pr.sum(-1), local, len(rows)), _sum_into(pv, local, len(rows)))
+      if seen.intersection(rows.tolist()):  # a query chunk split over batches
+        new = _combine(tuple(_rows_of(x, rows) for x in state), new)
+      state = tuple(_set_rows(x, y, rows) for x, y in zip(state, new))
+      seen.update(rows.tolist())
+      last = new[1]
+    m, l, acc = state
+    has = l > 0
+    l_safe = jnp.where(has, l, 1.0)
+    lse = jnp.where(has, _finite_or_zero(m) + jnp.log(l_safe), -jnp.inf)
+    return merge((acc / l_safe[..., None]).astype(q.dtype), p.q_len), merge(lse, p.q_len)
 
   @jax.custom_vjp
   def attend_fn(q, k, v, q_seg, k_seg):
@@ -280,52 +382,44 @@ def _blockwise_fn(p: Plan):
     return (o, lse), (q, k, v, q_seg, k_seg, o, lse)
 
   def bwd(res, cotangents):
-    q, k, v, q_seg, k_seg, o, lse = res
     do, dlse = cotangents
+    q, k, v, q_seg, k_seg, o, lse = res
+    b, h = q.shape[0], q.shape[2]
     # d lse / d s = softmax, so a log-sum-exp cotangent enters like D below.
     d_BxQxH = (do.astype(_F32) * o.astype(_F32)).sum(-1) - dlse.astype(_F32)
+    # The scores are recomputed from q and k, both known since the forward
+    # pass: a scheduler may recompute them (or share the forward's per-pair
+    # copies of k and v) early and keep them until this backward runs, for
+    # every layer at once (XLA:CPU does, and drops optimization barriers
+    # before scheduling). Adding 0 x (a sum of D) makes q, k and v depend on
+    # the cotangent; floating-point x * 0 is not folded away.
+    tie = d_BxQxH.sum() * 0
+    q, k, v = (x + tie.astype(x.dtype) for x in (q, k, v))
     lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # no keys: probabilities 0
     (q_c, do_c, lse_c, d_c), qs_c, (k_c, v_c), ks_c = padded(q, k, v, q_seg, k_seg, do,
                                                              lse_safe, d_BxQxH)
-    lse_c, d_c = lse_c.swapaxes(2, 3), d_c.swapaxes(2, 3)  # [nq, B, H, cq]
-    if unrolled:
-      dq, dk, dv = [], [None] * nk, [None] * nk
-      for i in range(nq):
-        dq_i = jnp.zeros(q_c[i].shape, _F32)
-        for j in keys_of(i):
-          dq_ij, dk_j, dv_j = _backward_pair(q_c[i], do_c[i], lse_c[i], d_c[i], q_end_NxC[i],
-                                             qs_c[i], k_c[j], v_c[j], k_end_MxC[j], ks_c[j])
-          dq_i = dq_i + dq_ij
-          dk[j] = dk_j if dk[j] is None else dk[j] + dk_j
-          dv[j] = dv_j if dv[j] is None else dv[j] + dv_j
-        dq.append(dq_i)
-      zeros = jnp.zeros(k_c[0].shape, _F32)
-      dq = jnp.stack(dq)
-      dk = jnp.stack([zeros if x is None else x for x in dk])
-      dv = jnp.stack([zeros if x is None else x for x in dv])
-    else:
-      k_end = jnp.asarray(k_end_MxC)
+    # Gradients of every chunk, summed over the batches that reach it.
+    dq, dk, dv = (jnp.zeros(x.shape, _F32) for x in (q_c, k_c, v_c))
+    last = None
+    for qi, kj in batches(b, h):
+      (rows, local), (cols, klocal) = _local(qi), _local(kj)
+      q_P, do_P = _after(_take(q_c, qi), last), _after(_take(do_c, qi), last)
+      k_P, v_P = _take(k_c, kj), _take(v_c, kj)
+      pr = jnp.exp(scores(qi, kj, q_P, qs_c, k_c, ks_c) - _take(lse_c, qi)[..., None])
+      dp = jnp.einsum("pbhqk,pbhsk->pbhqs", do_P, v_P, preferred_element_type=_F32)
+      ds = (pr * (dp - _take(d_c, qi)[..., None])).astype(q.dtype)
+      dq_R = _sum_into(jnp.einsum("pbhqs,pbhsk->pbhqk", ds, k_P, preferred_element_type=_F32),
+                       local, len(rows))
+      dk_C = _sum_into(jnp.einsum("pbhqs,pbhqk->pbhsk", ds, q_P, preferred_element_type=_F32),
+                       klocal, len(cols))
+      dv_C = _sum_into(jnp.einsum("pbhqs,pbhqk->pbhsk", pr.astype(do.dtype), do_P,
+                                  preferred_element_type=_F32), klocal, len(cols))
+      dq = _set_rows(dq, _rows_of(dq, rows) + dq_R, rows)
+      dk = _set_rows(dk, _rows_of(dk, cols) + dk_C, cols)
+      dv = _set_rows(dv, _rows_of(dv, cols) + dv_C, cols)
+      last = dq_R
 
-      def per_query_chunk(carry, xs):
-        dk, dv = carry
-        q_i, do_i, lse_i, d_i, qe_i, qs_i, kidx_i, kcount_i = xs
-
-        def body(jj, st):
-          dq_i, dk, dv = st
-          j = kidx_i[jj]
-          dq_ij, dk_j, dv_j = _backward_pair(q_i, do_i, lse_i, d_i, qe_i, qs_i, k_c[j], v_c[j],
-                                             k_end[j], ks_c[j])
-          return dq_i + dq_ij, dk.at[j].add(dk_j), dv.at[j].add(dv_j)
-
-        dq_i, dk, dv = jax.lax.fori_loop(0, kcount_i, body,
-                                         (jnp.zeros(q_i.shape, _F32), dk, dv))
-        return (dk, dv), dq_i
-
-      zeros = jnp.zeros(k_c.shape, _F32)
-      xs = (q_c, do_c, lse_c, d_c, jnp.asarray(q_end_NxC), qs_c, jnp.asarray(p.kidx),
-            jnp.asarray(p.kcount))
-      (dk, dv), dq = jax.lax.scan(per_query_chunk, (zeros, zeros), xs)
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5  # applied once here, not per pair
     return ((merge(dq, p.q_len) * scale).astype(q.dtype),
             (merge(dk, p.k_len) * scale).astype(k.dtype), merge(dv, p.k_len).astype(v.dtype),
             None, None)
@@ -338,14 +432,29 @@ def _blockwise_fn(p: Plan):
 # Accelerator kernels.
 
 
-def cudnn_eligible(q_end, k_end, dtype, head_dim: int, backend: str | None = None) -> bool:
-  """cuDNN flash attention expresses causal self-attention over one fine grid
-  (ends 0, 1, 2, ... on both sides) in half precision; nothing else."""
+def same_scale(q_end, k_end) -> bool:
+  """Whether queries and keys share one strictly increasing set of ends: then
+  the end rule is causal in index order (plus documents), at any scale."""
   q_end, k_end = np.asarray(q_end), np.asarray(k_end)
-  fine = np.arange(len(q_end))
-  return ((backend or _backend()) == "gpu" and len(q_end) == len(k_end)
-          and np.array_equal(q_end, fine) and np.array_equal(k_end, fine)
-          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim <= 128)
+  return (q_end.ndim == 1 and np.array_equal(q_end, k_end)
+          and bool(np.all(np.diff(q_end) > 0)))
+
+
+def cudnn_refusal(q_end, k_end, dtype, head_dim: int, with_lse: bool = False,
+                  backend: str | None = None) -> str:
+  """Why cuDNN flash attention cannot take a site ('' if it can): it runs
+  same-scale causal self-attention (`same_scale`) in half precision on GPU."""
+  if (backend or _backend()) != "gpu":
+    return f"cuDNN runs on GPUs, this is {backend or _backend()}"
+  if not same_scale(q_end, k_end):
+    return "keys are not the queries' own scale"
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return f"{jnp.dtype(dtype).name} (cuDNN takes bfloat16 or float16)"
+  if head_dim > 128:
+    return f"head width {head_dim} > 128"
+  if with_lse:
+    return "the caller merges the log-sum-exp"
+  return ""
 
 
 def fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, implementation=None):
@@ -365,13 +474,19 @@ def _backend() -> str:
 SPLASH_BLOCK = 128
 
 
-def splash_eligible(q_end, k_end, backend: str | None = None) -> bool:
-  """The splash kernel gets causal self-attention over one fine grid whose
-  length is a multiple of its block, on TPU; nothing else."""
-  q_end, k_end = np.asarray(q_end), np.asarray(k_end)
-  fine = np.arange(len(q_end))
-  return ((backend or _backend()) == "tpu" and len(q_end) % SPLASH_BLOCK == 0
-          and np.array_equal(q_end, fine) and np.array_equal(k_end, fine))
+def splash_refusal(q_end, k_end, with_lse: bool = False, backend: str | None = None) -> str:
+  """Why the splash kernel cannot take a site ('' if it can): it runs
+  same-scale causal self-attention (`same_scale`) whose length is a multiple
+  of its block, on TPU."""
+  if (backend or _backend()) != "tpu":
+    return f"splash runs on TPUs, this is {backend or _backend()}"
+  if not same_scale(q_end, k_end):
+    return "keys are not the queries' own scale"
+  if len(q_end) % SPLASH_BLOCK:
+    return f"length {len(q_end)} is not a multiple of {SPLASH_BLOCK}"
+  if with_lse:
+    return "the caller merges the log-sum-exp"
+  return ""
 
 
 def _splash_kernel(heads: int, length: int, interpret: bool):
@@ -424,24 +539,112 @@ def splash_causal(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT, interpret: bool | No
 # The entry point every block uses.
 
 
-def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
-           cfg: AttentionConfig = AttentionConfig(), with_lse: bool = False):
-  """End-rule attention with the configured implementation.
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """One attention call of a model and the implementation it got."""
 
-  Ends that are not static (traced, e.g. a decoding step's position) take the
-  dense path; so does `dense`. `cudnn` is used only where `cudnn_eligible`,
-  `splash` only where `splash_eligible`; other masks run `blockwise`.
-  """
+  name: str  # the calling module's path, e.g. body/pre_0/attn
+  queries: int
+  keys: int
+  implementation: str
+  why: str = ""  # why not the configured kind
+
+  def text(self) -> str:
+    why = f" ({self.why})" if self.why else ""
+    return f"{self.name}: {self.queries} queries x {self.keys} keys -> {self.implementation}{why}"
+
+
+_SITES: list | None = None
+
+
+@contextlib.contextmanager
+def record_sites():
+  """Collects the `Site` of every attention call traced inside (a list)."""
+  global _SITES
+  outer, _SITES = _SITES, []
+  try:
+    yield _SITES
+  finally:
+    _SITES = outer
+
+
+def choose(site: str, q_end, k_end, dtype, head_dim: int, cfg: AttentionConfig,
+           with_lse: bool = False, backend: str | None = None) -> str:
+  """The implementation one site runs under `cfg` (and records it): the
+  configured kind where it can run; where a kernel cannot, its fallback, or
+  a ConfigError naming the site. Ends that are not static (per-row content
+  groups, a decoding step) run `dense`."""
   static = isinstance(q_end, np.ndarray) and isinstance(k_end, np.ndarray)
-  if cfg.kind == "dense" or not static:
-    out = dense(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK,
-                end_rule_mask(q_end, k_end, q_seg_BxQ, k_seg_BxS))
-  elif (cfg.kind == "cudnn" and not with_lse
-        and cudnn_eligible(q_end, k_end, q_BxQxHxK.dtype, q_BxQxHxK.shape[-1])):
+  why = ""
+  if cfg.kind == "cudnn":
+    why = cudnn_refusal(q_end, k_end, dtype, head_dim, with_lse, backend) if static else ""
+  elif cfg.kind == "splash":
+    why = splash_refusal(q_end, k_end, with_lse, backend) if static else ""
+  if not static and cfg.kind != "dense":
+    why = "per-row ends"
+  queries, keys = np.shape(q_end)[-1], np.shape(k_end)[-1]
+  kind = fallback(cfg, site, queries, keys, why) if why else cfg.kind
+  if why and not static:
+    kind = "dense"
+  note_site(site, queries, keys, kind, why)
+  return kind
+
+
+def fallback(cfg: AttentionConfig, site: str, queries: int, keys: int, why: str) -> str:
+  """What a site that `cfg.kind` cannot run (`why`) runs instead: the
+  configured fallback, or (`error`) a ConfigError naming the site."""
+  if cfg.kind not in KERNELS:
+    return cfg.kind
+  if cfg.fallback == "error":
+    raise ConfigError("model.attention", f"{cfg.kind} cannot run {site or 'a site'} "
+                      f"({queries} queries x {keys} keys): {why}; set "
+                      "model.attention_fallback=blockwise (or dense) to run such sites so")
+  return cfg.fallback
+
+
+def note_site(site: str, queries: int, keys: int, implementation: str, why: str = "") -> None:
+  """Records one attention call where `record_sites` listens."""
+  if _SITES is not None:
+    _SITES.append(Site(site, int(queries), int(keys), implementation, why))
+
+
+def sites_text(sites) -> list[str]:
+  """One line per kind of site: sites whose names differ only in layer
+  indices and that got the same implementation for the same lengths are one
+  line (e.g. `pre_1/block_{0..25}/attn ... [x26]`)."""
+  groups = {}
+  for s in sites:
+    key = dataclasses.replace(s, name=re.sub(r"_\d+(?=/|$)", "_*", s.name))
+    groups.setdefault(key, []).append(s.name.split("/"))
+  lines = []
+  for key, names in groups.items():
+    parts = []
+    for segs in zip(*names):
+      if len(set(segs)) == 1:
+        parts.append(segs[0])
+      else:
+        stem = segs[0].rsplit("_", 1)[0]
+        nums = sorted({int(x.rsplit("_", 1)[1]) for x in segs})
+        parts.append(f"{stem}_{{{nums[0]}..{nums[-1]}}}")
+    count = f" [x{len(names)}]" if len(names) > 1 else ""
+    lines.append(dataclasses.replace(key, name="/".join(parts)).text() + count)
+  return lines
+
+
+def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
+           cfg: AttentionConfig = AttentionConfig(), with_lse: bool = False, site: str = ""):
+  """End-rule attention with the implementation `choose` gives this site:
+  `cudnn` and `splash` where the kernel can run it, `blockwise` and `dense`
+  anywhere (dense wherever the ends are not static)."""
+  kind = choose(site, q_end, k_end, q_BxQxHxK.dtype, q_BxQxHxK.shape[-1], cfg, with_lse)
+  if kind == "cudnn":
     return fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, "cudnn")
-  elif cfg.kind == "splash" and not with_lse and splash_eligible(q_end, k_end):
+  if kind == "splash":
     # Self-attention: the query and key documents are the same.
     return splash_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ)
+  if kind == "dense":
+    out = dense(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK,
+                end_rule_mask(q_end, k_end, q_seg_BxQ, k_seg_BxS))
   else:
     out = blockwise(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
                     cfg.q_chunk, cfg.k_chunk)

@@ -12,17 +12,22 @@ Layout of a workdir:
 
 Inference (`hiertx.evaluate`, `hiertx.generate`) restores `params` alone.
 
-Restoring tells causes apart: a checkpoint whose files cannot be read is set
-aside as `<step>.corrupt` (and the one before it used); one that does not fit
+Restoring tells causes apart: a checkpoint whose damage is positively
+identified (an empty or undecodable file, or an older checkpoint restores
+where it failed) is set aside as `<step>.corrupt` and the one before it used;
+a failure shared by every checkpoint with no damaged file (the code or the
+environment) is reported once and nothing is renamed; one that does not fit
 the model (another structure or shape) is a `CheckpointError` naming the
 first difference, and nothing is renamed; a transient storage error is tried
 again a few times and then reported. When checkpoints exist and none can be
-read, the run stops rather than starting over.
+read, or all were set aside, the run stops rather than starting over, until
+it is told to (`--restart_from_scratch`).
 """
 
 import errno
 import json
 import os
+import re
 import time
 
 import jax
@@ -220,8 +225,31 @@ def _check_fits(mngr, step: int, abstract_params) -> None:
 
 
 def _first_line(e: BaseException) -> str:
+  """The first line of an error, without what a user cannot act on (a
+  TensorStore pointer to a bound C++ method)."""
   text = str(e).strip()
-  return text.splitlines()[0][:200] if text else ""
+  text = text.splitlines()[0] if text else ""
+  text = re.split(r"\.?\s*See full TensorStore details", text)[0]
+  return re.sub(r"<bound method [^>]*>?", "", text).strip()[:200]
+
+
+def damaged_files(step_dir: str) -> list[str]:
+  """Files of a checkpoint that are positively damaged: empty, or JSON that
+  does not parse (paths relative to `step_dir`). Empty means none were found,
+  not that the checkpoint is whole."""
+  out = []
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      try:
+        if os.path.getsize(path) == 0:
+          out.append(os.path.relpath(path, step_dir))
+        elif name.endswith(("METADATA", ".json")) and os.path.getsize(path) < 1 << 24:
+          with open(path) as f:
+            json.load(f)
+      except (OSError, ValueError):
+        out.append(os.path.relpath(path, step_dir))
+  return sorted(out)
 
 
 def _with_retries(fn, what: str):
@@ -287,35 +315,73 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_state):
       params=ocp.args.StandardRestore(abstract_state.params)))["params"], what)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool):
+def set_aside_dirs(mngr: ocp.CheckpointManager) -> list[str]:
+  """Checkpoints earlier runs set aside as unreadable (`<step>.corrupt`)."""
+  root = str(mngr.directory)
+  if not os.path.isdir(root):
+    return []
+  return sorted((d for d in os.listdir(root) if d.endswith(".corrupt")),
+                key=lambda d: int(d.split(".")[0]) if d.split(".")[0].isdigit() else -1)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool,
+                   restart_from_scratch: bool = False):
   """(step, state) of the newest checkpoint that restores, or (None, None) when
   there are none.
 
-  A checkpoint whose files cannot be read is renamed `<step>.corrupt` (when
-  `set_aside`; process 0 of a multi-process run) with a warning, and the
-  previous one is tried. If checkpoints exist and none can be read, this
-  stops with a CheckpointError instead of letting the run start over.
+  A checkpoint is set aside as `<step>.corrupt` (when `set_aside`; process 0
+  of a multi-process run) only when its damage is positively identified: a
+  file of it is empty or does not decode (`damaged_files`), or an older
+  checkpoint restores where it failed. When none restores and no file is
+  damaged, the cause is the code or the environment, not the files: that
+  error is reported once and nothing is renamed. A workdir whose checkpoints
+  were all set aside does not start over unless `restart_from_scratch`.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
-  set_aside_paths = []
+  if not steps:
+    aside = set_aside_dirs(mngr)
+    if aside and not restart_from_scratch:
+      raise CheckpointError(
+          f"{mngr.directory} holds no readable checkpoint, only ones set aside as unreadable "
+          f"({', '.join(aside)}). The run does not start over on its own: pass "
+          "--restart_from_scratch to train from step 0 (they are kept), or move them away.")
+    return None, None
+  failed = []  # (step, Unreadable), newest first
+
+  def put_aside(step, e, why):
+    path = _step_dir(mngr, step)
+    logging.warning("%s (%s)", e, why)
+    print(f"warning: {e} ({why}); set aside as {step}.corrupt", flush=True)
+    if set_aside and os.path.isdir(path):
+      os.rename(path, path + ".corrupt")
+
   for step in steps:
     try:
-      return step, restore(mngr, step, abstract_state)
+      state = restore(mngr, step, abstract_state)
     except Unreadable as e:
-      path = _step_dir(mngr, step)
-      logging.warning("%s", e)
-      print(f"warning: {e}; set aside as {step}.corrupt, trying the one before it", flush=True)
-      if set_aside and os.path.isdir(path):
-        os.rename(path, path + ".corrupt")
-      set_aside_paths.append(path + ".corrupt")
+      bad = damaged_files(_step_dir(mngr, step))
+      if bad:
+        put_aside(step, e, f"damaged: {', '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""))
+        mngr.reload()
+      else:
+        failed.append((step, e))
+      continue
+    for s, e in failed:  # failed where an older one restores: their own files
+      put_aside(s, e, f"the checkpoint at step {step} restores")
+    if failed:
       mngr.reload()
-  if steps:
+    return step, state
+  if failed:
+    step, e = failed[0]
+    logging.error("restoring failed for steps %s: %r", [s for s, _ in failed], e.__cause__)
     raise CheckpointError(
-        f"none of the checkpoints in {mngr.directory} can be read (set aside: "
-        f"{', '.join(os.path.basename(p) for p in set_aside_paths)}). The run does not start "
-        "over on its own: to train from step 0, move that directory away; to keep them, "
-        "point --workdir elsewhere.")
-  return None, None
+        f"{e}; {'every checkpoint fails' if len(failed) > 1 else 'it fails'} without any "
+        "damaged file, so the cause is likely the code or the environment (library versions, "
+        f"devices), not the files: nothing was renamed. Details are in the log.") from e
+  raise CheckpointError(
+      f"none of the checkpoints in {mngr.directory} can be read (set aside: "
+      f"{', '.join(set_aside_dirs(mngr))}). The run does not start over on its own: pass "
+      "--restart_from_scratch to train from step 0 (they are kept), or move them away.")
 
 
 # ----------------------------------------------------------------------------

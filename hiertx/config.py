@@ -97,6 +97,7 @@ def model_config(name: str, size: str, **fields) -> ml_collections.ConfigDict:
       name=name, d_model=d, num_heads=h, mlp_dim=f, dropout=0.0, positions="learned",
       max_len=2048, dtype="float32", remat="none", scan_layers=False,
       attention="blockwise", attention_q_chunk=256, attention_k_chunk=256,
+      attention_fallback="error",
       # Content groups for the first shortening (hourglass, top_down with one
       # pooling factor; hiertx.boundaries and the README).
       boundaries="fixed", max_group=16, group_capacity=1.5, entropy_threshold=3.0,

@@ -5,13 +5,16 @@ runs at each scale, how many query positions each has, how many keys, and
 how many (query, key) scores its attention actually computes. From that:
 
 * parameters: exact (tests compare with the initialised model);
-* FLOPs: 2 per multiply-add of every matmul. A training step is the forward
+* FLOPs: 2 per multiply-add of every matmul. A training step's hardware
+  FLOPs (`train_flops`, the work the device does) are the forward
   pass x3 (the backward pass costs two forwards), plus the attention work the
   backward pass redoes (blockwise attention recomputes its scores; retina
   recomputes its windows), plus one more forward of every rematerialised
   block. Only scores that are
   computed count: chunk pairs blockwise attention skips are no work. The
-  dense-equivalent count (every score of a full map) is reported beside it;
+  dense-equivalent count (every score of a full map) is reported beside it,
+  and model FLOPs (`model_flops`: forward x3, nothing recomputed), the
+  numerator of MFU;
 * memory: what a training step holds at its peak, in float32 bytes:
 
     state       params + AdamW's two moments (updated in place: donated)
@@ -26,8 +29,9 @@ block, as XLA keeps them after fusion: 12 vectors of width D (two LayerNorms'
 4 each, q, k, v and the attention output), 3 of width F (the first MLP matmul
 and GELU's fused intermediates); dense attention adds 3 float32 maps
 [H, Q, S] (masked scores, exp, weights), blockwise attention only its
-log-sum-exp [H, Q] and, while a block's backward runs, a few chunk-pair
-score tensors and float32 key/value gradient accumulators.
+log-sum-exp [H, Q] and, while a block's backward runs, the score tensors of
+one batch of chunk pairs (`attention.pairs_per_batch`) and float32
+key/value gradient accumulators.
 
 Accuracy: the peak is within 15% of XLA:CPU's for the shipped sizes (small,
 base, paper14/paper30) at seq_len >= 128, with and without remat and scan
@@ -38,14 +42,14 @@ ignores dominate there.
 
 import dataclasses
 
-from hiertx import models
+from hiertx import attention, models
 from hiertx import workload as workload_lib
 
 F32 = 4
 # Per-block residuals in units of [B, L, D], [B, L, F] and [B, H, L, S] (see above).
 _D_KEPT, _F_KEPT, _MAP_KEPT = 12, 3, 3
-# Float32 chunk-pair tensors live while blockwise attention's backward runs
-# (probabilities and their gradient; XLA fuses the rest).
+# Float32 tensors of one batch of chunk pairs live while blockwise attention's
+# backward runs (probabilities and their gradient; XLA fuses the rest).
 _CHUNK_LIVE = 2
 # Logits-sized f32 tensors live around the loss: the logits, the
 # log-softmax, and the gradient.
@@ -131,6 +135,12 @@ def train_flops(s: Shape, w: workload_lib.Workload, dense: bool = False) -> floa
   return total
 
 
+def model_flops(s: Shape, w: workload_lib.Workload) -> float:
+  """A training step's model FLOPs, the numerator of MFU: forward x3 of the
+  scores the end rule allows, nothing recomputed (no remat, no rescoring)."""
+  return 3 * forward_flops(s, w.blocks)
+
+
 def _block_bytes(s: Shape, b: workload_lib.Blocks) -> tuple[float, float]:
   """Bytes one block keeps for its backward pass, and its full residual set."""
   bl = s.batch * b.queries
@@ -156,7 +166,9 @@ def _attention_working(s: Shape, b: workload_lib.Blocks) -> float:
   if s.attention == "dense":
     return kept_map
   chunk = min(s.q_chunk, b.queries) * min(s.k_chunk, b.kv_len)
-  return max(kept_map, (_CHUNK_LIVE * s.batch * s.num_heads * chunk
+  batch = chunk * attention.pairs_per_batch(max(1, b.scores // chunk), s.batch, s.num_heads,
+                                            chunk)
+  return max(kept_map, (_CHUNK_LIVE * s.batch * s.num_heads * batch
                         + 2 * s.batch * b.kv_len * s.d_model) * F32)
 
 
@@ -194,6 +206,7 @@ def predict(config, vocab_size: int, batch: int | None = None) -> dict[str, floa
   w = model_workload(config.model, config.data.seq_len, vocab_size)
   out = {"params/analytic": param_count(s, w),
          "flops/step_analytic": train_flops(s, w),
+         "flops/step_model": model_flops(s, w),
          "flops/step_analytic_dense": train_flops(s, w, dense=True)}
   out.update(memory(s, w))
   return out

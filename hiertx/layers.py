@@ -141,6 +141,11 @@ def filled(values, capacity: int, count, axis: int = 1):
   return jnp.pad(values, pad)
 
 
+def site_name(module: nn.Module) -> str:
+  """A module's path in the model (e.g. body/pre_0/attn), naming attention sites."""
+  return "/".join(str(p) for p in module.scope.path) if module.scope is not None else ""
+
+
 def attention_ends(query, key):
   """The (query, key) ends attention compares for two `scales.Scale`s: static
   when both scales have static ends, or for self-attention within one
@@ -202,7 +207,7 @@ class Attention(nn.Module):
     q = self.project_q(x_BxQxD, query.rotary_pos)
     q_end, k_end = attention_ends(query, key)
     o = attention_lib.attend(q, kv.k, kv.v, q_end, k_end, query.seg_BxL, key.seg_BxL,
-                             self.cfg.attention)
+                             self.cfg.attention, site=site_name(self))
     return self.output(o)
 
   def over_cache(self, x_BxD, end, kv: KV, mask_C):

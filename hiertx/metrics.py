@@ -167,7 +167,7 @@ def peak_flops(dtype: str = "float32") -> tuple[float, str]:
   simulated CPU devices share the same cores, so they do not multiply it.
   """
   dev = jax.devices()[0]
-  column = 1 if dtype == "bfloat16" else 0
+  column = 1 if dtype in ("bfloat16", "float16") else 0
   if dev.platform != "cpu":
     for name, peaks in DEVICE_PEAK_FLOPS.items():
       if name.lower() in dev.device_kind.lower():

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from hiertx import attention
 from hiertx import boundaries
 from hiertx import config as config_lib
 from hiertx import cost
@@ -258,20 +259,38 @@ def batch_spec(config, run: Run) -> dict:
           for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
 
 
+def attention_sites(run: Run, config) -> list:
+  """Every attention call of the model's forward pass with the implementation
+  it gets (`attention.Site`), from a trace (nothing compiled). Raises the
+  ConfigError of a site the configured kernel cannot take."""
+  with attention.record_sites() as sites:
+    with jax.sharding.set_mesh(run.mesh), nn.logical_axis_rules(run.train_step.rules):
+      jax.eval_shape(lambda p, b: apply_model(run.model, p, b)[0], run.abstract_state.params,
+                     batch_spec(config, run))
+  return list(sites)
+
+
 def compile_train_step(run: Run, config):
   """Compiles the train step ahead of time (no device memory used).
 
   Returns the executable, which the loop then calls (so the step is compiled
-  once), and the once-per-run numbers read from it.
+  once), and the once-per-run numbers read from it; `attention/sites` holds
+  the lines of `attention.sites_text`.
   """
+  sites = attention_sites(run, config)
   compiled = run.train_step.lower(run.abstract_state, batch_spec(config, run)).compile()
-  return compiled, compiled_facts(compiled, run)
+  facts = compiled_facts(compiled, run)
+  facts["attention/sites"] = "\n".join(attention.sites_text(sites))
+  return compiled, facts
 
 
 def compiled_facts(compiled, run: Run) -> dict:
   """XLA memory analysis and FLOPs of a compiled train step, next to the
   analytic prediction (`hiertx.cost`) of both."""
   facts = metrics.xla_memory(compiled)
+  # Loops left in the program (blockwise attention has none; retina's chunked
+  # windows and scanned layers do): each runs its body one iteration at a time.
+  facts["xla/while_loops"] = compiled.as_text().count(" while(")
   flops = metrics.xla_flops(compiled)
   # XLA's cost analysis counts a loop body once, not once per iteration, so
   # its FLOPs are only meaningful for unrolled blocks.

@@ -35,15 +35,18 @@ class TrainingError(HiertxError):
   """Training cannot go on (e.g. a non-finite loss)."""
 
 
-def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) -> dict:
+def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
+                       restart_from_scratch: bool = False) -> dict:
   """Trains to `config.train.steps`, resuming from `workdir`; returns last metrics.
+  `restart_from_scratch`: start from step 0 where every checkpoint of the
+  workdir was set aside as unreadable (otherwise such a workdir is refused).
 
   The run's state goes to `<workdir>/status.json` (running, finished,
   interrupted or failed with the error), which sweeps read to skip or resume.
   """
   lead = jax.process_index() == 0
   try:
-    out = _train(config, workdir, allow_config_change)
+    out = _train(config, workdir, allow_config_change, restart_from_scratch)
   except BaseException as e:
     if lead and os.path.isdir(workdir) and os.access(workdir, os.W_OK):
       checkpoint.write_status(workdir, "failed", error=f"{type(e).__name__}: {e}"[:2000],
@@ -56,7 +59,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False) 
   return out
 
 
-def _train(config, workdir: str, allow_config_change: bool) -> dict:
+def _train(config, workdir: str, allow_config_change: bool, restart_from_scratch: bool) -> dict:
   # Build and check everything before touching the workdir's checkpoints.
   run = steps.build_run(config)
   lead = jax.process_index() == 0
@@ -65,17 +68,18 @@ def _train(config, workdir: str, allow_config_change: bool) -> dict:
     checkpoint.write_status(workdir, "running", pid=os.getpid(), time=time.time())
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   try:
-    return _train_in(run, config, workdir, mngr, lead)
+    return _train_in(run, config, workdir, mngr, lead, restart_from_scratch)
   finally:
     mngr.close()  # also when restoring or a step fails: no save may be left dangling
 
 
-def _train_in(run, config, workdir: str, mngr, lead: bool) -> dict:
+def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch: bool) -> dict:
   writer = metrics.Writer(workdir, active=lead)
   total = config.train.steps
 
   # Resume, or start from step 0.
-  start, state = checkpoint.restore_latest(mngr, run.abstract_state, set_aside=lead)
+  start, state = checkpoint.restore_latest(mngr, run.abstract_state, set_aside=lead,
+                                           restart_from_scratch=restart_from_scratch)
   if start is not None:
     logging.info("resumed from checkpoint at step %d in %s", start, workdir)
     print(f"resumed at step {start}", flush=True)
@@ -97,6 +101,7 @@ def _train_in(run, config, workdir: str, mngr, lead: bool) -> dict:
   print(f"model {config.model.name}: {facts['params/total']:,} params, XLA peak train-step "
         f"memory {facts.get('memory/xla_peak_bytes', 0) / 2**20:.1f} MiB (analytic "
         f"{facts['memory/analytic_peak_bytes'] / 2**20:.1f} MiB)", flush=True)
+  print("attention sites:\n  " + facts["attention/sites"].replace("\n", "\n  "), flush=True)
 
   # Data from the batch of the step we resume at: computed, not replayed.
   shard = data.Shard(jax.process_index(), jax.process_count())
@@ -104,8 +109,8 @@ def _train_in(run, config, workdir: str, mngr, lead: bool) -> dict:
   eval_data = data.eval_batches(config.data, config.eval.split, config.eval.batch_size,
                                 config.eval.batches, shard, run.align)
   baselines = metrics.compressor_bits_per_byte(data.scored_text(eval_data, run.vocab))
-  progress = _Progress(config, workdir, writer, start, facts["flops/step_analytic"], peak,
-                       baselines)
+  progress = _Progress(config, workdir, writer, start, facts["flops/step_model"],
+                       facts["flops/step_analytic"], peak, baselines)
   profiler = profiling.StepTrace(config.train.profile_steps, workdir, active=lead)
 
   def save(step):
@@ -125,7 +130,9 @@ def _train_in(run, config, workdir: str, mngr, lead: bool) -> dict:
         is_last = step == total
         if step % config.eval.every == 0 or is_last:
           progress.flush()
-          progress.evaluated(step, run.evaluate(state.params, eval_data))
+          t_eval = time.time()
+          result = run.evaluate(state.params, eval_data)
+          progress.evaluated(step, result, seconds=time.time() - t_eval)
         if step % config.train.checkpoint_every == 0 or is_last:
           save(step)
         if not is_last and stop.agreed(step):  # every process stops at this same step
@@ -200,12 +207,16 @@ class _Progress:
   prints progress, writes metrics, and stops on a non-finite loss."""
 
   def __init__(self, config, workdir: str, writer: metrics.Writer, start: int,
-               flops_per_step: float, peak_flops: float, baselines: dict):
+               flops_per_step: float, hardware_flops_per_step: float, peak_flops: float,
+               baselines: dict):
     self.config, self.workdir, self.writer = config, workdir, writer
     self.baselines = {f"eval/{k}": v for k, v in baselines.items()}
     self.total = config.train.steps
     self.tokens_per_step = config.data.batch_size * config.data.seq_len
+    # Model FLOPs (MFU) count the model's work once; hardware FLOPs (HFU) add
+    # what the step recomputes (rematerialised blocks, attention scores).
     self.flops_per_step = flops_per_step
+    self.hardware_flops_per_step = hardware_flops_per_step
     self.peak_flops = peak_flops
     self.lr = optimizer.schedule(config.train)
     self.pending = None  # (step, metrics still on device)
@@ -249,7 +260,8 @@ class _Progress:
     dt = (now - self.t_log) / self.steps_since_log
     m.update({"train/learning_rate": float(self.lr(step - 1)), "train/step_time_s": dt,
               "train/tokens_per_s": self.tokens_per_step / dt,
-              "train/mfu": self.flops_per_step / dt / self.peak_flops})
+              "train/mfu": self.flops_per_step / dt / self.peak_flops,
+              "train/hfu": self.hardware_flops_per_step / dt / self.peak_flops})
     self.writer.write(step, m)
     self.last.update(m)
     print(f"step {step}/{self.total} | loss {m['train/loss']:.4f} | "
@@ -257,9 +269,10 @@ class _Progress:
           f"ETA {_fmt_time(dt * (self.total - step))}", flush=True)
     self.t_log, self.steps_since_log = now, 0
 
-  def evaluated(self, step: int, result: dict) -> None:
-    """Logs an evaluation; the last one also gives the compressors' bits per
-    byte on the same text, so a reader can place the model."""
+  def evaluated(self, step: int, result: dict, seconds: float = 0.0) -> None:
+    """Logs an evaluation that took `seconds`; the last one also gives the
+    compressors' bits per byte on the same text, so a reader can place the
+    model."""
     last = step == self.total
     if last:
       result = {**result, **self.baselines}
@@ -271,7 +284,9 @@ class _Progress:
     if last:
       print(f"  the same text: gzip -9 {self.baselines['eval/gzip_bits_per_byte']:.4f}, "
             f"xz -9 {self.baselines['eval/xz_bits_per_byte']:.4f} bits/byte", flush=True)
-    self.t_log = time.time()  # evaluation time is not training time
+    # Evaluation time is not training time: the log window's clock skips it
+    # and keeps the steps it has counted.
+    self.t_log += seconds
 
 
 def _write_run_info(workdir, config, run: steps.Run, facts: dict) -> None:
@@ -293,6 +308,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
   flags.DEFINE_bool("allow_config_change", False, "Resume even if the model/data config "
                     "differs from the run that wrote the workdir.")
+  flags.DEFINE_bool("restart_from_scratch", False, "Train from step 0 when every checkpoint "
+                    "of the workdir was set aside as unreadable (they are kept).")
   flags.mark_flags_as_required(["config", "workdir"])
   distributed.define_flags()
 
@@ -301,7 +318,8 @@ def main(argv):
   cli.start(argv)
   distributed.initialize_from_flags()
   f = flags.FLAGS
-  out = cli.run(train_and_evaluate, f.config, f.workdir, f.allow_config_change)
+  out = cli.run(train_and_evaluate, f.config, f.workdir, f.allow_config_change,
+                f.restart_from_scratch)
   print(f"done: step {out['step']} in {_fmt_time(out['wall_time_s'])}", flush=True)
 
 

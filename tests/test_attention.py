@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from hiertx import attention, metrics, models, profiling, train
+from hiertx.errors import ConfigError
 from tiny_models import MODELS, model_cfg
 
 V = 23
@@ -28,11 +29,21 @@ def _loss(fn, q, k, v, w_o, w_l):
   return (o * w_o).sum() + jnp.where(jnp.isfinite(lse), lse * w_l, 0.0).sum()
 
 
+# How chunk pairs are batched: as the backend's defaults give (all pairs in
+# one batch here), one pair per batch (every query chunk split over batches),
+# and the per-call cap on batches (several pairs per batch, some chunks split).
+BATCHINGS = {"default": {}, "pair by pair": {"BATCH_SCORES": {"cpu": 1}, "MAX_BATCHES": 10**6},
+             "capped": {"BATCH_SCORES": {"cpu": 1}, "MAX_BATCHES": 3}}
+
+
+@pytest.mark.parametrize("batching", sorted(BATCHINGS))
 @pytest.mark.parametrize("q_chunk,k_chunk", [(8, 16), (4, 4), (64, 64)])
-def test_blockwise_equals_dense_with_its_gradients(q_chunk, k_chunk):
+def test_blockwise_equals_dense_with_its_gradients(q_chunk, k_chunk, batching, monkeypatch):
   """Fine queries over fine and coarse keys (not monotone), two documents, a
   query with no allowed key; chunkings that do and do not divide the lengths,
-  as loops over chunk pairs and as one pair."""
+  as many chunk pairs and as one pair, batched in every way."""
+  for name, value in BATCHINGS[batching].items():
+    monkeypatch.setattr(attention, name, value)
   q_end = np.arange(37)
   k_end = np.concatenate([np.arange(37), np.arange(10) * 4])
   q_seg = jnp.asarray([[1] * 10 + [2] * 27, [1] * 37])
@@ -44,7 +55,7 @@ def test_blockwise_equals_dense_with_its_gradients(q_chunk, k_chunk):
   block = lambda q, k, v: attention.blockwise(  # noqa: E731
       q, k, v, q_end, k_end, q_seg, k_seg, q_chunk, k_chunk)
   plan = attention.plan(q_end, k_end, q_chunk, k_chunk)
-  assert (plan.pairs <= attention.UNROLL_PAIRS) == (q_chunk == 64)  # one pair: no loop
+  assert (plan.pairs == 1) == (q_chunk == 64)
   (od, ld), (ob, lb) = dense(q, k, v), jax.jit(block)(q, k, v)
   np.testing.assert_allclose(ob, od, atol=1e-6)
   np.testing.assert_array_equal(np.isfinite(lb), np.isfinite(ld))
@@ -57,6 +68,37 @@ def test_blockwise_equals_dense_with_its_gradients(q_chunk, k_chunk):
   gb = jax.jit(jax.grad(functools.partial(_loss, block), argnums=(0, 1, 2)))(q, k, v, w_o, w_l)
   for a, b in zip(gd, gb):
     np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_pairs_are_batched_by_whole_query_chunks_where_they_fit():
+  causal = attention.plan(np.arange(64), np.arange(64), 16, 16)  # chunks read 1, 2, 3, 4 pairs
+  got = [(list(qi), list(kj)) for qi, kj in attention.pair_batches(causal, 3)]
+  assert got == [([0, 1, 1], [0, 0, 1]), ([2, 2, 2], [0, 1, 2]), ([3, 3, 3], [0, 1, 2]),
+                 ([3], [3])]
+  assert len(attention.pair_batches(causal, 100)) == 1
+  # Every pair exactly once, in every batching.
+  for size in (1, 2, 5, 10):
+    pairs = [(i, j) for qi, kj in attention.pair_batches(causal, size) for i, j in zip(qi, kj)]
+    assert sorted(pairs) == [(i, j) for i in range(4) for j in range(i + 1)]
+  # The score budget sets the batch size; the cap on batches per call wins.
+  assert attention.pairs_per_batch(36, 1, 8, 256 * 256, "cpu") == 8
+  assert attention.pairs_per_batch(528, 1, 8, 256 * 256, "cpu") == 17
+  assert attention.pairs_per_batch(36, 16, 8, 256 * 256, "gpu") == 16
+
+
+def test_the_compiled_train_step_has_no_loops_over_chunk_pairs():
+  """Several chunk pairs per attention call (sequence 64, chunks of 8), fine
+  and coarse: the compiled step holds no while loop."""
+  from conftest import config_path
+  from hiertx import config as config_lib
+  from hiertx import steps
+  for name, arg in (("vanilla", "size=tiny"), ("hourglass", "size=tiny")):
+    config = config_lib.load(config_path(name) + ":" + arg)
+    config.model.attention_q_chunk = config.model.attention_k_chunk = 8
+    run = steps.build_run(config, devices=jax.devices()[:1])
+    text = run.train_step.lower(run.abstract_state, steps.batch_spec(config, run)).compile(
+    ).as_text()
+    assert config.data.seq_len >= 64 and " while(" not in text, name
 
 
 def test_the_plan_skips_what_the_rule_forbids():
@@ -94,11 +136,20 @@ def test_fused_causal_kernel_plumbing_matches_the_rule():
   got = attention.fused_causal(q, k, v, seg, seg, implementation=None)
   np.testing.assert_allclose(got, want, atol=1e-5)
   fine = np.arange(32)
-  assert attention.cudnn_eligible(fine, fine, jnp.bfloat16, 64, backend="gpu")
-  assert not attention.cudnn_eligible(fine, fine, jnp.bfloat16, 64, backend="cpu")
-  assert not attention.cudnn_eligible(fine, fine, jnp.float32, 64, backend="gpu")
-  assert not attention.cudnn_eligible(fine, fine[::2], jnp.bfloat16, 64, backend="gpu")
-  assert not attention.cudnn_eligible(fine[::2], fine[::2], jnp.bfloat16, 64, backend="gpu")
+  refusal = lambda q, k, dtype=jnp.bfloat16, backend="gpu": attention.cudnn_refusal(  # noqa: E731
+      q, k, dtype, 64, backend=backend)
+  assert refusal(fine, fine) == ""
+  # Any scale's own strictly increasing ends: causal in index order.
+  assert refusal(fine[::4] + 3, fine[::4] + 3) == ""
+  assert "GPU" in refusal(fine, fine, backend="cpu")
+  assert "float32" in refusal(fine, fine, jnp.float32)
+  assert "own scale" in refusal(fine, fine[::2])
+  assert "own scale" in refusal(fine[::-1], fine[::-1])
+  coarse, cseg = fine[::4] + 3, seg[:, ::4]
+  want = attention.dense(q[:, :8], k[:, :8], v[:, :8],
+                         attention.end_rule_mask(coarse, coarse, cseg, cseg))[0]
+  got = attention.fused_causal(q[:, :8], k[:, :8], v[:, :8], cseg, cseg, implementation=None)
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
@@ -132,14 +183,19 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, wg in zip(grads, want_grads):
     np.testing.assert_allclose(g, wg, atol=5e-5)
-  # Coarse keys, or a length off the kernel's block: blockwise, not the kernel.
-  assert attention.splash_eligible(fine, fine, backend="tpu")
-  assert not attention.splash_eligible(fine, fine, backend="gpu")
-  assert not attention.splash_eligible(fine, fine[::4], backend="tpu")
-  assert not attention.splash_eligible(fine[:100], fine[:100], backend="tpu")
-  coarse = jax.make_jaxpr(lambda q, k, v: attention.attend(
-      q, k[:, ::4], v[:, ::4], fine, fine[::4], seg, seg[:, ::4], cfg))(q, k, v)
-  assert "pallas_call" not in str(coarse)
+  # Coarse keys, or a length off the kernel's block: not the kernel; refused
+  # unless a fallback is configured.
+  assert attention.splash_refusal(fine, fine, backend="tpu") == ""
+  assert attention.splash_refusal(fine[::2], fine[::2], backend="tpu") == ""
+  assert "TPU" in attention.splash_refusal(fine, fine, backend="gpu")
+  assert "own scale" in attention.splash_refusal(fine, fine[::4], backend="tpu")
+  assert "multiple" in attention.splash_refusal(fine[:100], fine[:100], backend="tpu")
+  cross = lambda cfg: lambda q, k, v: attention.attend(  # noqa: E731
+      q, k[:, ::4], v[:, ::4], fine, fine[::4], seg, seg[:, ::4], cfg, site="x/attn")
+  with pytest.raises(ConfigError, match="splash cannot run x/attn .*own scale"):
+    jax.make_jaxpr(cross(cfg))(q, k, v)
+  fallback = attention.AttentionConfig("splash", 64, 64, fallback="blockwise")
+  assert "pallas_call" not in str(jax.make_jaxpr(cross(fallback))(q, k, v))
 
 
 # Every model and variant: blockwise (small chunks, so several pairs and
@@ -204,3 +260,55 @@ def test_profile_steps_write_a_trace_and_a_summary(tiny_config, tmp_path):
   assert len(ops) == 5 and total > 0 and all(ms > 0 for _, ms, _ in ops)
   assert ops == sorted(ops, key=lambda o: -o[1])
   assert list(tmp_path.glob("profile/**/*.xplane.pb"))  # what TensorBoard reads
+
+
+def _forced_gpu(monkeypatch):
+  """`cudnn` sites traced on CPU: the backend reads as GPU and the kernel call
+  runs its XLA twin (what the fused-kernel test above checks)."""
+  monkeypatch.setattr(attention, "_backend", lambda: "gpu")
+  xla_twin = attention.fused_causal
+  monkeypatch.setattr(attention, "fused_causal", lambda *a: xla_twin(*a[:5]))
+
+
+def test_sites_get_the_kernel_at_every_scale_and_nothing_falls_back_silently(monkeypatch):
+  """Hourglass with attention pooling and upsampling under `cudnn`: the
+  self-attention of both scales takes the kernel (and computes what blockwise
+  does), the cross-scale sites are refused by name, or run the configured
+  fallback; every site is recorded with what it got."""
+  _forced_gpu(monkeypatch)
+  t = 24
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, V)
+  seg = jnp.asarray([[1] * 9 + [2] * 15, [1] * 24])
+  pos = jnp.asarray([list(range(9)) + list(range(15)), list(range(24))])
+  cfg = lambda **kw: model_cfg("hourglass_attention", dtype="bfloat16", **kw)  # noqa: E731
+  blockwise = models.build(cfg(attention="blockwise"), V, 64)
+  params = jax.jit(blockwise.init)(jax.random.PRNGKey(1), tokens)["params"]
+  apply = lambda m: m.apply({"params": params}, tokens, seg, pos)  # noqa: E731
+  refused = models.build(cfg(attention="cudnn"), V, 64)
+  with pytest.raises(ConfigError, match=r"config.model.attention: cudnn cannot run "
+                     r"\S+/attn \(\d+ queries x \d+ keys\): keys are not the queries' own "
+                     r"scale; set model.attention_fallback"):
+    jax.eval_shape(lambda: apply(refused))
+  fused = models.build(cfg(attention="cudnn", attention_fallback="blockwise"), V, 64)
+  with attention.record_sites() as sites:
+    got = jax.jit(lambda: apply(fused))()
+  want = jax.jit(lambda: apply(blockwise))()
+  np.testing.assert_allclose(np.float32(got), np.float32(want), atol=0.05, rtol=0.05)
+  kinds = {(s.queries, s.keys, s.implementation) for s in sites}
+  # 1@1 2@3 1@1: fine (24) and coarse (8) self-attention on the kernel;
+  # attention pooling (each group's query over its 3 members) and upsampling
+  # (24 queries over 8 coarse keys) fall back, saying why.
+  assert kinds == {(24, 24, "cudnn"), (8, 8, "cudnn"), (1, 3, "blockwise"),
+                   (24, 8, "blockwise")}, kinds
+  assert all(s.why for s in sites if s.implementation == "blockwise")
+  assert all(not s.why for s in sites if s.implementation == "cudnn")
+  lines = attention.sites_text(sites)
+  assert len(lines) == 5 and "pre_1/block_{0..1}/attn: 8 queries x 8 keys -> cudnn [x2]" in lines, lines
+
+
+def test_vanilla_float32_is_refused_by_cudnn_with_the_reason(monkeypatch):
+  _forced_gpu(monkeypatch)
+  model = models.build(model_cfg("vanilla", attention="cudnn"), V, 64)
+  tokens = jnp.ones((1, 16), jnp.int32)
+  with pytest.raises(ConfigError, match="float32 .cuDNN takes bfloat16 or float16"):
+    jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)

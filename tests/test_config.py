@@ -58,6 +58,7 @@ def _bad(config_name, **fields):
     ("bottom_up", dict(layers_per_scale=(1, 1)), "model.layers_per_scale"),
     ("top_down", dict(layers_per_scale=(1, 1, 1, 1)), "model.layers_per_scale"),
     ("vanilla", dict(num_heads=3), "model.num_heads"),
+    ("vanilla", dict(attention_fallback="flash"), "model.attention_fallback"),
     ("vanilla", dict(d_model=0), "model.d_model"),
     ("vanilla", dict(name="transformer"), "model.name"),
     ("hourglass", dict(pooling="max"), "model.pooling"),

@@ -77,3 +77,19 @@ def test_remat_adds_one_forward_of_the_stacked_blocks():
   assert block["flops/step_analytic"] - none["flops/step_analytic"] == pytest.approx(
       cost.forward_flops(s, w.blocks, head=False))
   assert block["memory/analytic_activation_bytes"] < none["memory/analytic_activation_bytes"]
+
+
+def test_model_flops_count_nothing_recomputed():
+  """MFU's numerator: forward x3. Dense attention without remat recomputes
+  nothing, so it equals the hardware count; blockwise rescoring and remat add
+  to the hardware count only."""
+  config = config_lib.load(config_path("hourglass") + ":size=tiny")
+  v = tasks.vocabulary("byte").vocab_size
+  dense = cost.predict(dict_config(config, attention="dense"), v)
+  assert dense["flops/step_model"] == dense["flops/step_analytic"]
+  for changed in (dict(attention="blockwise"), dict(attention="dense", remat="block")):
+    out = cost.predict(dict_config(config, **changed), v)
+    assert out["flops/step_model"] < out["flops/step_analytic"]
+  s = cost.shape_of(config, v)
+  w = cost.model_workload(config.model, config.data.seq_len)
+  assert cost.predict(config, v)["flops/step_model"] == 3 * cost.forward_flops(s, w.blocks)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from hiertx import report
+from hiertx import metrics, report
 from hiertx.errors import HiertxError
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -48,16 +48,22 @@ def test_seq_scaling_reports_growth_per_doubling():
   assert "activation x 64->256" in text and text.count("\n| vanilla.py:size=tiny |") == 4
 
 
-def test_bench_measures_mfu_against_a_peak():
-  rows = bench.measure(["top_down.py:size=tiny", "vanilla.py:size=tiny;model.num_layers=3"],
-                       [(8, 64)], 2, [], 1e11)
+def test_bench_measures_mfu_against_the_peak_of_its_dtype():
+  rows = bench.measure(["top_down.py:size=tiny",
+                        "vanilla.py:size=tiny;model.num_layers=3;model.dtype=bfloat16"],
+                       [(8, 64)], 2, [])
   assert [r["model"] for r in rows] == ["top_down", "vanilla"]
-  for r in rows:
-    assert r["step_s"] > 0
-    assert r["mfu"] == pytest.approx(r["flops_per_s"] / 1e11)
+  for r, dtype in zip(rows, ("float32", "bfloat16")):
+    assert r["step_s"] > 0 and r["dtype"] == dtype
+    assert r["peak"] == metrics.peak_flops(dtype)[0]
+    assert r["mfu"] == pytest.approx(r["flops_per_s"] / r["peak"])
+    # Blockwise attention recomputes its scores: hardware FLOPs exceed model FLOPs.
+    assert r["hfu"] > r["mfu"]
     assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_s"])
+  assert rows[0]["peak"] != rows[1]["peak"]
+  assert all(r["while_loops"] == 0 for r in rows)  # blockwise attention runs no loop
   assert rows[1]["params"] > rows[0]["params"] - 10**6  # the per-run override took
-  assert "| top_down.py:size=tiny | 8x64 |" in bench.table(rows)
+  assert "| top_down.py:size=tiny | 8x64 | float32 |" in bench.table(rows)
   assert bench.by_shape(rows).count("\n| 8x64 |") == 1
 
 

@@ -142,13 +142,55 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_not_corruption(straight, tmp
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(straight, tmp_path):
+  """Every checkpoint damaged: the run stops and sets them aside; reruns (a
+  cluster's requeue) keep refusing until told to start over, which keeps them."""
   workdir = _copy(straight, tmp_path, "all_corrupt")
   for step in ("20", "30", "40"):
     _truncate_all_files(os.path.join(workdir, "checkpoints", step))
   with pytest.raises(CheckpointError, match="none of the checkpoints .* can be read.*does not "
-                     "start over"):
+                     "start over.*--restart_from_scratch"):
     train.train_and_evaluate(_cli_config(), workdir)
-  assert max(_losses(workdir)) == 40
+  aside = ["20.corrupt", "30.corrupt", "40.corrupt"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == aside
+  for _ in range(2):
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint, only ones set aside as "
+                       r"unreadable \(20.corrupt, 30.corrupt, 40.corrupt\).*"
+                       r"--restart_from_scratch"):
+      train.train_and_evaluate(_cli_config(), workdir)
+    assert max(_losses(workdir)) == 40 and len(_losses(workdir)) == 40  # nothing trained
+  config = _cli_config()
+  config.train.steps = 3
+  out = train.train_and_evaluate(config, workdir, restart_from_scratch=True)
+  assert out["step"] == 3 and set(aside) <= set(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_a_fault_in_the_restore_code_renames_nothing(straight, tmp_path, monkeypatch):
+  """Every checkpoint fails alike and no file is damaged: the code or the
+  environment is at fault, so nothing is set aside and one clear error says so."""
+  workdir = _copy(straight, tmp_path, "code_fault")
+  run = steps.build_run(_cli_config())
+
+  def broken(self, *a, **k):
+    raise RuntimeError("injected: cannot build the restore plan\n  deep internal detail")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", broken)
+  mngr = checkpoint.manager(workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(CheckpointError) as err:
+    checkpoint.restore_latest(mngr, run.abstract_state, set_aside=True)
+  mngr.close()
+  message = str(err.value)
+  assert "\n" not in message and "deep internal detail" not in message
+  assert message.startswith("the checkpoint at step 40 cannot be read: RuntimeError: injected")
+  assert "every checkpoint fails" in message and "nothing was renamed" in message
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_error_lines_leave_out_what_a_user_cannot_act_on():
+  e = ValueError("Encountered error while reading array index: (a, b). See full TensorStore "
+                 "details: <bound method pybind11_detail_function_record_v1_system_libstdcpp_"
+                 "gxx_abi_1xxx of <tensorstore.Status>>\nmore")
+  assert checkpoint._first_line(e) == "Encountered error while reading array index: (a, b)"
 
 
 def _cli_config():

@@ -58,7 +58,11 @@ def test_training_writes_the_metrics_design_asks_for(vanilla_run):
   for r in train_rows:
     assert r["train/tokens_per_s"] > 0 and r["train/step_time_s"] > 0
     assert r["train/mfu"] == pytest.approx(
+        once["flops/step_model"] / r["train/step_time_s"] / once["mfu/peak_flops_per_s"])
+    # Hardware FLOPs add the scores blockwise attention's backward recomputes.
+    assert r["train/hfu"] == pytest.approx(
         once["flops/step_analytic"] / r["train/step_time_s"] / once["mfu/peak_flops_per_s"])
+    assert r["train/hfu"] > r["train/mfu"]
     assert r["train/grad_norm"] > 0 and 0 < r["train/learning_rate"] <= config.train.learning_rate
   assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"] - 0.5
   evals = [r for r in rows if "eval/loss" in r]
@@ -71,6 +75,10 @@ def test_training_writes_the_metrics_design_asks_for(vanilla_run):
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   info = json.load(open(os.path.join(workdir, "run_info.json")))
   assert info["config"]["model"]["name"] == "vanilla" and info["mesh"]["data"] == 8
+  # What every attention site ran (printed at start-up): both layers, one line.
+  assert info["facts"]["attention/sites"] == (
+      f"blocks/block_{{0..1}}/attn: {config.data.seq_len} queries x {config.data.seq_len} keys "
+      "-> blockwise [x2]")
   assert json.load(open(os.path.join(workdir, "config.json")))["train"]["steps"] == 20
   assert out["step"] == 20
 
@@ -184,3 +192,26 @@ def test_compressor_baselines():
   noise = metrics.compressor_bits_per_byte(np.random.default_rng(0).bytes(8800))
   assert repetitive["gzip_bits_per_byte"] < 0.5 and repetitive["xz_bits_per_byte"] < 0.5
   assert noise["gzip_bits_per_byte"] > 7.9 and noise["xz_bits_per_byte"] > 7.9
+
+
+def test_throughput_leaves_out_evaluation_time(tiny_config, monkeypatch, tmp_path):
+  """eval.every (3) is not a multiple of train.log_every (4): the logged step
+  time counts the four steps of the window and none of the evaluation's time
+  (one second per step on a fake clock, a 100-second evaluation at step 3)."""
+  config = tiny_config("vanilla", train__log_every=4, eval__every=3, train__steps=8)
+  clock = [0.0]
+  monkeypatch.setattr(train.time, "time", lambda: clock[0])
+  progress = train._Progress(config, str(tmp_path), metrics.Writer(str(tmp_path), active=False),
+                             0, 1e9, 2e9, 1e12, {})
+  step_metrics = {"train/loss": 1.0, "train/grad_norm": 1.0}
+  for step in range(1, 6):
+    clock[0] += 1.0
+    progress.step_dispatched(step, step_metrics)
+    if step == 3:
+      progress.flush()
+      clock[0] += 100.0
+      progress.evaluated(step, {"eval/loss": 1.0, "eval/perplexity": 2.7,
+                                "eval/bits_per_byte": 1.4}, seconds=100.0)
+  assert progress.last["train/step_time_s"] == pytest.approx(1.0)
+  assert progress.last["train/tokens_per_s"] == pytest.approx(
+      config.data.batch_size * config.data.seq_len)

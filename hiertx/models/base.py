@@ -54,6 +54,8 @@ class LanguageModel(nn.Module):
   attention: str = "blockwise"  # dense | blockwise | cudnn | splash (hiertx.attention)
   attention_q_chunk: int = 256
   attention_k_chunk: int = 256
+  # What a site the kernel (cudnn, splash) cannot take runs: error | blockwise | dense.
+  attention_fallback: str = "error"
   # Content groups for the first shortening (hiertx.boundaries), in models
   # with CONTENT_GROUPS: the source, at most `max_group` bytes per group,
   # slots per row = group_capacity * T / k (k: the model's first shortening).
@@ -72,7 +74,7 @@ class LanguageModel(nn.Module):
         self.d_model, self.num_heads, self.mlp_dim, self.dropout, self.positions, self.dtype,
         self.remat, self.scan_layers,
         attention_lib.AttentionConfig(self.attention, self.attention_q_chunk,
-                                  self.attention_k_chunk))
+                                      self.attention_k_chunk, self.attention_fallback))
 
   @property
   def padded_vocab(self) -> int:
@@ -262,6 +264,7 @@ class LanguageModel(nn.Module):
     choice(cfg, "dtype", DTYPES)
     choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
     choice(cfg, "attention", attention_lib.KINDS)
+    choice(cfg, "attention_fallback", attention_lib.FALLBACKS)
     if not isinstance(cfg["scan_layers"], bool):
       raise ConfigError("model.scan_layers", f"must be True or False, got {cfg['scan_layers']!r}")
     if cfg["remat"] != "none" and not cfg["scan_layers"]:

@@ -133,10 +133,18 @@ class RetinaAttention(nn.Module):
       grids.append(scales.coarser(grids[-1], k))
     layers.remember(self, "levels", levels)
     kvs = [self._split(lv, g.rotary_pos) for lv, g in zip(levels, grids)]
+    # The windows are one key set per query chunk, gathered: no kernel's mask.
+    site, cfg = layers.site_name(self), self.cfg.attention
+    keys = sum(g.length for g in grids)
+    why = "retina's windows gather their keys per query chunk"
+    attention.fallback(cfg, site + "/windows", fine.length, keys, why)
+    why = why if cfg.kind in attention.KERNELS else ""
     if self.spec.implementation == "dense":
+      attention.note_site(site + "/windows", fine.length, keys, "dense", why)
       out = self._dense(q, kvs, fine, grids)
     else:
-      out = self._chunked(q, kvs, fine, grids)
+      attention.note_site(site + "/windows", fine.length, keys, "chunked dense (lax.map)", why)
+      out = self._chunked(q, kvs, fine, grids, site)
     return self.attn.output(out)
 
   def _dense(self, q, kvs, fine, grids):
@@ -146,7 +154,7 @@ class RetinaAttention(nn.Module):
     return attention.dense(q, jnp.concatenate([k for k, _ in kvs], 1),
                            jnp.concatenate([v for _, v in kvs], 1), mask[None] & same_doc)[0]
 
-  def _chunked(self, q_BxTxHxK, kvs, fine, grids):
+  def _chunked(self, q_BxTxHxK, kvs, fine, grids, site: str):
     b, t, h, dk = q_BxTxHxK.shape
     c, k, windows = self.spec.chunk_size, self.spec.k, self.spec.windows
     sizes = window_sizes(self.spec)
@@ -187,7 +195,7 @@ class RetinaAttention(nn.Module):
     e_last = region_bounds(np.arange(t), k, windows)[last]
     coarsest = attention.attend(q_BxTxHxK, *kvs[last], e_last, grids[last].end_L,
                                 fine.seg_BxL, grids[last].seg_BxL, self.cfg.attention,
-                                with_lse=True)
+                                with_lse=True, site=site + "/coarsest")
     return attention.merge(windowed, coarsest)[0]
 
   def step(self, h_BxD, rings, t):
