@@ -262,10 +262,10 @@ def _sum_into(x_P, idx, n: int):
 
 
 def _after(x, previous):
-  """`x`, made to wait for `previous` (a value of the previous batch; None for
-  the first). Batches are independent, and a scheduler free to run them in any
-  order may hold many batches' tensors at once (XLA:CPU does); adding
-  0 x (a sum of `previous`) orders them (floating-point x * 0 is not folded)."""
+  """`x`, made to wait for `previous` (None: nothing to wait for). Batches of
+  chunk pairs are independent, and a scheduler free to run them in any order
+  may hold many batches' tensors at once (XLA:CPU does); adding 0 x (a sum of
+  `previous`) orders them (floating-point x * 0 is not folded away)."""
   if previous is None:
     return x
   return x + (previous.sum() * 0).astype(x.dtype)
@@ -283,14 +283,6 @@ def _local(idx):
   """(sorted distinct values of `idx`, each entry's position among them)."""
   rows = np.unique(idx)
   return rows, np.searchsorted(rows, idx)
-
-
-def _rows_of(x_N, rows):
-  """Rows `rows` (static, sorted, distinct) of [n, ...]: a slice where they
-  are contiguous."""
-  if rows[-1] - rows[0] + 1 == len(rows):
-    return jax.lax.slice_in_dim(x_N, int(rows[0]), int(rows[-1]) + 1)
-  return x_N[jnp.asarray(rows)]
 
 
 def _set_rows(x_N, value, rows):
@@ -363,7 +355,7 @@ def _blockwise_fn(p: Plan):
                       preferred_element_type=_F32)
       new = (m, _sum_into(pr.sum(-1), local, len(rows)), _sum_into(pv, local, len(rows)))
       if seen.intersection(rows.tolist()):  # a query chunk split over batches
-        new = _combine(tuple(_rows_of(x, rows) for x in state), new)
+        new = _combine(tuple(_take(x, rows) for x in state), new)
       state = tuple(_set_rows(x, y, rows) for x, y in zip(state, new))
       seen.update(rows.tolist())
       last = new[1]
@@ -391,10 +383,8 @@ def _blockwise_fn(p: Plan):
     # pass: a scheduler may recompute them (or share the forward's per-pair
     # copies of k and v) early and keep them until this backward runs, for
     # every layer at once (XLA:CPU does, and drops optimization barriers
-    # before scheduling). Adding 0 x (a sum of D) makes q, k and v depend on
-    # the cotangent; floating-point x * 0 is not folded away.
-    tie = d_BxQxH.sum() * 0
-    q, k, v = (x + tie.astype(x.dtype) for x in (q, k, v))
+    # before scheduling). Made to wait for the cotangent, they cannot.
+    q, k, v = (_after(x, d_BxQxH) for x in (q, k, v))
     lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # no keys: probabilities 0
     (q_c, do_c, lse_c, d_c), qs_c, (k_c, v_c), ks_c = padded(q, k, v, q_seg, k_seg, do,
                                                              lse_safe, d_BxQxH)
@@ -414,9 +404,9 @@ def _blockwise_fn(p: Plan):
                        klocal, len(cols))
       dv_C = _sum_into(jnp.einsum("pbhqs,pbhqk->pbhsk", pr.astype(do.dtype), do_P,
                                   preferred_element_type=_F32), klocal, len(cols))
-      dq = _set_rows(dq, _rows_of(dq, rows) + dq_R, rows)
-      dk = _set_rows(dk, _rows_of(dk, cols) + dk_C, cols)
-      dv = _set_rows(dv, _rows_of(dv, cols) + dv_C, cols)
+      dq = _set_rows(dq, _take(dq, rows) + dq_R, rows)
+      dk = _set_rows(dk, _take(dk, cols) + dk_C, cols)
+      dv = _set_rows(dv, _take(dv, cols) + dv_C, cols)
       last = dq_R
 
     scale = q.shape[-1] ** -0.5  # applied once here, not per pair
@@ -613,7 +603,7 @@ def sites_text(sites) -> list[str]:
   indices and that got the same implementation for the same lengths are one
   line (e.g. `pre_1/block_{0..25}/attn ... [x26]`)."""
   groups = {}
-  for s in sites:
+  for s in dict.fromkeys(sites):  # a scanned stack is traced more than once
     key = dataclasses.replace(s, name=re.sub(r"_\d+(?=/|$)", "_*", s.name))
     groups.setdefault(key, []).append(s.name.split("/"))
   lines = []

@@ -277,8 +277,9 @@ def compile_train_step(run: Run, config):
   once), and the once-per-run numbers read from it; `attention/sites` holds
   the lines of `attention.sites_text`.
   """
-  sites = attention_sites(run, config)
-  compiled = run.train_step.lower(run.abstract_state, batch_spec(config, run)).compile()
+  with attention.record_sites() as sites:  # filled as lowering traces the model
+    compiled = run.train_step.lower(run.abstract_state, batch_spec(config, run)).compile()
+  sites = sites or attention_sites(run, config)  # an earlier lowering's trace was reused
   facts = compiled_facts(compiled, run)
   facts["attention/sites"] = "\n".join(attention.sites_text(sites))
   return compiled, facts
