@@ -3,7 +3,9 @@ r"""One config file for all five architectures, for comparisons and sweeps:
 
   python -m hiertx.train --config=configs/compare.py:model=top_down --workdir=/tmp/td
 
-Sweeps (run with launch/sweep.py, summarised with launch/report.py):
+Sweeps (run with launch/sweep.py, summarised with launch/report.py); their
+seeds are `train.seed`, which `data.seed` follows, so seeds differ in data
+order as well as initialisation:
 
   paper_claim  memory vs perplexity (Subramanian et al. 2020): the five models
                at the same width, sequence length, batch and steps, two seeds;

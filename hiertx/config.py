@@ -36,7 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16,  # global batch, in rows of seq_len tokens
       pack=True,
       align=-1,  # pieces start at multiples of this in a row; -1: the model's pooling factor
-      seed=0,
+      seed=-1,  # packing and epoch order; -1: train.seed's (resolved(): seeds vary both)
       process_sharding="rows",  # rows | source (see hiertx.data)
       cache_dir="",  # packed-data cache; "" = $HIERTX_DATA_CACHE or ~/.cache/hiertx/data
   ))
@@ -163,6 +163,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with the fields that follow others filled in:
+  `data.seed` -1 becomes `train.seed`, so a sweep over `train.seed` varies the
+  data order as well as the initialisation. The trainer saves the resolved
+  config, so a resumed run keeps its data order."""
+  out = ml_collections.ConfigDict(config.to_dict())
+  if out.data.seed == -1:
+    out.data.seed = out.train.seed
+  return out
+
+
 def _positive_int(section, name, value):
   if not isinstance(value, int) or isinstance(value, bool) or value < 1:
     raise ConfigError(f"{section}.{name}", f"must be a positive integer, got {value!r}")
@@ -176,6 +187,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive_int("train", name, config.train[name])
   for name in ("every", "batch_size", "batches"):
     _positive_int("eval", name, config.eval[name])
+  for section, name, low in (("train", "seed", 0), ("data", "seed", -1)):
+    v = config[section][name]
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+      raise ConfigError(f"{section}.{name}", f"must be an integer >= {low}, got {v!r}"
+                        + (" (-1: train.seed)" if section == "data" else ""))
   for name in ("warmup_steps", "max_nonfinite_skips"):
     v = config.train[name]
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -51,6 +51,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hiertx import cli
+from hiertx import config as config_lib
 from hiertx import models
 from hiertx import tasks
 from hiertx.errors import ConfigError, DataError
@@ -220,12 +221,12 @@ def packed_rows(data_cfg, split: str, align: int, shard: Shard = Shard()):
   shuffled = split == "train"
   directory = os.path.join(cache_root(data_cfg), "rows-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab, align, bool(data_cfg.pack),
-      data_cfg.seed if shuffled else None))
+      order_seed(data_cfg) if shuffled else None))
   if not os.path.exists(os.path.join(directory, "meta.json")):
     tokens, offsets = pieces(data_cfg, split, shard)
     order = np.arange(len(offsets) - 1)
     if shuffled:
-      order = np.random.default_rng([data_cfg.seed, 1]).permutation(order)
+      order = np.random.default_rng([order_seed(data_cfg), 1]).permutation(order)
     targets, segments, stats = pack(tokens, offsets, order, data_cfg.seq_len, align,
                                     data_cfg.pack)
     _write_atomically(directory, {"targets": targets, "segments": segments}, stats)
@@ -285,6 +286,14 @@ def permuted(index: np.ndarray, n: int, key: int) -> np.ndarray:
   return out.astype(np.int64)
 
 
+def order_seed(data_cfg) -> int:
+  """The seed of the training order (packing and epochs)."""
+  if data_cfg.seed < 0:  # a caller skipped hiertx.config.resolved()
+    raise ConfigError("data.seed", f"is {data_cfg.seed} (follow train.seed), which "
+                      "hiertx.config.resolved() turns into train.seed before data is read")
+  return data_cfg.seed
+
+
 def step_rows(step: int, global_batch: int, n_rows: int, seed: int, shard: Shard,
               data_cfg) -> np.ndarray:
   """Indices of this process's rows of the global batch of `step`."""
@@ -308,7 +317,7 @@ def train_batches(data_cfg, global_batch: int, start_step: int = 0, shard: Shard
   targets, segments, _ = packed_rows(data_cfg, "train", align, shard)
 
   def read(step):
-    rows = step_rows(step, global_batch, len(targets), data_cfg.seed, shard, data_cfg)
+    rows = step_rows(step, global_batch, len(targets), order_seed(data_cfg), shard, data_cfg)
     order = np.argsort(rows)  # memory-mapped reads in file order, put back after
     t = np.empty((len(rows), data_cfg.seq_len), np.int32)
     s = np.empty_like(t)
@@ -409,7 +418,7 @@ def define_flags() -> None:
 def main(argv):
   del argv
   cli.quiet_library_logs()
-  config = flags.FLAGS.config
+  config = config_lib.resolved(flags.FLAGS.config)
   cli.run(check_data, config.data)
   align = flags.FLAGS.align or config.data.align
   if align == -1:

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from hiertx import checkpoint
 from hiertx import cli
+from hiertx import config as config_lib
 from hiertx import data
 from hiertx import distributed
 from hiertx import metrics
@@ -45,6 +46,7 @@ def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
   interrupted or failed with the error), which sweeps read to skip or resume.
   """
   lead = jax.process_index() == 0
+  config = config_lib.resolved(config)
   try:
     out = _train(config, workdir, allow_config_change, restart_from_scratch)
   except BaseException as e:

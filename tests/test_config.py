@@ -1,5 +1,6 @@
 """Config files, `:arg` variants, command-line overrides and clear config errors."""
 
+import ml_collections
 import pytest
 
 from conftest import config_path
@@ -80,6 +81,18 @@ def test_whitespace_boundaries_need_the_byte_vocabulary(tmp_path):
   c.data.vocab = str(tmp_path / "spm.model")
   with pytest.raises(ConfigError, match="config.model.boundaries: whitespace .* needs "
                      "data.vocab='byte'"):
+    config_lib.validate(c)
+
+
+@pytest.mark.parametrize("dotted,value", [("data.seed", -2), ("train.seed", -1),
+                                          ("data.seed", 1.5)])
+def test_bad_seeds_name_the_field(dotted, value):
+  c = config_lib.load(config_path("vanilla") + ":size=tiny")
+  section, field = dotted.split(".")
+  c[section][field] = value if isinstance(value, int) else 1
+  if not isinstance(value, int):  # ConfigDict keeps the int type; bypass it as JSON could
+    c = ml_collections.ConfigDict({**c.to_dict(), section: {**c[section].to_dict(), field: value}})
+  with pytest.raises(ConfigError, match=f"^config.{dotted}: must be an integer"):
     config_lib.validate(c)
 
 

@@ -4,6 +4,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from hiertx import config as config_lib
 from hiertx import data, tasks
 from hiertx.errors import ConfigError, DataError
 
@@ -43,6 +44,14 @@ def test_training_batches_are_deterministic_and_resume_by_step():
   np.testing.assert_array_equal(again["targets"], first[0]["targets"])
   other_seed = next(data.train_batches(data_cfg(seed=1), 4))
   assert not np.array_equal(other_seed["targets"], first[0]["targets"])
+  # data.seed -1 (the default) follows train.seed once resolved, so a seed
+  # sweep varies the data order; an explicit data.seed stays.
+  run_cfg = ml_collections.ConfigDict({"data": data_cfg(seed=-1), "train": {"seed": 1}})
+  assert config_lib.resolved(run_cfg).data.seed == 1
+  run_cfg.data.seed = 0
+  assert config_lib.resolved(run_cfg).data.seed == 0
+  with pytest.raises(ConfigError, match="data.seed"):
+    next(data.train_batches(data_cfg(seed=-1), 4))
   batch = first[0]
   assert set(batch) == {"inputs", "targets", "weights", "segment_ids", "positions"}
   # Inputs are targets shifted right within each document.

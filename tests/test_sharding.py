@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import ROOT, one_device_env
+from hiertx import config as config_lib
 from hiertx import data, evaluate, metrics, sharding, steps, train
 from hiertx.errors import ConfigError
 
@@ -23,7 +24,7 @@ MESHES = {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8,
 def _losses(config, devices, n_steps=2):
   run = steps.build_run(config, devices)
   state = run.init(jax.random.PRNGKey(0))
-  batches = data.train_batches(config.data, config.data.batch_size)
+  batches = data.train_batches(config_lib.resolved(config).data, config.data.batch_size)
   out = []
   for _ in range(n_steps):
     state, m = run.train_step(state, run.put_batch(next(batches)))
