@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from hiertx import benchmark, cli, decode, models, report, tasks
+from hiertx import benchmark, cli, decode, models, report
+from hiertx import vocab as vocab_lib
 
 DEFAULT_RUNS = ["vanilla.py", "bottom_up.py", "top_down.py", "retina.py", "hourglass.py"]
 
@@ -45,7 +46,7 @@ def _best_time(fn, repeats) -> float:
 def measure_one(spec, context, new_tokens, repeats, sets) -> dict:
   config = benchmark.config_for(spec, context, 1, [f"model.max_len={context + new_tokens}",
                                                    *sets])
-  vocab = tasks.vocabulary(config.data.vocab)
+  vocab = vocab_lib.vocabulary(config.data.vocab)
   model = models.build(config.model, vocab.vocab_size, context)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (1, context), 1, 256)
   params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]

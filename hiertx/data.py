@@ -46,14 +46,15 @@ import time
 from typing import Iterator
 
 import numpy as np
-import seqio
 from absl import app, flags
 from ml_collections import config_flags
 
 from hiertx import cli
 from hiertx import config as config_lib
+from hiertx import corpora
+from hiertx import exported
 from hiertx import models
-from hiertx import tasks
+from hiertx import vocab as vocab_lib
 from hiertx.errors import ConfigError, DataError
 
 # Bump when the cached layout or the packing changes.
@@ -71,14 +72,18 @@ class Shard:
 
 def check_data(data_cfg) -> None:
   """Fails before compiling when the corpus cannot fill one example."""
-  tasks.get_task(data_cfg)
+  corpora.corpus_name(data_cfg)
+  vocab_lib.vocabulary(data_cfg.vocab)
   if not isinstance(data_cfg.align, int) or data_cfg.align == 0 or data_cfg.align < -1:
     raise ConfigError("data.align", f"must be -1 (the model's pooling factor) or a positive "
                       f"integer, got {data_cfg.align!r}")
   if data_cfg.process_sharding not in PROCESS_SHARDINGS:
     raise ConfigError("data.process_sharding", f"{data_cfg.process_sharding!r} is not one of "
                       f"{PROCESS_SHARDINGS}")
-  sizes = tasks.local_split_bytes(data_cfg)
+  if exported.is_export(cache_root(data_cfg)):
+    exported.check(cache_root(data_cfg), data_cfg)
+    return
+  sizes = corpora.local_split_bytes(data_cfg)
   if sizes is None:
     return
   where = data_cfg.text_files or "the stdlib corpus"
@@ -113,10 +118,9 @@ def _key(*parts) -> str:
 
 
 def _source_key(data_cfg, split: str, shard: Shard) -> list:
-  task = tasks.get_task(data_cfg)
-  local = tasks.local_source_key(data_cfg)
+  local = corpora.local_source_key(data_cfg)
   sharded = data_cfg.process_sharding == "source" and shard.count > 1
-  return [task.name, split, data_cfg.seq_len, local,
+  return [corpora.task_name(data_cfg), split, data_cfg.seq_len, local,
           [shard.index, shard.count] if sharded else None]
 
 
@@ -145,7 +149,10 @@ def _load(directory: str, names) -> tuple[dict, dict]:
 
 def pieces(data_cfg, split: str, shard: Shard = Shard()) -> tuple[np.ndarray, np.ndarray]:
   """(tokens int32 [N], offsets int64 [P + 1]) of every piece of a split, in
-  corpus order, built through the seqio Task on first use."""
+  corpus order, built through the seqio Task on first use (or read from an
+  exported cache, hiertx.exported)."""
+  if exported.is_export(cache_root(data_cfg)):
+    return exported.pieces(cache_root(data_cfg), data_cfg, split)
   directory = os.path.join(cache_root(data_cfg), "pieces-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab))
   if not os.path.exists(os.path.join(directory, "meta.json")):
@@ -157,6 +164,15 @@ def pieces(data_cfg, split: str, shard: Shard = Shard()) -> tuple[np.ndarray, np
 
 
 def _read_pieces(data_cfg, split: str, shard: Shard):
+  try:  # seqio and TensorFlow read corpora; runs from a built cache never need them
+    import seqio
+    from hiertx import tasks
+  except ImportError as e:
+    raise DataError(
+        f"the {split} split of {data_cfg.text_files or data_cfg.task} is not in the data "
+        f"cache ({cache_root(data_cfg)}), and building it needs seqio and TensorFlow ({e}): "
+        "build or export the cache where they are installed (python -m hiertx.data "
+        "--config=... [--export=DIR]) and point data.cache_dir at it") from None
   task = tasks.get_task(data_cfg)
   sharded = data_cfg.process_sharding == "source" and shard.count > 1
   ds = task.get_dataset({"targets": data_cfg.seq_len}, split=split, shuffle=False,
@@ -219,6 +235,14 @@ def packed_rows(data_cfg, split: str, align: int, shard: Shard = Shard()):
   the cache. The training split is packed in a seeded random order of its
   pieces (so rows mix documents); the others in corpus order."""
   shuffled = split == "train"
+  if exported.is_export(cache_root(data_cfg)):  # read-only: packed here, in memory
+    tokens, offsets = pieces(data_cfg, split, shard)
+    order = np.arange(len(offsets) - 1)
+    if shuffled:
+      order = np.random.default_rng([order_seed(data_cfg), 1]).permutation(order)
+    targets, segments, stats = pack(tokens, offsets, order, data_cfg.seq_len, align,
+                                    data_cfg.pack)
+    return _nonempty(targets, segments, stats, data_cfg, split)
   directory = os.path.join(cache_root(data_cfg), "rows-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab, align, bool(data_cfg.pack),
       order_seed(data_cfg) if shuffled else None))
@@ -231,10 +255,14 @@ def packed_rows(data_cfg, split: str, align: int, shard: Shard = Shard()):
                                     data_cfg.pack)
     _write_atomically(directory, {"targets": targets, "segments": segments}, stats)
   arrays, stats = _load(directory, ("targets", "segments"))
+  return _nonempty(arrays["targets"], arrays["segments"], stats, data_cfg, split)
+
+
+def _nonempty(targets, segments, stats, data_cfg, split):
   if not stats["rows"]:
     raise DataError(f"the {split} split of {data_cfg.text_files or data_cfg.task} "
                     "yields no examples")
-  return arrays["targets"], arrays["segments"], stats
+  return targets, segments, stats
 
 
 # ----------------------------------------------------------------------------
@@ -387,7 +415,7 @@ def documents(data_cfg, split: str) -> Iterator[np.ndarray]:
   """Every document of a split as one token array (EOS last), in corpus order:
   its pieces joined again."""
   tokens, offsets = pieces(data_cfg, split)
-  eos = getattr(tasks.vocabulary(data_cfg.vocab), "eos_id", 1)
+  eos = vocab_lib.vocabulary(data_cfg.vocab).eos_id
   start = 0
   for p in range(len(offsets) - 1):
     if tokens[offsets[p + 1] - 1] == eos or p == len(offsets) - 2:
@@ -400,7 +428,7 @@ def scored_text(batches: list[dict], vocab) -> bytes:
   compressor baseline compresses)."""
   ids = [int(x) for b in batches for row, w in zip(b["targets"], b["weights"])
          for x in row[w > 0]]
-  return tasks.decode_bytes(vocab, ids)
+  return vocab.decode_bytes(ids)
 
 
 # ----------------------------------------------------------------------------
@@ -412,6 +440,9 @@ def define_flags() -> None:
                                   lock_config=True)
   flags.DEFINE_list("split", ["train", "validation"], "Splits to build.")
   flags.DEFINE_integer("align", None, "Alignment (default: data.align; -1 needs the model).")
+  flags.DEFINE_string("export", None, "Write the splits' pieces to this new directory, an "
+                      "exported cache to carry to other machines (hiertx.exported); "
+                      "--split defaults to all three then.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -420,6 +451,10 @@ def main(argv):
   cli.quiet_library_logs()
   config = config_lib.resolved(flags.FLAGS.config)
   cli.run(check_data, config.data)
+  if flags.FLAGS.export:
+    cli.run(export, config.data, flags.FLAGS.export, flags.FLAGS.split
+            if flags.FLAGS["split"].present else list(corpora.SPLITS))
+    return
   align = flags.FLAGS.align or config.data.align
   if align == -1:
     align = models.build(config.model, 1, config.data.seq_len).pooling_multiple()
@@ -432,6 +467,21 @@ def main(argv):
           f"between pieces, {stats['end_padding'] / total:.1%} at row ends "
           f"(cache: {cache_root(config.data)})", flush=True)
   sys.stdout.flush()
+
+
+def export(data_cfg, directory: str, splits) -> dict:
+  """Writes `splits` of `data_cfg`'s corpus to `directory` as an exported
+  cache (hiertx.exported), printing its sizes; returns the manifest."""
+  if exported.is_export(cache_root(data_cfg)):
+    raise ConfigError("data.cache_dir", "is an exported cache already; export from the "
+                      "corpus (leave data.cache_dir unset or point it at a build cache)")
+  m = exported.write(directory, data_cfg, {s: pieces(data_cfg, s) for s in splits})
+  for split, n in m["splits"].items():
+    print(f"{split}: {n['documents']:,} documents, {n['pieces']:,} pieces, "
+          f"{n['tokens']:,} tokens", flush=True)
+  print(f"exported to {directory}: {m['bytes'] / 2**20:.1f} MiB "
+        f"(train with --config.data.cache_dir={directory})", flush=True)
+  return m
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 XLA memory/cost analysis of a compiled step, parameter counts, run facts."""
 
 import gzip
+import importlib.metadata
 import json
 import lzma
 import math
@@ -16,10 +17,42 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint
-import seqio
-from clu import metric_writers
+from absl import logging
 
 import hiertx
+
+
+class _EventWriter:
+  """Scalars as TensorBoard events, through the `tensorboard` package's own
+  event-file writer and protos: no TensorFlow needed."""
+
+  def __init__(self, logdir: str):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    self._file = EventFileWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    values = [self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
+    self._file.add_event(self._event(wall_time=time.time(), step=step,
+                                     summary=self._summary(value=values)))
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def event_writer(logdir: str):
+  """A TensorBoard event writer, or None (said once) without `tensorboard`."""
+  try:
+    return _EventWriter(logdir)
+  except ImportError as e:
+    print(f"no TensorBoard events ({e}; pip install tensorboard): metrics.jsonl has "
+          "every scalar", flush=True)
+    logging.warning("tensorboard unavailable: %s", e)
+    return None
 
 
 class Writer:
@@ -28,8 +61,7 @@ class Writer:
   def __init__(self, workdir: str, active: bool = True):
     self.active = active
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
-                if active else None)
+    self._tb = event_writer(os.path.join(workdir, "tensorboard")) if active else None
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:
@@ -38,7 +70,8 @@ class Writer:
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
     finite = {k: v for k, v in clean.items() if math.isfinite(v)}
-    self._tb.write_scalars(int(step), finite)
+    if self._tb:
+      self._tb.write_scalars(int(step), finite)
 
   def flush(self):
     if self._tb:
@@ -124,7 +157,16 @@ def versions() -> dict[str, str]:
   return {"python": platform.python_version(), "jax": jax.__version__,
           "flax": flax.__version__, "optax": optax.__version__,
           "orbax": getattr(orbax.checkpoint, "__version__", "?"),
-          "seqio": getattr(seqio, "__version__", "?"), "hiertx": hiertx.__version__}
+          "seqio": _installed("seqio"), "tensorflow": _installed("tensorflow"),
+          "hiertx": hiertx.__version__}
+
+
+def _installed(package: str) -> str:
+  """A package's version without importing it; 'absent' when not installed."""
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "absent"
 
 
 # Dense matmul peaks per chip in FLOP/s, (float32, bfloat16), from the vendors'

@@ -30,7 +30,7 @@ from hiertx import metrics
 from hiertx import models
 from hiertx import optimizer
 from hiertx import sharding
-from hiertx import tasks
+from hiertx import vocab as vocab_lib
 from hiertx import xla_options
 from hiertx.errors import ConfigError
 
@@ -215,7 +215,7 @@ def build_run(config, devices=None, check_data: bool = True) -> Run:
     if config.model.get("attention") == kind and platform != needs:
       raise ConfigError("model.attention", f"{kind} runs on {needs.upper()}s; these devices "
                         f"are {platform}: use blockwise")
-  vocab = tasks.vocabulary(config.data.vocab)
+  vocab = vocab_lib.vocabulary(config.data.vocab)
   model = models.build(config.model, vocab.vocab_size, config.data.seq_len)
   tx = optimizer.make(config.train)
   rules = sharding.rules(config.sharding)
@@ -245,7 +245,7 @@ def build_run(config, devices=None, check_data: bool = True) -> Run:
                          in_shardings=(state_shardings, batch_s),
                          out_shardings=(state_shardings, replicated), donate_argnums=0,
                          compiler_options=options))
-  bytes_V = jnp.asarray(tasks.token_bytes(vocab), jnp.float32)
+  bytes_V = jnp.asarray(vocab.token_bytes(), jnp.float32)
   evals = in_mesh(jax.jit(functools.partial(eval_step, model=model, bytes_V=bytes_V),
                           in_shardings=(state_shardings.params, batch_s),
                           out_shardings=replicated, compiler_options=options))

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import config_path
 from hiertx import config as config_lib
-from hiertx import cost, metrics, models, steps, tasks
+from hiertx import cost, metrics, models, steps
+from hiertx import vocab as vocab_lib
 from tiny_models import MODELS, model_cfg
 
 MODEL_NAMES = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
@@ -55,7 +56,7 @@ def test_analytic_flops_match_xla_for_unrolled_blocks(name):
   config, compiled, facts = _compiled(name, scan_layers=False)
   ratio = facts["flops/step_analytic"] / metrics.xla_flops(compiled)
   assert 0.85 <= ratio <= 1.15, (name, ratio)
-  scanned = cost.predict(dict_config(config, scan_layers=True), tasks.vocabulary("byte")
+  scanned = cost.predict(dict_config(config, scan_layers=True), vocab_lib.vocabulary("byte")
                          .vocab_size)
   assert scanned["flops/step_analytic"] == facts["flops/step_analytic"]
 
@@ -69,7 +70,7 @@ def dict_config(config, **model_overrides):
 
 def test_remat_adds_one_forward_of_the_stacked_blocks():
   config = config_lib.load(config_path("vanilla") + ":size=tiny")
-  v = tasks.vocabulary("byte").vocab_size
+  v = vocab_lib.vocabulary("byte").vocab_size
   none = cost.predict(config, v)
   block = cost.predict(dict_config(config, remat="block"), v)
   s = cost.shape_of(config, v)
@@ -84,7 +85,7 @@ def test_model_flops_count_nothing_recomputed():
   nothing, so it equals the hardware count; blockwise rescoring and remat add
   to the hardware count only."""
   config = config_lib.load(config_path("hourglass") + ":size=tiny")
-  v = tasks.vocabulary("byte").vocab_size
+  v = vocab_lib.vocabulary("byte").vocab_size
   dense = cost.predict(dict_config(config, attention="dense"), v)
   assert dense["flops/step_model"] == dense["flops/step_analytic"]
   for changed in (dict(attention="blockwise"), dict(attention="dense", remat="block")):

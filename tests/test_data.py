@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from hiertx import config as config_lib
-from hiertx import data, tasks
+from hiertx import corpora, data, tasks
+from hiertx import vocab as vocab_lib
 from hiertx.errors import ConfigError, DataError
 
 
@@ -25,12 +26,12 @@ def text_file(tmp_path):
 
 
 def test_stdlib_corpus_is_split_deterministically_without_overlap():
-  files = tasks.stdlib_files()
+  files = corpora.stdlib_files()
   sets = {s: set(v) for s, v in files.items()}
   assert len(sets["train"]) > 300 and sets["validation"] and sets["test"]
   assert not (sets["train"] & sets["validation"]) and not (sets["train"] & sets["test"])
   assert not any("/test/" in p or "site-packages" in p for v in sets.values() for p in v)
-  sizes = tasks.local_split_bytes(data_cfg())
+  sizes = corpora.local_split_bytes(data_cfg())
   assert sizes["train"] > 5_000_000
 
 
@@ -62,7 +63,7 @@ def test_training_batches_are_deterministic_and_resume_by_step():
 
 def test_text_files_task_splits_each_file_contiguously(text_file):
   cfg = data_cfg(text_files=text_file)
-  docs = tasks.text_file_documents(text_file, (0.9, 0.05, 0.05), False, "cut")
+  docs = corpora.text_file_documents(text_file, (0.9, 0.05, 0.05), False, "cut")
   whole = open(text_file, "rb").read()
   assert b"".join(docs["train"] + docs["validation"] + docs["test"]) == whole
   assert docs["validation"][0].startswith(b"line ") and docs["train"][0].endswith(b"\n")
@@ -89,9 +90,21 @@ def test_eval_batches_are_padded_with_zero_weight_and_spread_over_the_split(text
         np.concatenate([h[i]["targets"] for h in halves]), sample[i]["targets"])
 
 
+def _same_ids_as_seqio(spec: str, text: str):
+  """hiertx.vocab (run time, no TensorFlow) numbers and decodes as the seqio
+  vocabulary that built the data."""
+  ours, theirs = vocab_lib.vocabulary(spec), tasks.vocabulary(spec)
+  assert (ours.vocab_size, ours.eos_id) == (theirs.vocab_size, theirs.eos_id)
+  ids = list(theirs.encode(text))
+  assert ours.encode(text) == ids
+  for probe in (ids, ids[:5] + [ours.eos_id] + ids[5:], ids + [ours.vocab_size + 3]):
+    assert ours.decode(probe) == theirs.decode(probe)
+
+
 def test_token_bytes_for_the_byte_vocabulary():
-  tb = tasks.token_bytes(tasks.vocabulary("byte"))
+  tb = vocab_lib.vocabulary("byte").token_bytes()
   assert tb.shape == (259,) and tb[:3].sum() == 0 and tb[3:].min() == 1
+  _same_ids_as_seqio("byte", "déf f(x):\n\treturn x  # ünïcode ✓")
 
 
 def test_missing_and_empty_data_fail_clearly(tmp_path):
@@ -117,7 +130,7 @@ def test_non_utf8_bytes_are_fine_for_bytes(tmp_path):
   evals = data.eval_batches(data_cfg(text_files=str(path)), "validation", 4, 2)
   assert evals[0]["weights"].sum() > 0
   with pytest.raises(DataError, match="not UTF-8"):
-    tasks.text_file_documents(str(path), (0.9, 0.05, 0.05), True)
+    corpora.text_file_documents(str(path), (0.9, 0.05, 0.05), True)
 
 
 def test_tfds_corpora_are_registered_without_downloading():
@@ -201,16 +214,16 @@ def test_many_files_are_split_whole_by_path_and_one_file_is_cut(tmp_path):
   for i in range(40):
     (tmp_path / f"doc{i:02d}.txt").write_text(f"file {i}\n" * 50)
   cfg = data_cfg(text_files=str(tmp_path / "*.txt"), split_fractions=(0.8, 0.1, 0.1))
-  assert tasks.split_by(cfg) == "file"
-  docs = tasks.text_file_documents(cfg.text_files, (0.8, 0.1, 0.1), False, "file")
+  assert corpora.split_by(cfg) == "file"
+  docs = corpora.text_file_documents(cfg.text_files, (0.8, 0.1, 0.1), False, "file")
   assert sum(len(v) for v in docs.values()) == 40  # whole files, each in one split
   assert len(docs["train"]) > len(docs["validation"]) > 0
-  again = tasks.text_file_documents(cfg.text_files, (0.8, 0.1, 0.1), False, "file")
+  again = corpora.text_file_documents(cfg.text_files, (0.8, 0.1, 0.1), False, "file")
   assert again == docs
   one = data_cfg(text_files=str(tmp_path / "doc00.txt"))
-  assert tasks.split_by(one) == "cut"
+  assert corpora.split_by(one) == "cut"
   with pytest.raises(ConfigError, match="data.split_by"):
-    tasks.split_by(data_cfg(text_files=cfg.text_files, split_by="lines"))
+    corpora.split_by(data_cfg(text_files=cfg.text_files, split_by="lines"))
 
 
 def test_sentencepiece_vocabulary(tmp_path, text_file):
@@ -220,13 +233,14 @@ def test_sentencepiece_vocabulary(tmp_path, text_file):
   spm.SentencePieceTrainer.train(input=text_file, model_prefix=prefix, vocab_size=320,
                                  model_type="unigram", byte_fallback=True, hard_vocab_limit=False,
                                  minloglevel=2)
-  vocab = tasks.vocabulary(prefix + ".model")
-  tb = tasks.token_bytes(vocab)
+  vocab = vocab_lib.vocabulary(prefix + ".model")
+  tb = vocab.token_bytes()
+  _same_ids_as_seqio(prefix + ".model", "line 7: the quick brown fox jumps ✓")
   assert tb.shape == (vocab.vocab_size,) and tb[0] == 0 and tb.max() > 1
   cfg = data_cfg(text_files=text_file, vocab=prefix + ".model")
   data.check_data(cfg)
   evals = data.eval_batches(cfg, "validation", 4, 50)
   targets = np.concatenate([b["targets"][b["weights"] > 0] for b in evals])
-  docs = tasks.text_file_documents(text_file, (0.9, 0.05, 0.05), True)
+  docs = corpora.text_file_documents(text_file, (0.9, 0.05, 0.05), True)
   # The bytes the scored tokens stand for are the validation text's bytes.
   assert int(tb[targets].sum()) == len(docs["validation"][0])
