@@ -2,11 +2,12 @@
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, one_device_env
 from hiertx import metrics, report
 from hiertx.errors import HiertxError
 
@@ -133,3 +134,28 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
   assert plot.stat().st_size > 1000
   with pytest.raises(HiertxError, match="has no sweep.json; run launch/sweep.py"):
     boundaries_experiment.load(str(tmp_path / "nothing"))
+
+
+def test_claim_device_trains_each_model_on_equal_tokens_and_scores_the_split(tmp_path):
+  """--runlocal: the accelerator command at toy size, each model in its own
+  process; a rerun reports the finished models without training them again."""
+  cmd = [sys.executable, "experiments/claim_device.py", "--runlocal", "--steps=4",
+         "--runs=vanilla.py:size=tiny,hourglass.py:size=tiny", f"--workdir={tmp_path}"]
+  first = subprocess.run(cmd, cwd=ROOT, env=one_device_env(), capture_output=True, text=True,
+                         timeout=300)
+  assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+  rows = {}
+  for line in first.stdout.splitlines():
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    if cells[0] in ("vanilla-tiny", "hourglass-tiny"):
+      rows[cells[0]] = cells
+  assert set(rows) == {"vanilla-tiny", "hourglass-tiny"}
+  for cells in rows.values():
+    assert cells[2:4] == ["4", f"{4 * 8 * 64:,}"]  # steps, train tokens: equal for both
+    assert 0 < float(cells[4]) < 9  # bits per byte on the validation split
+  scored = metrics.read_jsonl(str(tmp_path / "hourglass-tiny" / "metrics.jsonl"))[-1]
+  assert scored["eval/tokens"] > 100_000  # the whole split (136,390 bytes), not a sample
+  again = subprocess.run(cmd, cwd=ROOT, env=one_device_env(), capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0 and again.stdout.count("finished before, not rerun") == 2
+  assert rows["hourglass-tiny"][4] in again.stdout
