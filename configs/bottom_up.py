@@ -24,6 +24,6 @@ def get_config(arg=None):
   per_scale, factors, post = config_lib.choose(SIZES, arg.size, "size")
   c.model = config_lib.model_config(
       "bottom_up", arg.size, layers_per_scale=per_scale, pool_factors=factors,
-      pooling="mean", post_layers=post, query_adds_coarse=False)
+      post_layers=post)
   config_lib.apply_size_defaults(c, arg)
   return c

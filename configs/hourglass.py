@@ -25,7 +25,6 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", runlocal=False)
   c = config_lib.base_config()
   c.model = config_lib.model_config(
-      "hourglass", arg.size, hierarchy=config_lib.choose(SIZES, arg.size, "size"),
-      pooling="mean", upsampling="repeat")
+      "hourglass", arg.size, hierarchy=config_lib.choose(SIZES, arg.size, "size"))
   config_lib.apply_size_defaults(c, arg)
   return c

@@ -23,7 +23,6 @@ def get_config(arg=None):
   c = config_lib.base_config()
   n, k, windows, chunk = config_lib.choose(SIZES, arg.size, "size")
   c.model = config_lib.model_config(
-      "retina", arg.size, num_layers=n, pool_factor=k, windows=windows, chunk_size=chunk,
-      implementation="chunked")
+      "retina", arg.size, num_layers=n, pool_factor=k, windows=windows, chunk_size=chunk)
   config_lib.apply_size_defaults(c, arg)
   return c

@@ -26,7 +26,6 @@ def get_config(arg=None):
   c = config_lib.base_config()
   per_scale, factors = config_lib.choose(SIZES, arg.size, "size")
   c.model = config_lib.model_config(
-      "top_down", arg.size, layers_per_scale=per_scale, pool_factors=factors,
-      pooling="mean", upsampling="repeat")
+      "top_down", arg.size, layers_per_scale=per_scale, pool_factors=factors)
   config_lib.apply_size_defaults(c, arg)
   return c

@@ -22,7 +22,6 @@ mean group length and share of dropped closes at the last evaluation (fixed
 groups are k bytes by construction). Writes `--plot` (PNG).
 """
 
-import json
 import math
 import os
 import statistics
@@ -30,11 +29,10 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hiertx import cli  # noqa: E402
-from hiertx import report  # noqa: E402
-from hiertx.errors import HiertxError  # noqa: E402
-from hiertx.models import hourglass  # noqa: E402
+from hiertx import cli
+from hiertx import report
+from hiertx.errors import HiertxError
+from hiertx.models import hourglass
 
 SOURCES = ("fixed", "whitespace", "entropy", "learned")
 
@@ -68,37 +66,23 @@ def arm_of(model: dict) -> str:
 
 
 def load(sweep_dir: str) -> list[dict]:
-  """A finished row per run of one sweep directory (unfinished runs skipped, said)."""
-  path = os.path.join(sweep_dir, "sweep.json")
-  if not os.path.exists(path):
-    raise HiertxError(f"--sweep_dirs: {sweep_dir} has no sweep.json; run launch/sweep.py "
-                      "--config=configs/compare.py --sweep=boundaries there first")
-  with open(path) as f:
-    runs = json.load(f)["runs"]
+  """A finished row per run of one sweep directory (unfinished runs left out, said)."""
+  _, runs = report.read_sweep(sweep_dir)
   rows = []
-  for run in runs:
-    workdir = run["workdir"]
-    if not os.path.exists(os.path.join(workdir, "run_info.json")):
-      print(f"  {run['name']}: not started, left out", file=sys.stderr)
+  for row in runs:
+    if row["state"] != "finished":
+      print(f"  {row['name']}: {row['state']} at step {row['step']}, left out", file=sys.stderr)
       continue
-    row = report.summarize(workdir)
-    model = row["config"]["model"]
-    if row["step"] < row["config"]["train"]["steps"]:
-      print(f"  {run['name']}: at step {row['step']}, left out", file=sys.stderr)
-      continue
-    rows.append({**row, "corpus": corpus_of(row["config"]), "boundaries": arm_of(model),
-                 "seed": row["config"]["train"]["seed"]})
+    rows.append({**row, "corpus": corpus_of(row["config"]),
+                 "boundaries": arm_of(row["config"]["model"])})
   return rows
 
 
 def table(rows: list[dict]) -> tuple[str, list[dict]]:
-  groups = {}
-  for r in rows:
-    groups.setdefault((r["corpus"], r["boundaries"]), []).append(r)
+  groups = report.by_seed(rows, lambda r: (r["corpus"], r["boundaries"]))
   out, summary = [], []
   for (corpus, source), rs in sorted(groups.items(), key=lambda kv: (
       kv[0][0], SOURCES.index(kv[0][1].split()[0].rstrip(",")), kv[0][1])):
-    rs = sorted(rs, key=lambda r: r["seed"])
     bpb = [r["final_bpb"] for r in rs]
     mean = statistics.mean(bpb)
     group = statistics.mean(r["mean_group_length"] for r in rs)
@@ -143,8 +127,8 @@ def entropy_quantiles(workdir: str, batches: int = 16) -> dict[float, float]:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from hiertx import data, evaluate
-  config, run, _, params = evaluate.load_params(workdir)
+  from hiertx import data, steps
+  config, run, _, params = steps.load_params(workdir)
   if config.model.get("boundaries") != "entropy":
     raise HiertxError(f"--calibrate: {workdir} is not a boundaries=entropy run")
   model = run.model

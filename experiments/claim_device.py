@@ -4,7 +4,7 @@ against the 30-layer hierarchical models (Subramanian et al. 2020) at width
 exported data cache, then scored on the whole validation split.
 
   # where seqio is installed: the stdlib corpus as one directory to carry (11.6 MiB)
-  python -m hiertx.data --config=configs/vanilla.py --config.data.seq_len=2048 \
+  python -m hiertx.prepare_data --config=configs/vanilla.py --config.data.seq_len=2048 \
       --export=.gpu/stdlib_2048
   # on the accelerator machine: one command, about 8 minutes on one H200
   python experiments/claim_device.py --cache_dir=.gpu/stdlib_2048 --workdir=/tmp/claim_device
@@ -27,7 +27,7 @@ import time
 
 from absl import app, flags
 
-from hiertx import benchmark, checkpoint, cli, exported, metrics, report
+from hiertx import benchmark, checkpoint, cli, exported, report
 from hiertx import config as config_lib
 from hiertx.errors import FlagError
 
@@ -43,7 +43,7 @@ KERNELS = {"gpu": "cudnn", "tpu": "splash"}
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Where the runs train (one folder per model).")
-  flags.DEFINE_string("cache_dir", "", "An exported data cache (python -m hiertx.data "
+  flags.DEFINE_string("cache_dir", "", "An exported data cache (python -m hiertx.prepare_data "
                       "--export=DIR) at --seq_len; needed except with --runlocal.")
   flags.DEFINE_list("runs", None, "Config files (under configs/) with args; the first is the "
                     "baseline. Default: vanilla paper14 and the paper30 hierarchical models.")
@@ -106,14 +106,6 @@ def train_one(spec: str, overrides: list[str], workdir: str) -> tuple[int, float
   return proc.wait(), time.time() - t0
 
 
-def result(workdir: str) -> dict:
-  row = report.summarize(workdir)
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  device = [r["memory/device_peak_bytes"] for r in rows if "memory/device_peak_bytes" in r]
-  row["device_peak_bytes"] = device[-1] if device else None
-  return row
-
-
 def table(names: list[str], rows: list[dict | None], batch: int, seq_len: int) -> str:
   base = rows[0]
   out = []
@@ -142,10 +134,10 @@ def main(argv):
   f = flags.FLAGS
   if not f.runlocal and not f.cache_dir:
     cli.run(_fail, FlagError("--cache_dir", "needs an exported data cache (python -m "
-                             "hiertx.data --config=... --export=DIR), or use --runlocal"))
+                             "hiertx.prepare_data --config=... --export=DIR), or use --runlocal"))
   if f.cache_dir and not exported.is_export(f.cache_dir):
     cli.run(_fail, FlagError("--cache_dir", f"{f.cache_dir!r} is not an exported cache (no "
-                             f"{exported.MANIFEST}); make one with python -m hiertx.data "
+                             f"{exported.MANIFEST}); make one with python -m hiertx.prepare_data "
                              "--config=... --export=DIR"))
   runs = f.runs or (LOCAL_RUNS if f.runlocal else DEFAULT_RUNS)
   batch, seq_len, steps = ((8, 64, min(f.steps, 20)) if f.runlocal
@@ -169,7 +161,7 @@ def main(argv):
       code, seconds = train_one(spec, overrides, workdir)
       print(f"{run_name(spec)}: {'done' if code == 0 else f'failed (exit {code})'} in "
             f"{seconds:.0f}s", flush=True)
-    rows.append(result(workdir) if code == 0 else None)
+    rows.append(report.read_run(workdir) if code == 0 else None)
   print()
   print(table([run_name(s) for s, _ in planned], rows, batch, seq_len), flush=True)
   if any(r is None for r in rows):

@@ -12,10 +12,10 @@ import tempfile
 
 from absl import app, flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from hiertx import cli, metrics, report
 
-from hiertx import cli, metrics, report  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def define_flags() -> None:
   flags.DEFINE_string("config", "configs/vanilla.py:size=tiny", "Config file[:arg].")

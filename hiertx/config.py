@@ -88,20 +88,16 @@ WIDTHS = {
 
 
 def model_config(name: str, size: str, **fields) -> ml_collections.ConfigDict:
-  """A `config.model` section: the common fields at `size`'s width, plus `fields`."""
+  """A `config.model` section: every field of the model's class at its default
+  (the class is where defaults are defined), the common widths at `size`,
+  then `fields`."""
   width = "base" if size.startswith("paper") else size
   if width not in WIDTHS:
     raise ConfigError("<arg>.size", f"unknown size {size!r}")
   d, h, f = WIDTHS[width]
-  return ml_collections.ConfigDict(dict(
-      name=name, d_model=d, num_heads=h, mlp_dim=f, dropout=0.0, positions="learned",
-      max_len=2048, dtype="float32", remat="none", scan_layers=False,
-      attention="blockwise", attention_q_chunk=256, attention_k_chunk=256,
-      attention_fallback="error",
-      # Content groups for the first shortening (hourglass, top_down with one
-      # pooling factor; hiertx.boundaries and the README).
-      boundaries="fixed", max_group=16, group_capacity=1.5, entropy_threshold=3.0,
-      boundary_temperature=1.0, boundary_prior_weight=1.0, **fields))
+  _, defaults = models.resolve({"name": name})
+  return ml_collections.ConfigDict(dict(name=name, **{**defaults, "d_model": d, "num_heads": h,
+                                                      "mlp_dim": f, **fields}))
 
 
 def closest_first(word: str, choices) -> str:
@@ -233,7 +229,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def from_json(text: str) -> ml_collections.ConfigDict:
   """A saved config, with fields added since it was saved at their defaults
-  (the model's defaults come from its class when it is built)."""
+  (the model's from its class)."""
   saved = json.loads(text)
   config = base_config().to_dict()
   for section, values in saved.items():
@@ -241,6 +237,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
       config[section] = {**config[section], **values}
     else:
       config[section] = values
+  if config.get("model", {}).get("name") in models.MODELS:
+    _, defaults = models.resolve({"name": config["model"]["name"]})
+    config["model"] = {**defaults, **config["model"]}
   return ml_collections.ConfigDict(config)
 
 

@@ -89,13 +89,13 @@ def model_workload(model_cfg, seq_len: int, vocab_size: int = 1) -> workload_lib
 
 
 def shape_of(config, vocab_size: int, batch: int | None = None) -> Shape:
-  m = config.model
+  _, m = models.resolve(config.model)  # the fields a config leaves out at the class's defaults
   return Shape(batch=batch or config.data.batch_size, seq_len=config.data.seq_len,
-               d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
-               vocab=-(-vocab_size // 128) * 128, max_len=m.max_len,
-               learned_positions=m.positions == "learned", remat=m.remat,
-               scan=m.get("scan_layers", False), attention=m.get("attention", "blockwise"),
-               q_chunk=m.get("attention_q_chunk", 256), k_chunk=m.get("attention_k_chunk", 256))
+               d_model=m["d_model"], num_heads=m["num_heads"], mlp_dim=m["mlp_dim"],
+               vocab=-(-vocab_size // 128) * 128, max_len=m["max_len"],
+               learned_positions=m["positions"] == "learned", remat=m["remat"],
+               scan=m["scan_layers"], attention=m["attention"],
+               q_chunk=m["attention_q_chunk"], k_chunk=m["attention_k_chunk"])
 
 
 def param_count(s: Shape, w: workload_lib.Workload) -> int:

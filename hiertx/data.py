@@ -31,7 +31,7 @@ With several processes each one reads only its rows of the global batch:
                                  for corpora too big for one host. Batches
                                  depend on the process count.
 
-    python -m hiertx.data --config=configs/vanilla.py --split=train
+    python -m hiertx.prepare_data --config=configs/vanilla.py --split=train
 builds (or checks) a split's cache ahead of a run, with progress.
 """
 
@@ -40,20 +40,14 @@ import hashlib
 import json
 import os
 import queue
-import sys
 import threading
 import time
 from typing import Iterator
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
-from hiertx import cli
-from hiertx import config as config_lib
 from hiertx import corpora
 from hiertx import exported
-from hiertx import models
 from hiertx import vocab as vocab_lib
 from hiertx.errors import ConfigError, DataError
 
@@ -171,7 +165,7 @@ def _read_pieces(data_cfg, split: str, shard: Shard):
     raise DataError(
         f"the {split} split of {data_cfg.text_files or data_cfg.task} is not in the data "
         f"cache ({cache_root(data_cfg)}), and building it needs seqio and TensorFlow ({e}): "
-        "build or export the cache where they are installed (python -m hiertx.data "
+        "build or export the cache where they are installed (python -m hiertx.prepare_data "
         "--config=... [--export=DIR]) and point data.cache_dir at it") from None
   task = tasks.get_task(data_cfg)
   sharded = data_cfg.process_sharding == "source" and shard.count > 1
@@ -431,59 +425,10 @@ def scored_text(batches: list[dict], vocab) -> bytes:
   return vocab.decode_bytes(ids)
 
 
-# ----------------------------------------------------------------------------
-# Building a cache ahead of a run.
-
-
-def define_flags() -> None:
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).",
-                                  lock_config=True)
-  flags.DEFINE_list("split", ["train", "validation"], "Splits to build.")
-  flags.DEFINE_integer("align", None, "Alignment (default: data.align; -1 needs the model).")
-  flags.DEFINE_string("export", None, "Write the splits' pieces to this new directory, an "
-                      "exported cache to carry to other machines (hiertx.exported); "
-                      "--split defaults to all three then.")
-  flags.mark_flags_as_required(["config"])
-
-
-def main(argv):
-  del argv
-  cli.quiet_library_logs()
-  config = config_lib.resolved(flags.FLAGS.config)
-  cli.run(check_data, config.data)
-  if flags.FLAGS.export:
-    cli.run(export, config.data, flags.FLAGS.export, flags.FLAGS.split
-            if flags.FLAGS["split"].present else list(corpora.SPLITS))
-    return
-  align = flags.FLAGS.align or config.data.align
-  if align == -1:
-    align = models.build(config.model, 1, config.data.seq_len).pooling_multiple()
-  for split in flags.FLAGS.split:
-    _, _, stats = cli.run(packed_rows, config.data, split, align)
-    pad = stats["alignment_padding"] + stats["end_padding"]
-    total = max(1, pad + stats["tokens"])
-    print(f"{split}: {stats['rows']:,} rows of {config.data.seq_len}, {stats['tokens']:,} "
-          f"tokens, alignment {align}: padding {stats['alignment_padding'] / total:.1%} "
-          f"between pieces, {stats['end_padding'] / total:.1%} at row ends "
-          f"(cache: {cache_root(config.data)})", flush=True)
-  sys.stdout.flush()
-
-
 def export(data_cfg, directory: str, splits) -> dict:
   """Writes `splits` of `data_cfg`'s corpus to `directory` as an exported
-  cache (hiertx.exported), printing its sizes; returns the manifest."""
+  cache (hiertx.exported); returns its manifest."""
   if exported.is_export(cache_root(data_cfg)):
     raise ConfigError("data.cache_dir", "is an exported cache already; export from the "
                       "corpus (leave data.cache_dir unset or point it at a build cache)")
-  m = exported.write(directory, data_cfg, {s: pieces(data_cfg, s) for s in splits})
-  for split, n in m["splits"].items():
-    print(f"{split}: {n['documents']:,} documents, {n['pieces']:,} pieces, "
-          f"{n['tokens']:,} tokens", flush=True)
-  print(f"exported to {directory}: {m['bytes'] / 2**20:.1f} MiB "
-        f"(train with --config.data.cache_dir={directory})", flush=True)
-  return m
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  return exported.write(directory, data_cfg, {s: pieces(data_cfg, s) for s in splits})

@@ -35,44 +35,7 @@ from hiertx import data
 from hiertx import distributed
 from hiertx import metrics
 from hiertx import steps
-from hiertx.errors import CheckpointError, ConfigError, FlagError
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
-  out = {"data": 1, "fsdp": 1, "tensor": 1}
-  for item in filter(None, text.split(",")):
-    axis, _, size = item.partition("=")
-    if axis not in out or not size.lstrip("-").isdigit():
-      raise ConfigError("mesh", f"--mesh={text!r}: expected items like data=2,fsdp=4")
-    out[axis] = int(size)
-  return out
-
-
-def load_params(workdir: str, step: int | None = None, mesh: str = "data=-1", devices=None,
-                seq_len: int | None = None, needs_data: bool = True):
-  """(config, run, step, params) of a workdir's checkpoint (default: the newest):
-  the parameters alone, restored onto `mesh` whatever mesh they were saved
-  from. `seq_len` builds the run for another length than training's;
-  generation (`needs_data=False`) does not check the corpus."""
-  config = checkpoint.load_config(workdir)
-  config.mesh.update(parse_mesh(mesh))
-  if seq_len is not None:
-    config.data.seq_len = seq_len
-  run = steps.build_run(config, devices, check_data=needs_data)
-  mngr = checkpoint.manager(workdir)
-  try:
-    saved = mngr.all_steps()
-    if not saved:
-      raise CheckpointError(f"{workdir!r} has no checkpoints")
-    step = max(saved) if step is None else step
-    if step not in saved:
-      raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has "
-                            f"{sorted(saved)}")
-    params = checkpoint.restore_params(mngr, step, run.abstract_state)
-  finally:
-    mngr.close()
-  return config, run, step, params
+from hiertx.errors import FlagError
 
 
 def _write(workdir: str, name: str, result: dict) -> None:
@@ -86,7 +49,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
                         devices=None) -> dict:
   """Scores a checkpoint on the trainer's evaluation rows, restored onto
   `mesh` over `devices` (default: all, data parallel)."""
-  config, run, step, params = load_params(workdir, step, mesh, devices)
+  config, run, step, params = steps.load_params(workdir, step, mesh, devices)
   if batches is not None:
     config.eval.batches = batches
   split = split or config.eval.split
@@ -116,7 +79,7 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
   once with up to `context` tokens of context, windows advancing `stride`."""
   if stride < 1 or context < stride:
     raise FlagError("--stride", f"must be between 1 and --context={context}, got {stride}")
-  config, run, step, params = load_params(workdir, step, mesh, devices, seq_len=context)
+  config, run, step, params = steps.load_params(workdir, step, mesh, devices, seq_len=context)
   docs = list(data.documents(config.data, split))
   plan = windows([len(d) for d in docs], context, stride)
   global_batch = config.eval.batch_size
@@ -151,7 +114,7 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
   if sums["tokens"] != total:
     raise AssertionError(f"scored {sums['tokens']:.0f} of {total} tokens")
   result = {"step": step, "split": split, "context": context, "stride": stride,
-            "documents": len(docs), "windows": len(plan), **steps.summarize_eval(sums),
+            "documents": len(docs), "windows": len(plan), **metrics.summarize_eval(sums),
             "eval/bytes": sums["bytes"], **metrics.compressor_bits_per_byte(bytes(scored))}
   _write(workdir, f"eval_{split}_{step}_ctx{context}_stride{stride}.json", result)
   return result
@@ -186,7 +149,7 @@ def main(argv):
     r = cli.run(evaluate_checkpoint, f.workdir, f.step, f.split, f.batches, f.mesh)
     print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "
           f"{r['eval/perplexity']:.3f} | bits/byte {r['eval/bits_per_byte']:.4f} | "
-          f"{r['eval/tokens']:.0f} tokens; {_baselines(r)}{steps.groups_text(r)}", flush=True)
+          f"{r['eval/tokens']:.0f} tokens; {_baselines(r)}{metrics.groups_text(r)}", flush=True)
     return
   config = cli.run(checkpoint.load_config, f.workdir)
   context = f.context or f.stride or config.data.seq_len
@@ -195,7 +158,7 @@ def main(argv):
   print(f"step {r['step']} ({r['split']}, whole documents, context {r['context']}, stride "
         f"{r['stride']}): bits/byte {r['eval/bits_per_byte']:.4f} | {r['eval/bytes']:,.0f} "
         f"bytes in {r['documents']:,} documents ({r['windows']:,} windows) | loss "
-        f"{r['eval/loss']:.4f}; {_baselines(r)}{steps.groups_text(r)}", flush=True)
+        f"{r['eval/loss']:.4f}; {_baselines(r)}{metrics.groups_text(r)}", flush=True)
   sys.stdout.flush()
 
 

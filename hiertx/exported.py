@@ -1,7 +1,7 @@
 r"""Exported data caches: one directory holding every split a run reads, to
 carry to machines without the corpus, seqio or TensorFlow.
 
-    python -m hiertx.data --config=configs/vanilla.py --export=/tmp/stdlib_256
+    python -m hiertx.prepare_data --config=configs/vanilla.py --export=/tmp/stdlib_256
     python -m hiertx.train --config=configs/vanilla.py \
         --config.data.cache_dir=/tmp/stdlib_256 --workdir=/tmp/run
 
@@ -143,7 +143,7 @@ def check(root: str, data_cfg) -> dict:
     raise ConfigError("data.cache_dir", f"{root} is an exported cache of "
                       f"{_describe(m, m['vocab'], m['seq_len'])}; this config reads "
                       f"{_describe(want, vocab, data_cfg.seq_len)}: export one for it "
-                      "(python -m hiertx.data --config=... --export=DIR) or set "
+                      "(python -m hiertx.prepare_data --config=... --export=DIR) or set "
                       "data.cache_dir to another cache")
   if data_cfg.process_sharding != "rows":
     raise ConfigError("data.process_sharding", "an exported cache holds whole splits: use "

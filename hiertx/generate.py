@@ -16,7 +16,7 @@ from absl import app, flags
 
 from hiertx import cli
 from hiertx import decode
-from hiertx import evaluate
+from hiertx import steps
 from hiertx.errors import FlagError
 
 
@@ -37,7 +37,7 @@ def from_checkpoint(workdir: str, prompt: str, max_new_tokens: int, temperature=
     raise FlagError("--max_new_tokens", f"must be >= 1, got {max_new_tokens}")
   if not prompt:
     raise FlagError("--prompt", "must not be empty: the model needs a token to continue")
-  config, run, step, params = evaluate.load_params(workdir, step, "data=1",
+  config, run, step, params = steps.load_params(workdir, step, "data=1",
                                                    jax.local_devices()[:1], needs_data=False)
   ids = np.asarray(run.vocab.encode(prompt), np.int32)[None]
   dec = decode.decoder(run.model, ids.shape[1] + max_new_tokens)

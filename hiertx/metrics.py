@@ -87,6 +87,28 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def groups_text(result: dict) -> str:
+  """' | mean group ... bytes, dropped closes ...%' for an evaluation of content
+  groups (hiertx.boundaries); '' otherwise."""
+  if "eval/mean_group_length" not in result:
+    return ""
+  return (f" | mean group {result['eval/mean_group_length']:.2f} bytes, dropped closes "
+          f"{result['eval/dropped_closes']:.2%}")
+
+
+def summarize_eval(sums: dict) -> dict:
+  """Evaluation sums (nats, tokens, bytes; content-group counts) as the
+  reported loss, perplexity and bits per byte."""
+  loss = sums["nll"] / max(sums["tokens"], 1.0)
+  out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
+         "eval/bits_per_byte": sums["nll"] / (math.log(2) * max(sums["bytes"], 1.0)),
+         "eval/tokens": sums["tokens"]}
+  if "positions" in sums:  # content groups
+    out["eval/mean_group_length"] = sums["positions"] / max(sums["closes"], 1.0)
+    out["eval/dropped_closes"] = sums["dropped"] / max(sums["positions"], 1.0)
+  return out
+
+
 def compressor_bits_per_byte(text: bytes) -> dict[str, float]:
   """What general-purpose compressors spend on `text`: `gzip -9` and `xz -9`
   (Python's gzip and lzma at those presets), in bits per byte. A language

@@ -1,41 +1,96 @@
-"""Summaries of finished runs: one row per workdir, markdown tables, Pareto fronts."""
+"""Reading runs back: one row per run directory (the one reader launch/report.py,
+experiments and sweeps share), seed groups, markdown tables, Pareto fronts."""
 
 import json
 import math
 import os
 import statistics
 
+from hiertx import checkpoint
 from hiertx import metrics
+from hiertx.errors import HiertxError
 
 
-def summarize(workdir: str) -> dict:
-  """Headline numbers of one run from its metrics.jsonl and run_info.json."""
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  with open(os.path.join(workdir, "run_info.json")) as f:
-    info = json.load(f)
-  facts = info["facts"]
-  train_rows = [r for r in rows if "train/tokens_per_s" in r]
+NAN = float("nan")
+
+
+class ReportError(HiertxError):
+  """A directory to report on is not what the report needs."""
+
+
+def read_run(workdir: str, name: str | None = None, overrides: dict | None = None) -> dict:
+  """One run's state, headline numbers and curves from its directory
+  (status.json, run_info.json, metrics.jsonl); what is missing reads as NaN,
+  None or empty, so a run that failed or never started still has a row."""
+  status = checkpoint.read_status(workdir)
+  row = {"name": name or os.path.basename(workdir.rstrip(os.sep)), "workdir": workdir,
+         "overrides": dict(overrides or {}), "state": status["state"],
+         "error": status.get("error", ""), "model": "", "config": {}, "seed": None,
+         "steps": None, "params": None, "xla_peak_bytes": NAN, "analytic_peak_bytes": NAN,
+         "device_peak_bytes": None, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,
+         "best_bpb": NAN, "final_perplexity": NAN, "gzip_bpb": NAN, "xz_bpb": NAN,
+         "mean_group_length": NAN, "dropped_closes": NAN, "train_curve": [],
+         "eval_curve": []}
+  info_path = os.path.join(workdir, "run_info.json")
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+    facts, config = info.get("facts", {}), info.get("config", {})
+    row.update(config=config, model=config.get("model", {}).get("name", ""),
+               seed=config.get("train", {}).get("seed"),
+               steps=config.get("train", {}).get("steps"),
+               params=int(facts["params/total"]) if "params/total" in facts else None,
+               xla_peak_bytes=facts.get("memory/xla_peak_bytes", NAN),
+               analytic_peak_bytes=facts.get("memory/analytic_peak_bytes", NAN))
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return row
+  rows = metrics.read_jsonl(path)
+  speeds = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]
   evals = [r for r in rows if "eval/bits_per_byte" in r]
-  # The first logged interval holds warm-up noise; the median of the rest is steadier.
-  speeds = [r["train/tokens_per_s"] for r in train_rows[1:]] or [
-      r["train/tokens_per_s"] for r in train_rows]
-  return {
-      "workdir": workdir,
-      "model": info["config"]["model"]["name"],
-      "params": int(facts["params/total"]),
-      "xla_peak_bytes": int(facts.get("memory/xla_peak_bytes", 0)),
-      "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
-      "step": max((r["step"] for r in rows), default=0),
-      "final_bpb": evals[-1]["eval/bits_per_byte"] if evals else float("nan"),
-      "best_bpb": min((r["eval/bits_per_byte"] for r in evals), default=float("nan")),
-      "final_perplexity": evals[-1]["eval/perplexity"] if evals else float("nan"),
+  last = evals[-1] if evals else {}
+  device = [r["memory/device_peak_bytes"] for r in rows if "memory/device_peak_bytes" in r]
+  row.update(
+      # The first logged interval holds warm-up noise; the median of the rest is steadier.
+      tokens_per_s=statistics.median(speeds[1:] or speeds) if speeds else NAN,
+      step=max((r["step"] for r in rows), default=0),
+      device_peak_bytes=device[-1] if device else None,
+      final_bpb=last.get("eval/bits_per_byte", NAN),
+      best_bpb=min((r["eval/bits_per_byte"] for r in evals), default=NAN),
+      final_perplexity=last.get("eval/perplexity", NAN),
+      # The compressors on the same evaluation text, logged at the last evaluation.
+      gzip_bpb=next((r["eval/gzip_bits_per_byte"] for r in reversed(evals)
+                     if "eval/gzip_bits_per_byte" in r), NAN),
+      xz_bpb=next((r["eval/xz_bits_per_byte"] for r in reversed(evals)
+                   if "eval/xz_bits_per_byte" in r), NAN),
       # Content groups (hiertx.boundaries) at the last evaluation.
-      "mean_group_length": evals[-1].get("eval/mean_group_length", float("nan"))
-                           if evals else float("nan"),
-      "dropped_closes": evals[-1].get("eval/dropped_closes", float("nan"))
-                        if evals else float("nan"),
-      "config": info["config"],
-  }
+      mean_group_length=last.get("eval/mean_group_length", NAN),
+      dropped_closes=last.get("eval/dropped_closes", NAN),
+      train_curve=[(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
+      eval_curve=[(r["step"], r["eval/bits_per_byte"]) for r in evals])
+  return row
+
+
+def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
+  """(sweep.json, a read_run row per run) of a directory launch/sweep.py ran in."""
+  path = os.path.join(sweep_dir, "sweep.json")
+  if not os.path.exists(path):
+    raise ReportError(f"{sweep_dir} has no sweep.json: run launch/sweep.py there first "
+                      "(or give the directory it ran in)")
+  with open(path) as f:
+    spec = json.load(f)
+  return spec, [read_run(r["workdir"], r["name"], r.get("overrides")) for r in spec["runs"]]
+
+
+def by_seed(rows: list[dict], key) -> dict:
+  """Finished runs grouped by `key(row)` (what is left when the seed is set
+  aside), each group ordered by seed; groups in first-seen order."""
+  groups: dict = {}
+  for r in rows:
+    if r["state"] == "finished":
+      groups.setdefault(key(r), []).append(r)
+  return {k: sorted(g, key=lambda r: (r["seed"] is None, r["seed"] or 0))
+          for k, g in groups.items()}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[bool]:

@@ -12,7 +12,6 @@ in/out shardings and donation.
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import flax
@@ -23,6 +22,7 @@ import optax
 
 from hiertx import attention
 from hiertx import boundaries
+from hiertx import checkpoint
 from hiertx import config as config_lib
 from hiertx import cost
 from hiertx import data
@@ -32,7 +32,7 @@ from hiertx import optimizer
 from hiertx import sharding
 from hiertx import vocab as vocab_lib
 from hiertx import xla_options
-from hiertx.errors import ConfigError
+from hiertx.errors import CheckpointError, ConfigError
 
 
 @flax.struct.dataclass
@@ -120,26 +120,6 @@ def eval_step(params, batch, *, model, bytes_V):
           **aux[boundaries.STATS]}
 
 
-def groups_text(result: dict) -> str:
-  """' | mean group ... bytes, dropped closes ...%' for an evaluation of content
-  groups (hiertx.boundaries); '' otherwise."""
-  if "eval/mean_group_length" not in result:
-    return ""
-  return (f" | mean group {result['eval/mean_group_length']:.2f} bytes, dropped closes "
-          f"{result['eval/dropped_closes']:.2%}")
-
-
-def summarize_eval(sums: dict) -> dict:
-  loss = sums["nll"] / max(sums["tokens"], 1.0)
-  out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 80.0)),
-         "eval/bits_per_byte": sums["nll"] / (math.log(2) * max(sums["bytes"], 1.0)),
-         "eval/tokens": sums["tokens"]}
-  if "positions" in sums:  # content groups
-    out["eval/mean_group_length"] = sums["positions"] / max(sums["closes"], 1.0)
-    out["eval/dropped_closes"] = sums["dropped"] / max(sums["positions"], 1.0)
-  return out
-
-
 # ----------------------------------------------------------------------------
 # Building a run.
 
@@ -192,7 +172,7 @@ class Run:
       for k in out:
         sums[k] = sums.get(k, 0.0) + float(out[k])
     sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0, **sums}
-    return summarize_eval(sums)
+    return metrics.summarize_eval(sums)
 
 
 def build_run(config, devices=None, check_data: bool = True) -> Run:
@@ -300,3 +280,44 @@ def compiled_facts(compiled, run: Run) -> dict:
     facts["flops/step_xla"] = flops * run.mesh.size
   facts.update(cost.predict(run.config, run.vocab.vocab_size))
   return facts
+
+
+# ----------------------------------------------------------------------------
+# A trained run's parameters, for evaluation and generation.
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
+  out = {"data": 1, "fsdp": 1, "tensor": 1}
+  for item in filter(None, text.split(",")):
+    axis, _, size = item.partition("=")
+    if axis not in out or not size.lstrip("-").isdigit():
+      raise ConfigError("mesh", f"--mesh={text!r}: expected items like data=2,fsdp=4")
+    out[axis] = int(size)
+  return out
+
+
+def load_params(workdir: str, step: int | None = None, mesh: str = "data=-1", devices=None,
+                seq_len: int | None = None, needs_data: bool = True):
+  """(config, run, step, params) of a workdir's checkpoint (default: the newest):
+  the parameters alone, restored onto `mesh` whatever mesh they were saved
+  from. `seq_len` builds the run for another length than training's;
+  generation (`needs_data=False`) does not check the corpus."""
+  config = checkpoint.load_config(workdir)
+  config.mesh.update(parse_mesh(mesh))
+  if seq_len is not None:
+    config.data.seq_len = seq_len
+  run = build_run(config, devices, check_data=needs_data)
+  mngr = checkpoint.manager(workdir)
+  try:
+    saved = mngr.all_steps()
+    if not saved:
+      raise CheckpointError(f"{workdir!r} has no checkpoints")
+    step = max(saved) if step is None else step
+    if step not in saved:
+      raise CheckpointError(f"{workdir!r} has no checkpoint at step {step}; it has "
+                            f"{sorted(saved)}")
+    params = checkpoint.restore_params(mngr, step, run.abstract_state)
+  finally:
+    mngr.close()
+  return config, run, step, params

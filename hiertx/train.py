@@ -282,7 +282,7 @@ class _Progress:
     self.last.update(result)
     print(f"eval at step {step} ({self.config.eval.split}): loss {result['eval/loss']:.4f} | "
           f"perplexity {result['eval/perplexity']:.3f} | "
-          f"bits/byte {result['eval/bits_per_byte']:.4f}{steps.groups_text(result)}", flush=True)
+          f"bits/byte {result['eval/bits_per_byte']:.4f}{metrics.groups_text(result)}", flush=True)
     if last:
       print(f"  the same text: gzip -9 {self.baselines['eval/gzip_bits_per_byte']:.4f}, "
             f"xz -9 {self.baselines['eval/xz_bits_per_byte']:.4f} bits/byte", flush=True)

@@ -1,15 +1,13 @@
 """Shared by the launchers: the trainer command line and printing a dry run."""
 
-import os
 import shlex
 import shutil
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from absl import flags  # noqa: E402
+from absl import flags
 
-from hiertx import cli  # noqa: E402
-from hiertx import config as config_lib  # noqa: E402
+from hiertx import cli
+from hiertx import config as config_lib
 
 
 def train_command(config: str, workdir: str, overrides: list[str], python: str = "python3",

@@ -5,14 +5,13 @@ r"""Runs one training job on this machine (all local devices, one process).
   python launch/local.py --config=configs/vanilla.py --workdir=/tmp/v --dry_run
 """
 
-import os
 import subprocess
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
+
 
 def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file[:arg].", required=True)

@@ -17,8 +17,8 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
+
 
 def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file[:arg].", required=True)

@@ -11,67 +11,21 @@ Writes <sweep_dir>/report.md, loss_curves.png and bpb_vs_memory.png.
 Works while a sweep is still running, and on sweeps run by any target.
 """
 
-import json
 import math
 import os
 import statistics
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hiertx import checkpoint  # noqa: E402
-from hiertx import cli  # noqa: E402
-from hiertx import metrics  # noqa: E402
-from hiertx import report as report_lib  # noqa: E402
-from hiertx import sweep  # noqa: E402
+from hiertx import cli
+from hiertx import report as report_lib
+from hiertx import sweep
 
-NAN = float("nan")
+NAN = report_lib.NAN
 
 
 def define_flags() -> None:
   flags.DEFINE_string("sweep_dir", None, "Directory launch/sweep.py ran in.", required=True)
-
-
-def load_run(run: dict) -> dict:
-  """One run's status, headline numbers and curves; missing files give NaNs."""
-  workdir = run["workdir"]
-  status = checkpoint.read_status(workdir)
-  row = {"name": run["name"], "overrides": run["overrides"], "state": status["state"],
-         "error": status.get("error", ""), "model": "", "params": None, "xla_peak_bytes": NAN,
-         "analytic_peak_bytes": NAN, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,
-         "best_bpb": NAN, "final_perplexity": NAN, "gzip_bpb": NAN, "xz_bpb": NAN,
-         "train_curve": [], "eval_curve": []}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return row
-  rows = metrics.read_jsonl(path)
-  facts = {}
-  if os.path.exists(os.path.join(workdir, "run_info.json")):
-    with open(os.path.join(workdir, "run_info.json")) as f:
-      info = json.load(f)
-    facts = info["facts"]
-    row["model"] = info["config"]["model"]["name"]
-  speeds = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]
-  evals = [r for r in rows if "eval/bits_per_byte" in r]
-  row.update(
-      params=int(facts["params/total"]) if "params/total" in facts else None,
-      xla_peak_bytes=facts.get("memory/xla_peak_bytes", NAN),
-      analytic_peak_bytes=facts.get("memory/analytic_peak_bytes", NAN),
-      # The first interval holds warm-up; the median of the rest is steadier.
-      tokens_per_s=statistics.median(speeds[1:] or speeds) if speeds else NAN,
-      step=max((r["step"] for r in rows), default=0),
-      final_bpb=evals[-1]["eval/bits_per_byte"] if evals else NAN,
-      best_bpb=min((r["eval/bits_per_byte"] for r in evals), default=NAN),
-      final_perplexity=evals[-1]["eval/perplexity"] if evals else NAN,
-      # The compressors on the same evaluation text, logged at the last evaluation.
-      gzip_bpb=next((r["eval/gzip_bits_per_byte"] for r in reversed(evals)
-                     if "eval/gzip_bits_per_byte" in r), NAN),
-      xz_bpb=next((r["eval/xz_bits_per_byte"] for r in reversed(evals)
-                   if "eval/xz_bits_per_byte" in r), NAN),
-      train_curve=[(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
-      eval_curve=[(r["step"], r["eval/bits_per_byte"]) for r in evals])
-  return row
 
 
 def _overrides_text(overrides: dict) -> str:
@@ -111,12 +65,8 @@ def run_table(rows: list[dict]) -> str:
 
 def seed_table(rows: list[dict]) -> str | None:
   """Finished runs averaged over `*.seed` overrides; None when nothing varies by seed."""
-  groups: dict[str, list[dict]] = {}
-  for r in rows:
-    if r["state"] != "finished":
-      continue
-    key = _overrides_text({k: v for k, v in r["overrides"].items() if not k.endswith("seed")})
-    groups.setdefault(key, []).append(r)
+  groups = report_lib.by_seed(rows, lambda r: _overrides_text(
+      {k: v for k, v in r["overrides"].items() if not k.endswith("seed")}))
   if not groups or all(len(g) == 1 for g in groups.values()):
     return None
   base_mem = vanilla_memory(rows)
@@ -181,13 +131,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
 
 def write(sweep_dir: str) -> tuple[str, list[dict]]:
   """Reads the sweep, writes report.md and the plots; returns (markdown, rows)."""
-  path = os.path.join(sweep_dir, "sweep.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {sweep_dir} a directory launch/sweep.py "
-                            "ran in?")
-  with open(path) as f:
-    spec = json.load(f)
-  rows = [load_run(r) for r in spec["runs"]]
+  spec, rows = report_lib.read_sweep(sweep_dir)
   # Overrides every run shares are stated once; the table shows what differs.
   shared = {k: v for k, v in rows[0]["overrides"].items()
             if all(k in r["overrides"] and r["overrides"][k] == v for r in rows)} if rows else {}
@@ -212,11 +156,8 @@ def write(sweep_dir: str) -> tuple[str, list[dict]]:
 
 
 def main(argv):
-  del argv
-  try:
-    md, _ = write(flags.FLAGS.sweep_dir)
-  except FileNotFoundError as e:
-    sys.exit(f"error: {e}")
+  cli.start(argv)
+  md, _ = cli.run(write, flags.FLAGS.sweep_dir)
   print(md)
   print(f"written: {os.path.join(flags.FLAGS.sweep_dir, 'report.md')} and its plots")
 

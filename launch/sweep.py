@@ -23,15 +23,13 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import slurm  # noqa: E402
-import tpu  # noqa: E402
-from hiertx import checkpoint  # noqa: E402
-from hiertx import config as config_lib  # noqa: E402
-from hiertx import sweep  # noqa: E402
-from hiertx.errors import HiertxError  # noqa: E402
+import common
+import slurm
+import tpu
+from hiertx import checkpoint
+from hiertx import config as config_lib
+from hiertx import sweep
+from hiertx.errors import HiertxError
 
 TARGETS = ("local", "slurm", "tpu")
 

@@ -9,15 +9,14 @@ The repository is expected at --repo_dir on every worker (e.g. cloned there
 by --setup).
 """
 
-import os
 import shlex
 import subprocess
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+import common
+
 
 def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file[:arg].", required=True)

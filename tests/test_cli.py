@@ -62,7 +62,7 @@ CASES = {
     "decode_bench misspelt field": (["experiments/decode_bench.py", "--runs=vanilla.py:size=tiny",
                                      "--set=modle.d_model=3"],
                                     "config.modle: is not a field of the config"),
-    "data config argument": (["-m", "hiertx.data", "--config=configs/retina.py:size=huge"],
+    "data config argument": (["-m", "hiertx.prepare_data", "--config=configs/retina.py:size=huge"],
                              "'huge' is not one of:"),
 }
 

@@ -11,12 +11,12 @@ from conftest import ROOT, one_device_env
 from hiertx import metrics, report
 from hiertx.errors import HiertxError
 
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import bench  # noqa: E402
-import boundaries as boundaries_experiment  # noqa: E402
-import decode_bench  # noqa: E402
-import memory_depth  # noqa: E402
-import seq_scaling  # noqa: E402
+# experiments/ (pytest.ini's pythonpath)
+import bench
+import boundaries as boundaries_experiment
+import decode_bench
+import memory_depth
+import seq_scaling
 
 
 def test_pareto_front():
@@ -98,6 +98,8 @@ def _fake_run(workdir, corpus, model, seed, bpb, group, reached=1000):
   ev = {"eval/bits_per_byte": bpb, "eval/perplexity": 2.0}
   if model.get("boundaries", "fixed") != "fixed":
     ev.update({"eval/mean_group_length": group, "eval/dropped_closes": 0.01})
+  with open(os.path.join(workdir, "status.json"), "w") as f:
+    json.dump({"state": "finished" if reached == 1000 else "interrupted"}, f)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for step, row in ((10, {"train/tokens_per_s": 1.0, "train/loss": 3.0}),
                       (20, {"train/tokens_per_s": 1000.0, "train/loss": 2.0}), (reached, ev)):
@@ -132,7 +134,7 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
   plot = tmp_path / "plot.png"
   boundaries_experiment.plot(summary, str(plot))
   assert plot.stat().st_size > 1000
-  with pytest.raises(HiertxError, match="has no sweep.json; run launch/sweep.py"):
+  with pytest.raises(HiertxError, match="has no sweep.json: run launch/sweep.py"):
     boundaries_experiment.load(str(tmp_path / "nothing"))
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, config_path
 from hiertx import config as config_lib
-from hiertx import decode, evaluate, generate, train
+from hiertx import decode, generate, steps, train
 from hiertx.errors import ConfigError, FlagError
 
 
@@ -26,7 +26,7 @@ def test_greedy_is_deterministic_and_equals_recomputing(workdir):
   a, step = generate.from_checkpoint(workdir, "import os\n", 24, temperature=0.0)
   b, _ = generate.from_checkpoint(workdir, "import os\n", 24, temperature=0.0)
   assert step == 10 and a == b
-  config, run, _, params = evaluate.load_params(workdir, None, "data=1",
+  config, run, _, params = steps.load_params(workdir, None, "data=1",
                                                 jax.local_devices()[:1])
   ids = np.asarray(run.vocab.encode("import os\n"), np.int32)[None]
   dec = decode.decoder(run.model, ids.shape[1] + 24)

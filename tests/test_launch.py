@@ -1,15 +1,13 @@
 """The launchers render the commands they would run (dry runs)."""
 
-import os
 import subprocess
 import sys
 
 from conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import multiprocess  # noqa: E402
-import slurm  # noqa: E402
-import tpu  # noqa: E402
+import multiprocess
+import slurm
+import tpu
 
 
 def _dry(script, *args):

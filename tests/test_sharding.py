@@ -102,7 +102,6 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_confi
   only: both save the same step and exit 0; the rerun resumes and ends with the
   losses of an uninterrupted one-process run; the two-process checkpoint
   evaluates in one process to the loss the run logged."""
-  sys.path.insert(0, os.path.join(ROOT, "launch"))
   import multiprocess  # noqa: PLC0415  (a launcher script, not a package)
 
   workdir = str(tmp_path / "mp")

@@ -15,8 +15,7 @@ from hiertx import checkpoint
 from hiertx import sweep
 from hiertx.errors import ConfigError
 
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import report as sweep_report  # noqa: E402  (launch/report.py)
+import report as sweep_report  # launch/report.py
 
 
 def test_product_zip_and_chain_expand():

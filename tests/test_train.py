@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import config_path
-from hiertx import checkpoint, data, evaluate, metrics, optimizer, train
+from hiertx import checkpoint, data, evaluate, metrics, optimizer, steps, train
 from hiertx import config as config_lib
 from hiertx.errors import CheckpointError, ConfigError
 
@@ -159,7 +159,7 @@ def test_whole_document_evaluation_scores_every_byte_once(vanilla_run):
   config, workdir, _ = vanilla_run
   seq = config.data.seq_len
   docs = evaluate.evaluate_documents(workdir, "validation", seq, seq)
-  cfg, run, _, params = evaluate.load_params(workdir)
+  cfg, run, _, params = steps.load_params(workdir)
   cfg.data.pack, cfg.data.align = False, 1
   rows = run.evaluate(params, data.eval_batches(cfg.data, "validation", 8, 10**6))
   assert docs["eval/tokens"] == rows["eval/tokens"] > 1000
