@@ -353,6 +353,30 @@ class Shortening(nn.Module):
     slot_B = jnp.where(close_B, count_B, -1)
     return slot_B, [new_last_B, new_count_B, token_B.astype(jnp.int32)], new_count_B - 1
 
+  def decode_step(self, st: dict, token_B, x_BxD, t, cache_BxCxD, pool, coarse, upsample):
+    """Fine position t of a model whose first shortening groups by content:
+    the close rules on the state `x` [B, D]; where a row closes a group,
+    `coarse(st, z_BxD, slot_B) -> (st, y_BxD)` runs the coarse scale on the
+    group pooled from `cache` (fine states, position t included) at that
+    row's new slot, and `upsample`'s cached keys take `y`; then `upsample`
+    brings each row's last closed group (`st["z"][1]`) back to t. `st` holds
+    "groups", "z" and "up" (hourglass, top_down); returns (st, x_BxD)."""
+    slot_B, groups, latest_B = self.step(st["groups"], token_B, x_BxD, t)
+
+    def closing(st):
+      z_BxD = self.closing_group(st["groups"], cache_BxCxD, t, pool)
+      st, y_BxD = coarse(st, z_BxD, slot_B)
+      if st["up"]:
+        st = dict(st, up=[st["up"][0].set(slot_B, upsample.coarse_keys(y_BxD, t)),
+                          *st["up"][1:]])
+      return st
+
+    # A group closes only every few positions: the coarse scale runs then.
+    st = jax.lax.cond((slot_B >= 0).any(), closing, lambda s: s, st)
+    x_BxD = upsample.step_groups(x_BxD, st["z"][1], latest_B, t,
+                                 st["up"][0] if st["up"] else None)
+    return dict(st, groups=groups), x_BxD
+
   def closing_group(self, state, cache_BxCxD, t, pool):
     """The group closing at t pooled from the cached states (slot t holds
     position t; `state` from before t), [B, D]."""

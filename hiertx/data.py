@@ -229,24 +229,21 @@ def packed_rows(data_cfg, split: str, align: int, shard: Shard = Shard()):
   the cache. The training split is packed in a seeded random order of its
   pieces (so rows mix documents); the others in corpus order."""
   shuffled = split == "train"
-  if exported.is_export(cache_root(data_cfg)):  # read-only: packed here, in memory
+
+  def packed():
     tokens, offsets = pieces(data_cfg, split, shard)
     order = np.arange(len(offsets) - 1)
     if shuffled:
       order = np.random.default_rng([order_seed(data_cfg), 1]).permutation(order)
-    targets, segments, stats = pack(tokens, offsets, order, data_cfg.seq_len, align,
-                                    data_cfg.pack)
-    return _nonempty(targets, segments, stats, data_cfg, split)
+    return pack(tokens, offsets, order, data_cfg.seq_len, align, data_cfg.pack)
+
+  if exported.is_export(cache_root(data_cfg)):  # read-only: packed here, in memory
+    return _nonempty(*packed(), data_cfg, split)
   directory = os.path.join(cache_root(data_cfg), "rows-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab, align, bool(data_cfg.pack),
       order_seed(data_cfg) if shuffled else None))
   if not os.path.exists(os.path.join(directory, "meta.json")):
-    tokens, offsets = pieces(data_cfg, split, shard)
-    order = np.arange(len(offsets) - 1)
-    if shuffled:
-      order = np.random.default_rng([order_seed(data_cfg), 1]).permutation(order)
-    targets, segments, stats = pack(tokens, offsets, order, data_cfg.seq_len, align,
-                                    data_cfg.pack)
+    targets, segments, stats = packed()
     _write_atomically(directory, {"targets": targets, "segments": segments}, stats)
   arrays, stats = _load(directory, ("targets", "segments"))
   return _nonempty(arrays["targets"], arrays["segments"], stats, data_cfg, split)

@@ -244,23 +244,46 @@ def layer_norm(dtype) -> nn.LayerNorm:
                       bias_init=_init(("embed",), nn.initializers.zeros))
 
 
-class Block(nn.Module):
+class PreLN(nn.Module):
+  """The pre-LN residual every block shares: x + attention(LN(x)), then
+  + MLP(LN(x)), with dropout on both branches. A subclass sets up its
+  attention beside `setup_residual()` and hands its output to `residual`."""
+
+  cfg: BlockConfig
+
+  def setup_residual(self):
+    c = self.cfg
+    self.ln_attn = layer_norm(c.jnp_dtype)
+    self.ln_mlp = layer_norm(c.jnp_dtype)
+    self.mlp = Mlp(c)
+    self.drop = nn.Dropout(c.dropout)
+
+  def residual(self, x_BxQxD, a_BxQxD, deterministic: bool):
+    """The block's output for input `x` and attention output `a`."""
+    x_BxQxD = constrain(x_BxQxD + self.drop(a_BxQxD, deterministic=deterministic),
+                        "batch", "length", "embed")
+    x_BxQxD = x_BxQxD + self.drop(self.mlp(self.ln_mlp(x_BxQxD), deterministic),
+                                  deterministic=deterministic)
+    return constrain(x_BxQxD, "batch", "length", "embed")
+
+  def _finish(self, x_BxD, a_BxD):
+    """`residual` for one decoded position (no dropout)."""
+    x_BxD = x_BxD + a_BxD
+    return x_BxD + self.mlp(self.ln_mlp(x_BxD))
+
+
+class Block(PreLN):
   """Pre-LN transformer block; attends to itself, or (`cross`) to another
   sequence, whose keys are normalised by their own LayerNorm (the bottom-up
   aggregation layer, attention pooling and upsampling)."""
 
-  cfg: BlockConfig
   cross: bool = False
 
   def setup(self):
-    c = self.cfg
-    self.ln_attn = layer_norm(c.jnp_dtype)
+    self.setup_residual()
     if self.cross:
-      self.ln_kv = layer_norm(c.jnp_dtype)
-    self.attn = Attention(c)
-    self.ln_mlp = layer_norm(c.jnp_dtype)
-    self.mlp = Mlp(c)
-    self.drop = nn.Dropout(c.dropout)
+      self.ln_kv = layer_norm(self.cfg.jnp_dtype)
+    self.attn = Attention(self.cfg)
 
   def __call__(self, x_BxQxD, query, deterministic: bool = True):
     """Self-attention over the vectors of one scale (a Scale `query`)."""
@@ -275,12 +298,7 @@ class Block(nn.Module):
 
   def _attend(self, x_BxQxD, h_BxQxD, query, keys: KV, key, deterministic: bool):
     remember(self, "kv", keys)  # a decoder's key/value cache
-    a = self.attn(h_BxQxD, query, keys, key)
-    x_BxQxD = constrain(x_BxQxD + self.drop(a, deterministic=deterministic),
-                        "batch", "length", "embed")
-    x_BxQxD = x_BxQxD + self.drop(self.mlp(self.ln_mlp(x_BxQxD), deterministic),
-                                  deterministic=deterministic)
-    return constrain(x_BxQxD, "batch", "length", "embed")
+    return self.residual(x_BxQxD, self.attn(h_BxQxD, query, keys, key), deterministic)
 
   def prompt_keys(self, slots: int, count: int) -> KV:
     """The keys/values this block read in a prompt's forward pass, as a
@@ -290,10 +308,6 @@ class Block(nn.Module):
   def cross_keys(self, kv_BxSxD, end_S) -> KV:
     """Keys/values a cross block reads from another sequence."""
     return self.attn.keys_values(self.ln_kv(kv_BxSxD), end_S)
-
-  def _finish(self, x_BxD, a_BxD):
-    x_BxD = x_BxD + a_BxD
-    return x_BxD + self.mlp(self.ln_mlp(x_BxD))
 
   def step(self, x_BxD, kv: KV, idx, end):
     """Self-attention decoding: the new vector at slot `idx` of this block's

@@ -45,9 +45,12 @@ def test_analytic_memory_is_within_tolerance_of_xla(name, remat, scan):
   _, _, facts = _compiled(name, remat=remat, scan_layers=scan)
   ratio = facts["memory/analytic_peak_bytes"] / facts["memory/xla_peak_bytes"]
   assert abs(ratio - 1) <= MEMORY_TOLERANCE, (name, remat, ratio)
-  parts = [v for k, v in facts.items() if k.startswith("memory/analytic_")
-           and k.endswith("_bytes") and k.count("_") == 2 and "peak" not in k]
-  assert sum(parts) == pytest.approx(facts["memory/analytic_peak_bytes"])
+  # Two parts against XLA's own buffers: the train state (donated, so XLA's
+  # aliased bytes; they add the step and Adam's count) and the batch (what the
+  # arguments hold beyond the state).
+  assert 0 <= facts["memory/xla_alias_bytes"] - facts["memory/analytic_state_bytes"] <= 64
+  assert facts["memory/analytic_batch_bytes"] == (facts["memory/xla_argument_bytes"]
+                                                  - facts["memory/xla_alias_bytes"])
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

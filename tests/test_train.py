@@ -37,16 +37,18 @@ def test_training_writes_the_metrics_design_asks_for(vanilla_run):
   config, workdir, out = vanilla_run
   rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   once = rows[0]
-  assert once["memory/xla_peak_bytes"] == (once["memory/xla_argument_bytes"]
-                                           + once["memory/xla_output_bytes"]
-                                           + once["memory/xla_temp_bytes"]
-                                           - once["memory/xla_alias_bytes"])
-  assert once["memory/xla_peak_bytes"] > once["params/total"] * 4  # params + grads + Adam
+  # XLA's arguments, counted by hand: parameters and Adam's two moments in
+  # float32, three int32 counters (the step, Adam's and the schedule's), and
+  # this device's row of the five int32 batch arrays (8 rows over 8 devices,
+  # 64 tokens); the state is donated, so all of it is aliased.
+  state_bytes = 3 * 4 * once["params/total"] + 3 * 4
+  assert once["memory/xla_argument_bytes"] == state_bytes + 5 * 4 * 64
+  assert once["memory/xla_alias_bytes"] == state_bytes
+  assert once["memory/xla_peak_bytes"] > once["memory/xla_argument_bytes"]
   # Forward + backward is at least 6 FLOPs per matmul parameter per token.
   matmul_params = once["params/total"] - once["params/embed"]
   assert once["flops/step_analytic"] > 6 * matmul_params * 8 * 64
   assert once["params/analytic"] == once["params/total"]
-  assert once["flops/step_xla"] == once["flops/step_xla_per_device"] * 8
   # Matmuls only: at width 32 XLA's elementwise FLOPs are a larger share
   # (tests/test_cost.py holds the 15% bound at the shipped sizes).
   assert 0.7 < once["flops/step_analytic"] / once["flops/step_xla"] < 1.0

@@ -172,25 +172,17 @@ class HourglassLM(base.LanguageModel):
         st[name], lvl, st[name][lvl].at[:, t].set(x))
     x, kv = self.pre["0"].step(x0_BxD, st["pre"][0], t, t)
     st = dict(st, x=set_x("x", 0, x), pre=base.set_at(st["pre"], 0, kv))
-    slot_B, groups, latest_B = self.content_groups.step(st["groups"], token_B, x, t)
 
-    def coarse_step(st):
-      z_BxD = self.content_groups.closing_group(st["groups"], st["x"][0], t,
-                                                self.shorten["0"])
+    def coarse(st, z_BxD, slot_B):
       z, kv = self.pre["1"].step(z_BxD, st["pre"][1], slot_B, t)
       put = lambda name: base.set_at(  # noqa: E731
           st[name], 1, layers.set_rows(st[name][1], slot_B, z))
-      st = dict(st, x=put("x"), z=put("z"), pre=base.set_at(st["pre"], 1, kv))
-      if st["up"]:
-        up = st["up"][0].set(slot_B, self.upsample["0"].coarse_keys(z, t))
-        st = dict(st, up=base.set_at(st["up"], 0, up))
-      return st
+      return dict(st, x=put("x"), z=put("z"), pre=base.set_at(st["pre"], 1, kv)), z
 
-    st = base.when((slot_B >= 0).any(), coarse_step, st)
-    x = self.upsample["0"].step_groups(x, st["z"][1], latest_B, t,
-                                       st["up"][0] if st["up"] else None)
+    st, x = self.content_groups.decode_step(st, token_B, x, t, st["x"][0], self.shorten["0"],
+                                            coarse, self.upsample["0"])
     x, kv = self.post["0"].step(x, st["post"][0], t, t)
-    return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv), groups=groups)
+    return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv))
 
   def prompt_state(self, p, capacity):
     sown = self.variables[layers.DECODE]

@@ -230,30 +230,21 @@ def _write(ring, s: int, g, k: int, value_BxE):
   return {"kv": ring["kv"].at[:, slot].set(value_BxE), "end": ring["end"].at[slot].set(g * k ** s)}
 
 
-class RetinaBlock(nn.Module):
-  cfg: layers.BlockConfig
+class RetinaBlock(layers.PreLN):
+  """The shared pre-LN block around retina attention."""
+
   spec: RetinaSpec
 
   def setup(self):
-    c = self.cfg
-    self.ln_attn = layers.layer_norm(c.jnp_dtype)
-    self.retina = RetinaAttention(c, self.spec)
-    self.ln_mlp = layers.layer_norm(c.jnp_dtype)
-    self.mlp = layers.Mlp(c)
-    self.drop = nn.Dropout(c.dropout)
+    self.setup_residual()
+    self.retina = RetinaAttention(self.cfg, self.spec)
 
   def __call__(self, x_BxTxD, fine: scales.Scale, deterministic: bool = True):
-    a = self.retina(self.ln_attn(x_BxTxD), fine)
-    x_BxTxD = layers.constrain(x_BxTxD + self.drop(a, deterministic=deterministic),
-                               "batch", "length", "embed")
-    x_BxTxD = x_BxTxD + self.drop(self.mlp(self.ln_mlp(x_BxTxD), deterministic),
-                                  deterministic=deterministic)
-    return layers.constrain(x_BxTxD, "batch", "length", "embed")
+    return self.residual(x_BxTxD, self.retina(self.ln_attn(x_BxTxD), fine), deterministic)
 
   def step(self, x_BxD, rings, t):
     a, rings = self.retina.step(self.ln_attn(x_BxD), rings, t)
-    x_BxD = x_BxD + a
-    return x_BxD + self.mlp(self.ln_mlp(x_BxD)), rings
+    return self._finish(x_BxD, a), rings
 
 
 IMPLEMENTATIONS = ("chunked", "dense")

@@ -148,25 +148,18 @@ class TopDownLM(base.LanguageModel):
     slot of each row that closes a group, then scale 0 reading each row's last
     closed group."""
     e_BxD = st["e"][0][:, t]
-    slot_B, groups, latest_B = self.content_groups.step(st["groups"], token_B, e_BxD, t)
 
-    def coarse_step(st):
-      z_BxD = self.content_groups.closing_group(st["groups"], st["e"][0], t, self.pool["1"])
+    def coarse(st, z_BxD, slot_B):
       put = lambda name, x: base.set_at(  # noqa: E731
           st[name], 1, layers.set_rows(st[name][1], slot_B, x))
       x, kv = self.scale["1"].step(z_BxD, st["kv"][1], slot_B, t)
-      st = dict(st, e=put("e", z_BxD), z=put("z", x), kv=base.set_at(st["kv"], 1, kv))
-      if st["up"]:
-        up = st["up"][0].set(slot_B, self.upsample["0"].coarse_keys(x, t))
-        st = dict(st, up=base.set_at(st["up"], 0, up))
-      return st
+      return dict(st, e=put("e", z_BxD), z=put("z", x), kv=base.set_at(st["kv"], 1, kv)), x
 
-    st = base.when((slot_B >= 0).any(), coarse_step, st)
-    x = self.upsample["0"].step_groups(e_BxD, st["z"][1], latest_B, t,
-                                       st["up"][0] if st["up"] else None)
+    st, x = self.content_groups.decode_step(st, token_B, e_BxD, t, st["e"][0], self.pool["1"],
+                                            coarse, self.upsample["0"])
     x, kv = self.scale["0"].step(x, st["kv"][0], t, t)
     return dict(st, z=base.set_at(st["z"], 0, st["z"][0].at[:, t].set(x)),
-                kv=base.set_at(st["kv"], 0, kv), groups=groups)
+                kv=base.set_at(st["kv"], 0, kv))
 
   def prompt_state(self, p, capacity):
     sown = self.variables[layers.DECODE]
