@@ -19,6 +19,7 @@ cost model:
 """
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -36,6 +37,28 @@ from hiertx.errors import ConfigError
 
 POSITIONS = ("learned", "rotary", "none")
 DTYPES = ("float32", "bfloat16")
+
+
+class PooledScales:
+  """For models whose scale s pools `pool_factors[s - 1]` positions of scale
+  s - 1 (bottom_up, top_down): the top scale and each scale's factor."""
+
+  @property
+  def top(self) -> int:
+    return len(self.pool_factors)
+
+  def factor(self, s: int) -> int:
+    """K_s: fine positions per position of scale s."""
+    return math.prod(self.pool_factors[:s])
+
+  @staticmethod
+  def check_factors(cfg, seq_len) -> list[int]:
+    """The checked `pool_factors` (each >= 2, their product fitting `seq_len`):
+    one per coarse scale."""
+    n = 1 if isinstance(cfg["pool_factors"], int) else len(cfg["pool_factors"])
+    factors = int_list(cfg, "pool_factors", n, minimum=2)
+    check_pooling_fits("model.pool_factors", math.prod(factors), seq_len)
+    return factors
 
 
 class LanguageModel(nn.Module):

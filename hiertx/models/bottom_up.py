@@ -25,20 +25,12 @@ from hiertx.errors import ConfigError
 from hiertx.models import base
 
 
-class BottomUpLM(base.LanguageModel):
+class BottomUpLM(base.PooledScales, base.LanguageModel):
   layers_per_scale: tuple = (2, 2, 2)  # scale 0 (fine) .. S
   pool_factors: tuple = (4, 4)  # k between scale s-1 and s, s = 1..S
   pooling: str = "mean"
   post_layers: int = 1
   query_adds_coarse: bool = False  # aggregation queries add repeated coarse states
-
-  @property
-  def top(self) -> int:
-    return len(self.pool_factors)
-
-  def factor(self, s: int) -> int:
-    """K_s: fine positions per position of scale s."""
-    return math.prod(self.pool_factors[:s])
 
   def pooling_multiple(self) -> int:
     return math.prod(self.pool_factors)
@@ -159,9 +151,7 @@ class BottomUpLM(base.LanguageModel):
   @classmethod
   def check_config(cls, cfg, seq_len):
     super().check_config(cfg, seq_len)
-    n = 1 if isinstance(cfg["pool_factors"], int) else len(cfg["pool_factors"])
-    factors = base.int_list(cfg, "pool_factors", n, minimum=2)
-    base.check_pooling_fits("model.pool_factors", math.prod(factors), seq_len)
+    n = len(cls.check_factors(cfg, seq_len))
     base.int_list(cfg, "layers_per_scale", n + 1, minimum=1)
     base.choice(cfg, "pooling", scales.POOLINGS)
     if not isinstance(cfg["post_layers"], int) or cfg["post_layers"] < 1:

@@ -28,21 +28,13 @@ from hiertx.errors import ConfigError
 from hiertx.models import base
 
 
-class TopDownLM(base.LanguageModel):
+class TopDownLM(base.PooledScales, base.LanguageModel):
   layers_per_scale: tuple = (2, 2, 2)  # scale 0 (fine) .. S
   pool_factors: tuple = (4, 4)
   pooling: str = "mean"
   upsampling: str = "repeat"
 
   CONTENT_GROUPS = True
-
-  @property
-  def top(self) -> int:
-    return len(self.pool_factors)
-
-  def factor(self, s: int) -> int:
-    """K_s: fine positions per position of scale s."""
-    return math.prod(self.pool_factors[:s])
 
   def pooling_multiple(self) -> int:
     # Content groups start at every document's first byte wherever it sits.
@@ -202,9 +194,8 @@ class TopDownLM(base.LanguageModel):
   @classmethod
   def check_config(cls, cfg, seq_len):
     super().check_config(cfg, seq_len)
-    n = 1 if isinstance(cfg["pool_factors"], int) else len(cfg["pool_factors"])
-    factors = base.int_list(cfg, "pool_factors", n, minimum=2)
-    base.check_pooling_fits("model.pool_factors", math.prod(factors), seq_len)
+    factors = cls.check_factors(cfg, seq_len)
+    n = len(factors)
     per_scale = base.int_list(cfg, "layers_per_scale", n + 1, minimum=0)
     if per_scale[0] < 1:
       raise ConfigError("model.layers_per_scale", "scale 0 needs at least one block after "
