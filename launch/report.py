@@ -100,7 +100,8 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
   ax_eval.set(xlabel="step", ylabel="validation bits per byte", title="validation")
   for ax in (ax_train, ax_eval):
     ax.grid(alpha=0.3)
-  ax_eval.legend(fontsize=7)
+  if any(r["eval_curve"] for r in rows):  # a legend needs a curve
+    ax_eval.legend(fontsize=7)
   fig.tight_layout()
   curves = os.path.join(out_dir, "loss_curves.png")
   fig.savefig(curves, dpi=110)

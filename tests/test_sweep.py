@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from hiertx import checkpoint
 from hiertx import sweep
-from hiertx.errors import ConfigError
+from hiertx.errors import ConfigError, HiertxError
 
 import report as sweep_report  # launch/report.py
 
@@ -129,6 +129,13 @@ def test_rerun_resumes_an_interrupted_run(tmp_path):
   lines = out.stdout.splitlines()
   assert any(line.startswith("# finished: ") and "num_heads-4" in line for line in lines)
   assert any("num_heads-2" in line and not line.startswith("#") for line in lines)
+  # The one run reader takes runs with no metrics or run_info (or nothing at all).
+  md, rows = sweep_report.write(str(sweep_dir))
+  assert [r["state"] for r in rows] == ["interrupted", "finished", "not started"]
+  assert all(r["step"] == 0 and r["params"] is None and r["eval_curve"] == [] for r in rows)
+  assert "**INTERRUPTED** (step 0)" in md and "**NOT STARTED** (step 0)" in md
+  with pytest.raises(HiertxError, match="has no sweep.json: run launch/sweep.py"):
+    sweep_report.write(str(tmp_path / "elsewhere"))
 
 
 def test_slurm_array_and_tpu_renderings(tmp_path):
