@@ -11,14 +11,20 @@ only (the causality rule: a group's vector ends at its last byte):
               embeddings) exceeds `model.entropy_threshold` bits (the Byte
               Latent Transformer, Pagnoni et al. 2024, cuts where a small byte
               model's entropy is high); the head is trained with its own
-              next-byte loss beside the model's. Not the model's own output:
-              at t it already reads the group the decision at t would close
+              next-byte loss beside the model's, on a stop-gradient copy of
+              the states (BLT trains its entropy model apart;
+              `model.entropy_trains_trunk=True` lets the loss train the trunk
+              too). Not the model's own output: at t it already reads the
+              group the decision at t would close
   learned     a predictor on the same states, trained through a
               Gumbel-sigmoid relaxation with a binomial prior on the boundary
               rate (Dynamic Token Pooling, Nawrot et al. 2023); at evaluation
               and decoding the boundary is `logit > 0`. With
               `model.boundary_temperature=0` training uses no noise either
-              (the same decisions as evaluation, straight through the sigmoid)
+              (the same decisions as evaluation, straight through the
+              sigmoid). The language model's gradient reaches every boundary
+              variable, closing or not, through the group memberships
+              (`dtp_gradient`, DTP's straight-through cumulative sum)
 
 Two rules then apply, the same way in the forward pass and in cached decoding
 (`close_step`), both counted within the document (so packed documents never
@@ -199,6 +205,7 @@ class Source(nn.Module):
   entropy_threshold: float = 3.0
   temperature: float = 1.0
   prior_weight: float = 1.0
+  entropy_trains_trunk: bool = False
 
   def setup(self):
     c = self.cfg
@@ -226,13 +233,16 @@ class Source(nn.Module):
     return self.out(nn.gelu(self.hidden(self.ln(x_BxLxD))))[..., 0].astype(jnp.float32)
 
   def want(self, tokens_BxT, x_BxTxD, fine: scales.Scale, deterministic: bool):
-    """bool [B, T] wishes, and the straight-through weights of closes (learned;
-    else None)."""
+    """bool [B, T] wishes, and (learned, training) the relaxed boundary
+    variables whose gradient `dtp_gradient` carries; else None."""
     if self.kind == "whitespace":
       return whitespace_wants(tokens_BxT, fine.rotary_pos), None
     real = fine.seg_BxL > 0
     if self.kind == "entropy":
-      h_bits, logits = self._entropy_bits(x_BxTxD)
+      # The head learns from a copy of the states (BLT trains its entropy model
+      # apart): its loss does not train the trunk it reads, unless asked to.
+      h_in = x_BxTxD if self.entropy_trains_trunk else jax.lax.stop_gradient(x_BxTxD)
+      h_bits, logits = self._entropy_bits(h_in)
       if not deterministic:  # the head's own next-byte loss, within documents
         nxt = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, 1)))
         same = real & (jnp.pad(fine.seg_BxL[:, 1:], ((0, 0), (0, 1))) == fine.seg_BxL)
@@ -243,6 +253,7 @@ class Source(nn.Module):
     logit = self._logit(x_BxTxD)
     if deterministic:
       return logit > 0, None
+    logit = self.perturb("boundary_logit", logit)  # tests read the LM loss's gradient here
     if self.temperature > 0:
       # Gumbel-sigmoid (a relaxed Bernoulli) with a straight-through hard sample.
       u = jax.random.uniform(self.make_rng("dropout"), logit.shape, jnp.float32, 1e-6, 1 - 1e-6)
@@ -255,9 +266,7 @@ class Source(nn.Module):
     w = real.astype(jnp.float32)
     prior = binomial_nll((st * w).sum(1), w.sum(1), 1.0 / self.k) / jnp.maximum(w.sum(1), 1.0)
     self.sow(LOSSES, "boundary_prior", self.prior_weight * prior.mean())
-    # Value exactly 1, gradient of the relaxed sample: a kept close passes the
-    # task's gradient to the predictor through its group's vector.
-    return hard, 1.0 + (soft - jax.lax.stop_gradient(soft))
+    return hard, soft
 
   def want_step(self, token_B, prev_token_B, x_BxD, t):
     """Decoding: the wish at position t (bytes <= t, state before shortening)."""
@@ -266,6 +275,34 @@ class Source(nn.Module):
     if self.kind == "entropy":
       return self._entropy_bits(x_BxD)[0] > self.entropy_threshold
     return self._logit(x_BxD) > 0
+
+
+def dtp_gradient(soft_BxT, close_BxT, members_BxGxMxD, grp: Groups, seg_BxL, max_group: int):
+  """Zero in value, [B, G, D]; added to the pooled groups it gives every
+  boundary variable the language model's gradient, as Dynamic Token Pooling
+  (Nawrot et al. 2023) does: a position's group index is a cumulative sum of
+  the boundary variables (the kept closes in value, the relaxed variables
+  `soft` in gradient), a group's members are the positions whose index is its
+  own, and the straight-through gradient of that membership (a triangle
+  kernel's slope at the neighbouring index) reaches each boundary before a
+  position, closing or not. Only positions up to the group's end in its
+  document take part (`members` are the pooling window's states), so a
+  group's gradient never reads later positions."""
+  closes = close_BxT.astype(jnp.float32)
+  both_BxTx2 = jnp.stack([jnp.cumsum(closes, 1) - closes,
+                          jnp.cumsum(soft_BxT, 1) - soft_BxT], axis=-1)
+  b, g = grp.end_BxG.shape
+  everything_before = jnp.full((b, g), -1, jnp.int32)
+  idx_BxGxMx2, inside_BxGxM = window(both_BxTx2, grp.end_BxG, everything_before, seg_BxL,
+                                     max_group)
+  offset = idx_BxGxMx2[..., 0] - jnp.arange(g, dtype=jnp.float32)[None, :, None]
+  slope = jnp.where(inside_BxGxM & (jnp.abs(offset) == 1), -jnp.sign(offset), 0.0)
+  soft = idx_BxGxMx2[..., 1]
+  change_BxGxM = slope * (soft - jax.lax.stop_gradient(soft))
+  count_BxG = jnp.maximum((offset == 0).sum(-1), 1).astype(jnp.float32)
+  x = jax.lax.stop_gradient(members_BxGxMxD).astype(jnp.float32)
+  out = jnp.einsum("bgm,bgmd->bgd", change_BxGxM, x) / count_BxG[..., None]
+  return out.astype(members_BxGxMxD.dtype)
 
 
 def record(module: nn.Module, close_BxT, drop_BxT, seg_BxT) -> None:
@@ -309,10 +346,12 @@ class Shortening(nn.Module):
   entropy_threshold: float = 3.0
   temperature: float = 1.0
   prior_weight: float = 1.0
+  entropy_trains_trunk: bool = False
 
   def setup(self):
     self.source = Source(self.kind, self.k, self.vocab_size, self.padded_vocab, self.cfg,
-                         self.entropy_threshold, self.temperature, self.prior_weight)
+                         self.entropy_threshold, self.temperature, self.prior_weight,
+                         self.entropy_trains_trunk)
 
   def slots(self, length: int) -> int:
     """Coarse slots per row over `length` fine positions."""
@@ -325,7 +364,7 @@ class Shortening(nn.Module):
     """Groups of the states `x` (which the source reads too): (pooled
     [B, G, D], the coarse scale, the slot each fine position reads [B, T])."""
     t = x_BxTxD.shape[1]
-    want_BxT, weight_BxT = self.source.want(tokens_BxT, x_BxTxD, fine, deterministic)
+    want_BxT, soft_BxT = self.source.want(tokens_BxT, x_BxTxD, fine, deterministic)
     close_BxT, drop_BxT = close_groups(want_BxT, fine.rotary_pos, fine.seg_BxL, **self._rules())
     record(self, close_BxT, drop_BxT, fine.seg_BxL)
     layers.remember(self, "closes", close_BxT)
@@ -334,10 +373,9 @@ class Shortening(nn.Module):
     members, valid = window(x_BxTxD, grp.end_BxG, grp.prev_end_BxG, fine.seg_BxL,
                             self.max_group)
     z_BxGxD = pool.group(members, valid, deterministic)
-    if weight_BxT is not None:  # straight-through: value 1, the predictor's gradient
-      end_BxG = jnp.minimum(grp.end_BxG, t - 1)
-      weight_BxG = jnp.take_along_axis(weight_BxT, end_BxG, axis=1)
-      z_BxGxD = z_BxGxD * weight_BxG[..., None].astype(z_BxGxD.dtype)
+    if soft_BxT is not None:  # learned, training: the LM gradient to every boundary
+      z_BxGxD = z_BxGxD + dtp_gradient(soft_BxT, close_BxT, members, grp, fine.seg_BxL,
+                                       self.max_group)
     return z_BxGxD, coarse_scale(fine, grp), grp.latest_BxT
 
   def step(self, state, token_B, x_BxD, t):

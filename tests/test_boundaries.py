@@ -60,9 +60,14 @@ def test_learned_boundary_rate_follows_its_prior(k=5):
   the predictor's sampled boundary rate moves from about 1/2 at
   initialisation to the prior's rate within 0.06 (the sampling noise of
   ~1,000 positions is about 0.015). The budget (capacity k: one group per
-  position) never binds, so the rate is the predictor's."""
+  position) never binds, so the rate is the predictor's. The language
+  model's gradient reaches every boundary (hiertx.boundaries.dtp_gradient)
+  and on these random tokens pulls toward more groups (at weight 1 the rate
+  goes to 0.15 by step 20, then back to 0.46 by step 60), so the prior is
+  weighted 10 here."""
   model = models.build(model_cfg("hourglass_learned", hierarchy=f"1@1 1@{k} 1@1",
-                                 max_group=16, group_capacity=float(k)), V, 64)
+                                 max_group=16, group_capacity=float(k),
+                                 boundary_prior_weight=10.0), V, 64)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (16, 64), 1, V)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
            "segment_ids": jnp.ones((16, 63), jnp.int32),
@@ -79,3 +84,60 @@ def test_learned_boundary_rate_follows_its_prior(k=5):
   assert abs(rates[0] - 0.5) < 0.1, rates[0]
   final = float(np.mean(rates[-10:]))
   assert abs(final - 1 / k) < 0.06, (k, rates[0], final)
+
+
+def _pass(model, params, tokens, extra=None, key=0):
+  """A training-mode forward pass: (logits, its sown collections)."""
+  b, t = tokens.shape
+  seg = jnp.ones((b, t), jnp.int32).at[:, t // 2:].set(2)  # two documents per row
+  pos = jnp.concatenate([jnp.arange(t // 2), jnp.arange(t - t // 2)])[None].repeat(b, 0)
+  return model.apply({"params": params, **(extra or {})}, tokens, seg, pos,
+                     deterministic=False, rngs={"dropout": jax.random.PRNGKey(key)},
+                     mutable=[boundaries.LOSSES, boundaries.STATS, "decode", "perturbations"])
+
+
+def test_lm_gradient_reaches_boundaries_that_did_not_close():
+  """learned (Dynamic Token Pooling's path): the language-model loss alone
+  (no prior) has a gradient at the predictor's output at positions that did
+  not close, not only at kept closes; in value the pass is unchanged."""
+  for key in ("hourglass_learned",):  # top_down_learned: the same Shortening
+    model = models.build(model_cfg(key, boundary_prior_weight=0.0, boundary_temperature=0.0),
+                         V, 32)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 32), 1, V)
+    params = model.init(jax.random.PRNGKey(3), tokens)["params"]
+    first, sown = jax.jit(lambda p: _pass(model, p, tokens))(params)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, sown["perturbations"])
+
+    def lm_loss(perturbations):
+      logits, _ = _pass(model, params, tokens, {"perturbations": perturbations})
+      return steps.token_nll(logits[:, :-1], tokens[:, 1:]).mean(), logits
+
+    grads, again = jax.jit(jax.grad(lm_loss, has_aux=True))(zeros)
+    grad_BxT = grads["content_groups"]["source"]["boundary_logit"]
+    open_ = ~np.asarray(sown["decode"]["content_groups"]["closes"])
+    reached = np.abs(np.asarray(grad_BxT)) > 0
+    assert open_.sum() > 20 and reached[open_].mean() > 0.5, (key, reached[open_].mean())
+    # The gradient path adds nothing to the values.
+    np.testing.assert_allclose(np.asarray(again), np.asarray(first), rtol=1e-6, atol=1e-6)
+
+
+def test_entropy_head_trains_apart_from_the_trunk_unless_asked():
+  """The entropy head's loss has no gradient in the trunk's parameters by
+  default (a stop-gradient copy of the states, as BLT trains its entropy
+  model apart); `entropy_trains_trunk=True` restores the shared training."""
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 1, V)
+  for shared in (False, True):
+    model = models.build(model_cfg("hourglass_entropy", entropy_trains_trunk=shared), V, 16)
+    params = model.init(jax.random.PRNGKey(5), tokens)["params"]
+
+    def head_loss(p):
+      _, sown = _pass(model, p, tokens)
+      return sum(jax.tree_util.tree_leaves(sown[boundaries.LOSSES]))
+
+    grads = jax.jit(jax.grad(head_loss))(params)
+    norms = {jax.tree_util.keystr(k): float(jnp.abs(v).sum())
+             for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    head = [n for k, n in norms.items() if "head" in k]
+    trunk = [n for k, n in norms.items() if "embed" in k or "pre" in k]
+    assert head and trunk and max(head) > 0
+    assert (max(trunk) > 0) == shared, (shared, max(trunk))

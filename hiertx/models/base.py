@@ -88,6 +88,9 @@ class LanguageModel(nn.Module):
   entropy_threshold: float = 3.0  # bits, boundaries=entropy
   boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned (0: no noise)
   boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
+  # boundaries=entropy: the head's loss also trains the states it reads (else
+  # it learns from a stop-gradient copy, as BLT trains its entropy model apart).
+  entropy_trains_trunk: bool = False
 
   CONTENT_GROUPS = False  # whether the first shortening may group by content
 
@@ -123,7 +126,7 @@ class LanguageModel(nn.Module):
     return boundaries_lib.Shortening(
         self.boundaries, self.content_k(), self.vocab_size, self.padded_vocab, self.block_cfg,
         self.max_group, self.group_capacity, self.entropy_threshold, self.boundary_temperature,
-        self.boundary_prior_weight)
+        self.boundary_prior_weight, self.entropy_trains_trunk)
 
   def slots(self, length: int) -> int:
     """Coarse slots per row of content groups over `length` fine positions."""
@@ -288,8 +291,9 @@ class LanguageModel(nn.Module):
     choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
     choice(cfg, "attention", attention_lib.KINDS)
     choice(cfg, "attention_fallback", attention_lib.FALLBACKS)
-    if not isinstance(cfg["scan_layers"], bool):
-      raise ConfigError("model.scan_layers", f"must be True or False, got {cfg['scan_layers']!r}")
+    for name in ("scan_layers", "entropy_trains_trunk"):
+      if not isinstance(cfg[name], bool):
+        raise ConfigError(f"model.{name}", f"must be True or False, got {cfg[name]!r}")
     if cfg["remat"] != "none" and not cfg["scan_layers"]:
       logging.warning("model.remat=%s with unrolled blocks: XLA:CPU may schedule the "
                       "recomputation early and save no memory; set model.scan_layers=True",
