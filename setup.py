@@ -23,6 +23,9 @@ setuptools.setup(
         "tensorboard>=2.18,<2.22",  # event files only; TensorFlow is not needed
         "matplotlib>=3.8,<4",
     ],
+    entry_points={"console_scripts": [
+        f"hiertx-{name.replace('_', '-')}=hiertx.{name}:run"
+        for name in ("train", "evaluate", "generate", "prepare_data", "profiling")]},
     extras_require={
         # Reading corpora into the data cache (hiertx.tasks): seqio over
         # TensorFlow, and TFDS for its corpora.

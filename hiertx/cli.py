@@ -20,6 +20,14 @@ def quiet_library_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def command(define_flags, main) -> None:
+  """Runs an entry point: defines its flags, then `main` under absl, with
+  every user mistake a one-line error (`python -m hiertx.<name>` and the
+  `hiertx-<name>` console scripts)."""
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
+
+
 def start(argv: list[str]) -> None:
   """The first lines of every `main(argv)`: no stray positional arguments,
   quiet library logs."""

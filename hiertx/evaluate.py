@@ -27,7 +27,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from hiertx import checkpoint
 from hiertx import cli
@@ -162,6 +162,10 @@ def main(argv):
   sys.stdout.flush()
 
 
+def run() -> None:
+  """The `hiertx-evaluate` console script."""
+  cli.command(define_flags, main)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  run()

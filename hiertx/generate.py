@@ -12,7 +12,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from hiertx import cli
 from hiertx import decode
@@ -71,6 +71,10 @@ def main(argv):
   print(f.prompt + text, flush=True)
 
 
+def run() -> None:
+  """The `hiertx-generate` console script."""
+  cli.command(define_flags, main)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  run()

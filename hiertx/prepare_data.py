@@ -10,7 +10,7 @@ Reading a corpus needs seqio and TensorFlow (the `[data]` extra).
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from hiertx import cli
@@ -63,6 +63,10 @@ def export(data_cfg, directory: str, splits) -> None:
         f"(train with --config.data.cache_dir={directory})", flush=True)
 
 
+def run() -> None:
+  """The `hiertx-prepare-data` console script."""
+  cli.command(define_flags, main)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  run()

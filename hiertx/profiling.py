@@ -21,7 +21,7 @@ import os
 import re
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from hiertx import cli
 from hiertx import config as config_lib
@@ -114,6 +114,10 @@ def main(argv):
     print(f"  {ms:10,.1f} ms  {ms / max(total, 1e-9):6.1%}  x{n:<5d} {name}")
 
 
+def run() -> None:
+  """The `hiertx-profiling` console script."""
+  cli.command(define_flags, main)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  run()

@@ -16,7 +16,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -325,6 +325,10 @@ def main(argv):
   print(f"done: step {out['step']} in {_fmt_time(out['wall_time_s'])}", flush=True)
 
 
+def run() -> None:
+  """The `hiertx-train` console script."""
+  cli.command(define_flags, main)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=cli.parse_flags)
+  run()

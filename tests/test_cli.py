@@ -110,3 +110,16 @@ def test_fuzzed_misspellings_and_arguments_are_refused_by_name():
   for arg in ("size=huge", "sise=tiny", "model=vanila"):
     with pytest.raises(HiertxError, match="size|sise|model"):
       config_lib.load(os.path.join(ROOT, "configs", "compare.py") + ":" + arg)
+
+
+def test_every_command_is_a_console_script():
+  """`pip install` puts each command on PATH as hiertx-<name>, running the
+  same function as `python -m hiertx.<name>`."""
+  from importlib import metadata  # noqa: PLC0415
+  scripts = {ep.name: ep for ep in metadata.entry_points(group="console_scripts")
+             if ep.name.startswith("hiertx-")}
+  names = ("train", "evaluate", "generate", "prepare_data", "profiling")
+  assert set(scripts) == {f"hiertx-{n.replace('_', '-')}" for n in names}
+  for n in names:
+    module = __import__(f"hiertx.{n}", fromlist=["run"])
+    assert scripts[f"hiertx-{n.replace('_', '-')}"].load() is module.run
