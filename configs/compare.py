@@ -26,8 +26,9 @@ order as well as initialisation:
   boundaries   hourglass small ('2@1 4@4 2@1', width 128) with each boundary
                source for its shortening: fixed every 4 bytes (and every 8),
                whitespace, entropy above 4.4 bits, learned (no noise; and once
-               with Gumbel noise), two seeds, sequence 256, batch 8, 1,000
-               steps; about 70 minutes on 2 CPU cores.
+               with Gumbel noise), dynamic (H-Net's routing), two seeds,
+               sequence 256, batch 8, 1,000 steps; about 85 minutes on 2 CPU
+               cores.
                experiments/boundaries.py tabulates it per corpus.
   depth        vanilla at 2, 4 and 8 layers against top_down at 1, 2 and 4
                blocks per scale (the paper's "more layers for less memory").
@@ -84,6 +85,7 @@ _BOUNDARY_ARMS = [
     # of a run at 3 bits (experiments/boundaries.py --calibrate), i.e. k = 4.
     {"model.boundaries": "entropy", "model.entropy_threshold": 4.4},
     {"model.boundaries": "learned", "model.boundary_temperature": 0.0},
+    {"model.boundaries": "dynamic"},  # H-Net's routing, ratio loss toward 1/k
 ]
 
 

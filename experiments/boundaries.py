@@ -29,12 +29,13 @@ import sys
 
 from absl import app, flags
 
+from hiertx import boundaries as boundaries_lib
 from hiertx import cli
 from hiertx import report
 from hiertx.errors import HiertxError
 from hiertx.models import hourglass
 
-SOURCES = ("fixed", "whitespace", "entropy", "learned")
+SOURCES = boundaries_lib.SOURCES
 
 
 def define_flags() -> None:

@@ -25,6 +25,17 @@ only (the causality rule: a group's vector ends at its last byte):
               sigmoid). The language model's gradient reaches every boundary
               variable, closing or not, through the group memberships
               (`dtp_gradient`, DTP's straight-through cumulative sum)
+  dynamic     H-Net's routing (Hwang et al. 2025): the probability
+              p_t = (1 - cos(q_t, k_{t-1})) / 2 of adjacent projections of the
+              same states (1 at a document's first byte) closes a group where
+              p_t >= 1/2; a ratio loss (weight `model.ratio_loss_weight`)
+              pulls the closing rate toward 1/k. The coarse outputs are
+              smoothed before upsampling, z~_g = P_g z_g + (1 - P_g) z~_{g-1}
+              with P_g the p at group g's close (1 at a document's first
+              group), and the upsampled vector at every fine position is
+              multiplied by the confidence of its decision (p_t where a group
+              closed, 1 - p_t elsewhere) straight through: 1 in value, the
+              routing's gradient at every position (`Route`)
 
 Two rules then apply, the same way in the forward pass and in cached decoding
 (`close_step`), both counted within the document (so packed documents never
@@ -57,7 +68,7 @@ from hiertx import attention as attention_lib
 from hiertx import layers
 from hiertx import scales
 
-SOURCES = ("fixed", "whitespace", "entropy", "learned")
+SOURCES = ("fixed", "whitespace", "entropy", "learned", "dynamic")
 # Space-like bytes as hiertx.tasks' byte vocabulary (seqio.ByteVocabulary:
 # id = byte + 3) numbers them: space, tab, newline, carriage return, vertical
 # tab, form feed.
@@ -126,6 +137,37 @@ def close_groups(want_BxT, pos_BxT, seg_BxT, *, k: int, capacity: float, max_gro
   xs = (want_BxT.T, pos_BxT.T, seg_BxT.T, jnp.arange(t, dtype=jnp.int32))
   _, (keep_TxB, drop_TxB) = jax.lax.scan(body, init, xs)
   return keep_TxB.T, drop_TxB.T
+
+
+@flax.struct.dataclass
+class Route:
+  """What dynamic routing (H-Net) adds to the coarse level's way back."""
+
+  smooth_BxG: jax.Array  # P_g: the EMA's weight of group g's own output
+  weight_BxT: jax.Array  # 1 in value; the confidence's gradient at every fine position
+
+
+def smooth(z_BxGxD, p_BxG):
+  """z~_g = P_g z_g + (1 - P_g) z~_{g-1} along each row's slots (an
+  associative scan of the linear recurrence)."""
+  p = p_BxG[..., None].astype(z_BxGxD.dtype)
+
+  def combine(a, b):
+    (decay_a, add_a), (decay_b, add_b) = a, b
+    return decay_a * decay_b, decay_b * add_a + add_b
+
+  return jax.lax.associative_scan(combine, (1 - p, p * z_BxGxD), axis=1)[1]
+
+
+def ratio_loss(wish_BxT, p_BxT, real_BxT, k: int):
+  """H-Net's ratio loss toward a closing rate of 1/k: with F the share of
+  positions that wish to close and G their mean probability,
+  k / (k - 1) ((k - 1) F G + (1 - F)(1 - G)); 1 when F = G = 1/k."""
+  w = real_BxT.astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1.0)
+  f = (wish_BxT.astype(jnp.float32) * w).sum() / n
+  g = (p_BxT * w).sum() / n
+  return k / (k - 1) * ((k - 1) * f * g + (1 - f) * (1 - g))
 
 
 @flax.struct.dataclass
@@ -206,11 +248,21 @@ class Source(nn.Module):
   temperature: float = 1.0
   prior_weight: float = 1.0
   entropy_trains_trunk: bool = False
+  ratio_weight: float = 0.03
 
   def setup(self):
     c = self.cfg
     if self.kind == "entropy":
       self.head = layers.Head(self.padded_vocab, c)
+    elif self.kind == "dynamic":
+      # H-Net initialises both projections to the identity: p starts as the
+      # cosine dissimilarity of adjacent states.
+      eye = nn.with_logical_partitioning(
+          lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], shape[1], dtype=dtype),
+          ("embed", "mlp"))
+      self.ln = layers.layer_norm(c.jnp_dtype)
+      self.route_q = nn.Dense(c.d_model, use_bias=False, dtype=jnp.float32, kernel_init=eye)
+      self.route_k = nn.Dense(c.d_model, use_bias=False, dtype=jnp.float32, kernel_init=eye)
     elif self.kind == "learned":
       self.ln = layers.layer_norm(c.jnp_dtype)
       self.hidden = nn.Dense(c.d_model, dtype=c.jnp_dtype,
@@ -229,6 +281,16 @@ class Source(nn.Module):
     """The entropy head's next-byte entropy in bits, [B, L] (boundaries=entropy)."""
     return self._entropy_bits(x_BxLxD)[0]
 
+  def route_keys(self, x_BxLxD):
+    """(unit queries, unit keys) of the dynamic routing, float32 [..., D]."""
+    h = self.ln(x_BxLxD).astype(jnp.float32)
+    unit = lambda v: v * jax.lax.rsqrt(jnp.maximum((v * v).sum(-1, keepdims=True), 1e-12))  # noqa: E731
+    return unit(self.route_q(h)), unit(self.route_k(h))
+
+  def probability(self, q, prev_k, first):
+    """p = (1 - cos(q_t, k_{t-1})) / 2, 1 at a document's first byte."""
+    return jnp.where(first, 1.0, jnp.clip(0.5 * (1.0 - (q * prev_k).sum(-1)), 0.0, 1.0))
+
   def _logit(self, x_BxLxD):
     return self.out(nn.gelu(self.hidden(self.ln(x_BxLxD))))[..., 0].astype(jnp.float32)
 
@@ -238,6 +300,15 @@ class Source(nn.Module):
     if self.kind == "whitespace":
       return whitespace_wants(tokens_BxT, fine.rotary_pos), None
     real = fine.seg_BxL > 0
+    if self.kind == "dynamic":
+      q, k = self.route_keys(x_BxTxD)
+      layers.remember(self, "route_keys", k)  # a decoder's k_{t-1}
+      prev_k = jnp.pad(k, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+      p = self.probability(q, prev_k, fine.rotary_pos == 0)
+      if not deterministic:
+        p = self.perturb("boundary_p", p)  # tests read the LM loss's gradient here
+        self.sow(LOSSES, "ratio", self.ratio_weight * ratio_loss(p >= 0.5, p, real, self.k))
+      return p >= 0.5, p
     if self.kind == "entropy":
       # The head learns from a copy of the states (BLT trains its entropy model
       # apart): its loss does not train the trunk it reads, unless asked to.
@@ -268,13 +339,18 @@ class Source(nn.Module):
     self.sow(LOSSES, "boundary_prior", self.prior_weight * prior.mean())
     return hard, soft
 
-  def want_step(self, token_B, prev_token_B, x_BxD, t):
-    """Decoding: the wish at position t (bytes <= t, state before shortening)."""
+  def want_step(self, token_B, prev_token_B, x_BxD, t, prev_key_BxD=None):
+    """Decoding: the wish at position t (bytes <= t, state before shortening),
+    and (dynamic) the routing's probability and key at t (else None)."""
+    if self.kind == "dynamic":
+      q, k = self.route_keys(x_BxD)
+      p = self.probability(q, prev_key_BxD, t == 0)
+      return p >= 0.5, p, k
     if self.kind == "whitespace":
-      return is_space(token_B) & ~(is_space(prev_token_B) & (t > 0))
+      return is_space(token_B) & ~(is_space(prev_token_B) & (t > 0)), None, None
     if self.kind == "entropy":
-      return self._entropy_bits(x_BxD)[0] > self.entropy_threshold
-    return self._logit(x_BxD) > 0
+      return self._entropy_bits(x_BxD)[0] > self.entropy_threshold, None, None
+    return self._logit(x_BxD) > 0, None, None
 
 
 def dtp_gradient(soft_BxT, close_BxT, members_BxGxMxD, grp: Groups, seg_BxL, max_group: int):
@@ -316,13 +392,14 @@ def record(module: nn.Module, close_BxT, drop_BxT, seg_BxT) -> None:
 def source_params(kind: str, d: int, padded_vocab: int) -> int:
   """Parameters of a boundary source (for the analytic cost model)."""
   return {"entropy": 2 * d + d * padded_vocab,  # LayerNorm, vocabulary head
-          "learned": 2 * d + d * d + d + d + 1}.get(kind, 0)  # LayerNorm, d -> d -> 1
+          "learned": 2 * d + d * d + d + d + 1,  # LayerNorm, d -> d -> 1
+          "dynamic": 2 * d + 2 * d * d}.get(kind, 0)  # LayerNorm, query and key projections
 
 
-def init_state(batch: int) -> list:
+def init_state(batch: int, width: int) -> list:
   """A `Shortening`'s decoding state before position 0 (no parameters needed)."""
   zeros_B = jnp.zeros((batch,), jnp.int32)
-  return [zeros_B - 1, zeros_B, zeros_B]
+  return [zeros_B - 1, zeros_B, zeros_B, jnp.zeros((batch, width), jnp.float32)]
 
 
 class Shortening(nn.Module):
@@ -333,7 +410,8 @@ class Shortening(nn.Module):
   pools each window.
 
   Decoding state: [last close position, groups so far, previous token], each
-  [B]; a decoded stream is one document from position 0.
+  [B], and the previous position's routing key [B, D] (dynamic; unused
+  otherwise); a decoded stream is one document from position 0.
   """
 
   kind: str
@@ -347,11 +425,12 @@ class Shortening(nn.Module):
   temperature: float = 1.0
   prior_weight: float = 1.0
   entropy_trains_trunk: bool = False
+  ratio_weight: float = 0.03
 
   def setup(self):
     self.source = Source(self.kind, self.k, self.vocab_size, self.padded_vocab, self.cfg,
                          self.entropy_threshold, self.temperature, self.prior_weight,
-                         self.entropy_trains_trunk)
+                         self.entropy_trains_trunk, self.ratio_weight)
 
   def slots(self, length: int) -> int:
     """Coarse slots per row over `length` fine positions."""
@@ -362,7 +441,8 @@ class Shortening(nn.Module):
 
   def __call__(self, x_BxTxD, fine: scales.Scale, tokens_BxT, pool, deterministic: bool):
     """Groups of the states `x` (which the source reads too): (pooled
-    [B, G, D], the coarse scale, the slot each fine position reads [B, T])."""
+    [B, G, D], the coarse scale, the slot each fine position reads [B, T],
+    and for dynamic routing its `Route`, else None)."""
     t = x_BxTxD.shape[1]
     want_BxT, soft_BxT = self.source.want(tokens_BxT, x_BxTxD, fine, deterministic)
     close_BxT, drop_BxT = close_groups(want_BxT, fine.rotary_pos, fine.seg_BxL, **self._rules())
@@ -373,23 +453,43 @@ class Shortening(nn.Module):
     members, valid = window(x_BxTxD, grp.end_BxG, grp.prev_end_BxG, fine.seg_BxL,
                             self.max_group)
     z_BxGxD = pool.group(members, valid, deterministic)
+    coarse = coarse_scale(fine, grp)
+    if self.kind == "dynamic":
+      return z_BxGxD, coarse, grp.latest_BxT, self._route(soft_BxT, close_BxT, grp, coarse)
     if soft_BxT is not None:  # learned, training: the LM gradient to every boundary
       z_BxGxD = z_BxGxD + dtp_gradient(soft_BxT, close_BxT, members, grp, fine.seg_BxL,
                                        self.max_group)
-    return z_BxGxD, coarse_scale(fine, grp), grp.latest_BxT
+    return z_BxGxD, coarse, grp.latest_BxT, None
+
+  def _route(self, p_BxT, close_BxT, grp: Groups, coarse: scales.Scale) -> Route:
+    t = p_BxT.shape[1]
+    p_BxG = jnp.take_along_axis(p_BxT, jnp.minimum(grp.end_BxG, t - 1), axis=1)
+    # A document's first group (and an unused slot) starts the average afresh.
+    first_BxG = coarse.seg_BxL != jnp.pad(coarse.seg_BxL, ((0, 0), (1, 0)))[:, :-1]
+    smooth_BxG = jnp.where(first_BxG | ~grp.used_BxG, 1.0, p_BxG)
+    confidence = jnp.where(close_BxT, p_BxT, 1.0 - p_BxT)
+    return Route(smooth_BxG, 1.0 + (confidence - jax.lax.stop_gradient(confidence)))
+
+  def smoothed(self, z_BxGxD, route: Route):
+    """The coarse outputs as dynamic routing upsamples them (`smooth`)."""
+    out = smooth(z_BxGxD, route.smooth_BxG)
+    layers.remember(self, "smoothed", out)  # a decoder's smoothed coarse cache
+    return out
 
   def step(self, state, token_B, x_BxD, t):
     """Fine position t with state `x`: (the slot a group closing at t goes to
     per row (-1: none closes in that row), the new state, each row's last
     closed slot)."""
-    last_B, count_B, prev_B = state
+    last_B, count_B, prev_B, prev_key_BxD = state
     b = token_B.shape[0]
-    want_B = self.source.want_step(token_B, prev_B, x_BxD, t)
+    want_B, p_B, key_BxD = self.source.want_step(token_B, prev_B, x_BxD, t, prev_key_BxD)
     (new_last_B, new_count_B, _), (close_B, _) = close_step(
         (last_B, count_B, count_B), want_B, jnp.full((b,), t, jnp.int32),
         jnp.ones((b,), jnp.int32), t, **self._rules())
     slot_B = jnp.where(close_B, count_B, -1)
-    return slot_B, [new_last_B, new_count_B, token_B.astype(jnp.int32)], new_count_B - 1
+    new_key = prev_key_BxD if key_BxD is None else key_BxD
+    return (slot_B, [new_last_B, new_count_B, token_B.astype(jnp.int32), new_key],
+            new_count_B - 1, p_B)
 
   def decode_step(self, st: dict, token_B, x_BxD, t, cache_BxCxD, pool, coarse, upsample):
     """Fine position t of a model whose first shortening groups by content:
@@ -399,11 +499,18 @@ class Shortening(nn.Module):
     row's new slot, and `upsample`'s cached keys take `y`; then `upsample`
     brings each row's last closed group (`st["z"][1]`) back to t. `st` holds
     "groups", "z" and "up" (hourglass, top_down); returns (st, x_BxD)."""
-    slot_B, groups, latest_B = self.step(st["groups"], token_B, x_BxD, t)
+    slot_B, groups, latest_B, p_B = self.step(st["groups"], token_B, x_BxD, t)
 
     def closing(st):
       z_BxD = self.closing_group(st["groups"], cache_BxCxD, t, pool)
       st, y_BxD = coarse(st, z_BxD, slot_B)
+      if p_B is not None:  # dynamic: the coarse cache holds the smoothed outputs
+        prev_BxD = jnp.take_along_axis(st["z"][1], jnp.maximum(slot_B - 1, 0)[:, None, None],
+                                       axis=1)[:, 0]
+        w_Bx1 = jnp.where(slot_B > 0, p_B, 1.0)[:, None].astype(y_BxD.dtype)
+        y_BxD = w_Bx1 * y_BxD + (1 - w_Bx1) * prev_BxD
+        st = dict(st, z=[st["z"][0], layers.set_rows(st["z"][1], slot_B, y_BxD),
+                         *st["z"][2:]])
       if st["up"]:
         st = dict(st, up=[st["up"][0].set(slot_B, upsample.coarse_keys(y_BxD, t)),
                           *st["up"][1:]])
@@ -430,4 +537,12 @@ class Shortening(nn.Module):
     closes_BxP = sown["closes"]
     count_B = closes_BxP.sum(1).astype(jnp.int32)
     last_B = jnp.max(jnp.where(closes_BxP, jnp.arange(p), -1), axis=1).astype(jnp.int32)
-    return [last_B, count_B, sown["tokens"][:, p - 1].astype(jnp.int32)], count_B
+    b = closes_BxP.shape[0]
+    key_BxD = (sown["source"]["route_keys"][:, p - 1] if self.kind == "dynamic"
+               else jnp.zeros((b, self.cfg.d_model), jnp.float32))
+    return [last_B, count_B, sown["tokens"][:, p - 1].astype(jnp.int32), key_BxD], count_B
+
+  def prompt_coarse(self, z_BxGxD):
+    """The coarse cache a decoder starts from: the smoothed outputs for
+    dynamic routing (as upsampled), else the outputs themselves."""
+    return self.variables[layers.DECODE]["smoothed"] if self.kind == "dynamic" else z_BxGxD

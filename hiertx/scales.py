@@ -260,11 +260,14 @@ class Upsample(nn.Module):
     return self.block.cross_step(fine_BxD + z_BxD, end, coarse_kv, coarse_end_G)
 
   def groups(self, fine_BxTxD, z_BxGxD, latest_BxT, fine: Scale, coarse: Scale,
-             deterministic: bool = True):
+             deterministic: bool = True, weight_BxT=None):
     """Content groups (hiertx.boundaries): fine position t receives group
-    latest[t], the last one closed at or before t; attention reads every group
-    closed by t (per-row ends, so the dense path)."""
-    x_BxTxD = fine_BxTxD + upsample_latest(z_BxGxD, latest_BxT, coarse, fine)
+    latest[t], the last one closed at or before t, times `weight` if given;
+    attention reads every group closed by t (per-row ends, so the dense path)."""
+    up_BxTxD = upsample_latest(z_BxGxD, latest_BxT, coarse, fine)
+    if weight_BxT is not None:
+      up_BxTxD = up_BxTxD * weight_BxT[..., None].astype(up_BxTxD.dtype)
+    x_BxTxD = fine_BxTxD + up_BxTxD
     if self.kind == "repeat":
       return x_BxTxD
     return self.block.attend_to(x_BxTxD, fine, z_BxGxD, coarse, deterministic)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import seqio
 
-from hiertx import boundaries, models, steps
+from hiertx import boundaries, layers, models, scales, steps
 from tiny_models import model_cfg
 
 V = 23
@@ -97,12 +97,15 @@ def _pass(model, params, tokens, extra=None, key=0):
 
 
 def test_lm_gradient_reaches_boundaries_that_did_not_close():
-  """learned (Dynamic Token Pooling's path): the language-model loss alone
-  (no prior) has a gradient at the predictor's output at positions that did
-  not close, not only at kept closes; in value the pass is unchanged."""
-  for key in ("hourglass_learned",):  # top_down_learned: the same Shortening
-    model = models.build(model_cfg(key, boundary_prior_weight=0.0, boundary_temperature=0.0),
-                         V, 32)
+  """learned (Dynamic Token Pooling's path) and dynamic (H-Net's confidence
+  weighting): the language-model loss alone (no prior or ratio loss) has a
+  gradient at the predictor's output at positions that did not close, not
+  only at kept closes; in value the pass is unchanged."""
+  for key, site, quiet in (  # top_down's variants share the Shortening
+      ("hourglass_learned", "boundary_logit", dict(boundary_prior_weight=0.0,
+                                                   boundary_temperature=0.0)),
+      ("hourglass_dynamic", "boundary_p", dict(ratio_loss_weight=0.0))):
+    model = models.build(model_cfg(key, **quiet), V, 32)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 32), 1, V)
     params = model.init(jax.random.PRNGKey(3), tokens)["params"]
     first, sown = jax.jit(lambda p: _pass(model, p, tokens))(params)
@@ -113,7 +116,7 @@ def test_lm_gradient_reaches_boundaries_that_did_not_close():
       return steps.token_nll(logits[:, :-1], tokens[:, 1:]).mean(), logits
 
     grads, again = jax.jit(jax.grad(lm_loss, has_aux=True))(zeros)
-    grad_BxT = grads["content_groups"]["source"]["boundary_logit"]
+    grad_BxT = grads["content_groups"]["source"][site]
     open_ = ~np.asarray(sown["decode"]["content_groups"]["closes"])
     reached = np.abs(np.asarray(grad_BxT)) > 0
     assert open_.sum() > 20 and reached[open_].mean() > 0.5, (key, reached[open_].mean())
@@ -122,22 +125,46 @@ def test_lm_gradient_reaches_boundaries_that_did_not_close():
 
 
 def test_entropy_head_trains_apart_from_the_trunk_unless_asked():
-  """The entropy head's loss has no gradient in the trunk's parameters by
-  default (a stop-gradient copy of the states, as BLT trains its entropy
-  model apart); `entropy_trains_trunk=True` restores the shared training."""
-  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 1, V)
+  """The entropy head's loss has no gradient in the states it reads (the
+  trunk's output) by default (a stop-gradient copy, as BLT trains its entropy
+  model apart), but does train its own head; `entropy_trains_trunk=True`
+  restores the shared training."""
+  x = jax.random.normal(jax.random.PRNGKey(4), (2, 16, 16))
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 1, V)
+  fine = scales.fine_scale(jnp.ones((2, 16), jnp.int32),
+                           jnp.broadcast_to(jnp.arange(16), (2, 16)))
   for shared in (False, True):
-    model = models.build(model_cfg("hourglass_entropy", entropy_trains_trunk=shared), V, 16)
-    params = model.init(jax.random.PRNGKey(5), tokens)["params"]
+    source = boundaries.Source("entropy", 2, V, 128, layers.BlockConfig(16, 2, 32),
+                               entropy_trains_trunk=shared)
+    params = source.init(jax.random.PRNGKey(6), tokens, x, fine, True,
+                         method=source.want)["params"]
 
-    def head_loss(p):
-      _, sown = _pass(model, p, tokens)
+    def head_loss(p, x):
+      _, sown = source.apply({"params": p}, tokens, x, fine, False, method=source.want,
+                             mutable=[boundaries.LOSSES])
       return sum(jax.tree_util.tree_leaves(sown[boundaries.LOSSES]))
 
-    grads = jax.jit(jax.grad(head_loss))(params)
-    norms = {jax.tree_util.keystr(k): float(jnp.abs(v).sum())
-             for k, v in jax.tree_util.tree_flatten_with_path(grads)[0]}
-    head = [n for k, n in norms.items() if "head" in k]
-    trunk = [n for k, n in norms.items() if "embed" in k or "pre" in k]
-    assert head and trunk and max(head) > 0
-    assert (max(trunk) > 0) == shared, (shared, max(trunk))
+    to_params, to_states = jax.jit(jax.grad(head_loss, argnums=(0, 1)))(params, x)
+    assert max(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(to_params)) > 0
+    assert (float(jnp.abs(to_states).sum()) > 0) == shared, shared
+
+
+def test_dynamic_routing_smoothing_and_ratio_loss():
+  """H-Net's pieces on their own: the smoothing is the recurrence
+  z~_g = P_g z_g + (1 - P_g) z~_{g-1}; the ratio loss is 1 at the target
+  rate and larger away from it; the routing probability is 1 at a
+  document's first byte and (1 - cos) / 2 elsewhere."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(2, 6, 3)).astype(np.float32)
+  p = rng.uniform(size=(2, 6)).astype(np.float32)
+  p[:, 0] = 1.0
+  want = np.zeros_like(z)
+  for g in range(6):
+    want[:, g] = p[:, g, None] * z[:, g] + (1 - p[:, g, None]) * (want[:, g - 1] if g else 0)
+  np.testing.assert_allclose(np.asarray(boundaries.smooth(jnp.asarray(z), jnp.asarray(p))),
+                             want, rtol=1e-5, atol=1e-6)
+  real = jnp.ones((1, 40), bool)
+  at_target = boundaries.ratio_loss(jnp.arange(40)[None] % 4 == 0, jnp.full((1, 40), 0.25),
+                                    real, 4)
+  too_many = boundaries.ratio_loss(jnp.ones((1, 40), bool), jnp.full((1, 40), 0.9), real, 4)
+  assert abs(float(at_target) - 1.0) < 1e-6 and float(too_many) > 2.0

@@ -30,6 +30,8 @@ MODELS = {
     "hourglass_learned": dict(name="hourglass", hierarchy="1@1 1@2 1@1", boundaries="learned",
                               max_group=5, group_capacity=1.25, upsampling="attention",
                               positions="rotary"),
+    "hourglass_dynamic": dict(name="hourglass", hierarchy="1@1 1@2 1@1", boundaries="dynamic",
+                              max_group=4, group_capacity=1.5, positions="rotary"),
     "top_down_learned": dict(name="top_down", layers_per_scale=(1, 1), pool_factors=(2,),
                              boundaries="learned", max_group=4, pooling="attention",
                              upsampling="attention"),

@@ -91,6 +91,7 @@ class LanguageModel(nn.Module):
   # boundaries=entropy: the head's loss also trains the states it reads (else
   # it learns from a stop-gradient copy, as BLT trains its entropy model apart).
   entropy_trains_trunk: bool = False
+  ratio_loss_weight: float = 0.03  # boundaries=dynamic: H-Net's ratio loss toward 1/k
 
   CONTENT_GROUPS = False  # whether the first shortening may group by content
 
@@ -126,7 +127,7 @@ class LanguageModel(nn.Module):
     return boundaries_lib.Shortening(
         self.boundaries, self.content_k(), self.vocab_size, self.padded_vocab, self.block_cfg,
         self.max_group, self.group_capacity, self.entropy_threshold, self.boundary_temperature,
-        self.boundary_prior_weight, self.entropy_trains_trunk)
+        self.boundary_prior_weight, self.entropy_trains_trunk, self.ratio_loss_weight)
 
   def slots(self, length: int) -> int:
     """Coarse slots per row of content groups over `length` fine positions."""
@@ -318,9 +319,14 @@ def check_content_groups(cfg, k: int) -> None:
       raise ConfigError(f"model.{name}", f"linear has one weight per offset in a fixed group; "
                         f"with boundaries={kind!r} use mean/attention pooling, "
                         "repeat/attention upsampling")
+  if kind == "dynamic" and cfg["upsampling"] != "repeat":
+    raise ConfigError("model.upsampling", f"{cfg['upsampling']!r}: boundaries='dynamic' "
+                      "upsamples as H-Net does (repeat, smoothed, confidence-weighted); use "
+                      "upsampling='repeat'")
   positive(cfg, "max_group")
   for name, low in (("group_capacity", 1.0), ("boundary_temperature", 0.0),
-                    ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0)):
+                    ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0),
+                    ("ratio_loss_weight", 0.0)):
     v = cfg[name]
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
       raise ConfigError(f"model.{name}", f"must be a number >= {low}, got {v!r}")

@@ -93,16 +93,19 @@ class HourglassLM(base.LanguageModel):
     layers.remember(self, f"x_{i}", x_BxLxD)
     if i < len(post):
       if self.content:
-        z, coarse, latest_BxT = self.content_groups(x_BxLxD, grid, tokens_BxT,
-                                                    self.shorten["0"], deterministic)
+        z, coarse, latest_BxT, route = self.content_groups(x_BxLxD, grid, tokens_BxT,
+                                                           self.shorten["0"], deterministic)
       else:
         z = self.shorten[str(i)](x_BxLxD, grid, deterministic)
         coarse = scales.coarser(grid, factors[i + 1] // factors[i])
       z = self._level(z, coarse, i + 1, deterministic)
       z = self.perturb(f"coarse_{i + 1}", z)  # tests: gradients w.r.t. coarse states
       if self.content:
+        if route is not None:
+          z = self.content_groups.smoothed(z, route)
         x_BxLxD = self.upsample[str(i)].groups(x_BxLxD, z, latest_BxT, grid, coarse,
-                                               deterministic)
+                                               deterministic,
+                                               route.weight_BxT if route is not None else None)
       else:
         x_BxLxD = self.upsample[str(i)](x_BxLxD, z, grid, coarse, deterministic)
       x_BxLxD = self.post[str(i)](x_BxLxD, grid, deterministic)
@@ -121,7 +124,7 @@ class HourglassLM(base.LanguageModel):
     pre, post, factors = self.levels
     slots = self.cache_slots(capacity)
     c = self.block_cfg
-    groups = boundaries_lib.init_state(batch) if self.content else []
+    groups = boundaries_lib.init_state(batch, self.d_model) if self.content else []
     return {"groups": groups,
             "x": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
@@ -197,7 +200,9 @@ class HourglassLM(base.LanguageModel):
       groups = []
     return {"groups": groups,
             "x": [layers.filled(sown[f"x_{i}"], slots[i], counts[i]) for i in range(len(pre))],
-            "z": [layers.filled(sown[f"z_{i}"], slots[i], counts[i]) for i in range(len(pre))],
+            "z": [layers.filled(self.content_groups.prompt_coarse(sown[f"z_{i}"])
+                                if self.content and i == 1 else sown[f"z_{i}"],
+                                slots[i], counts[i]) for i in range(len(pre))],
             "pre": [self.pre[str(i)].prompt_cache(slots[i], counts[i]) for i in range(len(pre))],
             "post": [self.post[str(i)].prompt_cache(slots[i], counts[i])
                      for i in range(len(post))],

@@ -57,8 +57,8 @@ class TopDownLM(base.PooledScales, base.LanguageModel):
   def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     embeds, grid = [x_BxTxD], [fine]
     if self.content:  # one pooling, by content
-      e, coarse, latest_BxT = self.content_groups(x_BxTxD, fine, tokens_BxT, self.pool["1"],
-                                                  deterministic)
+      e, coarse, latest_BxT, route = self.content_groups(x_BxTxD, fine, tokens_BxT,
+                                                         self.pool["1"], deterministic)
       embeds.append(e)
       grid.append(coarse)
     else:
@@ -69,7 +69,10 @@ class TopDownLM(base.PooledScales, base.LanguageModel):
     for s in range(self.top, -1, -1):
       x = embeds[s]
       if s < self.top and self.content:
-        x = self.upsample["0"].groups(x, z, latest_BxT, fine, grid[1], deterministic)
+        if route is not None:
+          z = self.content_groups.smoothed(z, route)
+        x = self.upsample["0"].groups(x, z, latest_BxT, fine, grid[1], deterministic,
+                                      route.weight_BxT if route is not None else None)
       elif s < self.top:
         x = self.upsample[str(s)](x, z, grid[s], grid[s + 1], deterministic)
       z = self.scale[str(s)](x, grid[s], deterministic)
@@ -89,7 +92,7 @@ class TopDownLM(base.PooledScales, base.LanguageModel):
   def init_cache(self, batch, capacity):
     slots = self.cache_slots(capacity)
     attention_up = self.upsampling == "attention"
-    return {"groups": boundaries_lib.init_state(batch) if self.content else [],
+    return {"groups": boundaries_lib.init_state(batch, self.d_model) if self.content else [],
             "e": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "kv": [layers.KV.empty(self.block_cfg, n, batch, slots[s])
@@ -165,7 +168,9 @@ class TopDownLM(base.PooledScales, base.LanguageModel):
     return {
         "groups": groups,
         "e": [layers.filled(sown[f"e_{s}"], slots[s], counts[s]) for s in range(self.top + 1)],
-        "z": [layers.filled(sown[f"z_{s}"], slots[s], counts[s]) for s in range(self.top + 1)],
+        "z": [layers.filled(self.content_groups.prompt_coarse(sown[f"z_{s}"])
+                            if self.content and s == 1 else sown[f"z_{s}"], slots[s], counts[s])
+              for s in range(self.top + 1)],
         "kv": [self.scale[str(s)].prompt_cache(slots[s], counts[s])
                for s in range(self.top + 1)],
         "up": [self.upsample[str(s)].block.prompt_keys(slots[s + 1], counts[s + 1])
