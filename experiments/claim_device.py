@@ -129,16 +129,20 @@ def table(names: list[str], rows: list[dict | None], batch: int, seq_len: int) -
        "device peak MiB", "XLA peak MiB", "memory / first", "tokens/s", "speed / first"], out)
 
 
+def check_cache(cache_dir: str, runlocal: bool) -> None:
+  if not runlocal and not cache_dir:
+    raise FlagError("--cache_dir", "needs an exported data cache (python -m "
+                    "hiertx.prepare_data --config=... --export=DIR), or use --runlocal")
+  if cache_dir and not exported.is_export(cache_dir):
+    raise FlagError("--cache_dir", f"{cache_dir!r} is not an exported cache (no "
+                    f"{exported.MANIFEST}); make one with python -m hiertx.prepare_data "
+                    "--config=... --export=DIR")
+
+
 def main(argv):
   cli.start(argv)
   f = flags.FLAGS
-  if not f.runlocal and not f.cache_dir:
-    cli.run(_fail, FlagError("--cache_dir", "needs an exported data cache (python -m "
-                             "hiertx.prepare_data --config=... --export=DIR), or use --runlocal"))
-  if f.cache_dir and not exported.is_export(f.cache_dir):
-    cli.run(_fail, FlagError("--cache_dir", f"{f.cache_dir!r} is not an exported cache (no "
-                             f"{exported.MANIFEST}); make one with python -m hiertx.prepare_data "
-                             "--config=... --export=DIR"))
+  cli.run(check_cache, f.cache_dir, f.runlocal)
   runs = f.runs or (LOCAL_RUNS if f.runlocal else DEFAULT_RUNS)
   batch, seq_len, steps = ((8, 64, min(f.steps, 20)) if f.runlocal
                            else (f.batch_size, f.seq_len, f.steps))
@@ -166,10 +170,6 @@ def main(argv):
   print(table([run_name(s) for s, _ in planned], rows, batch, seq_len), flush=True)
   if any(r is None for r in rows):
     sys.exit(1)
-
-
-def _fail(error):
-  raise error
 
 
 if __name__ == "__main__":
