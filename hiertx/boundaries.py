@@ -470,11 +470,16 @@ class Shortening(nn.Module):
     confidence = jnp.where(close_BxT, p_BxT, 1.0 - p_BxT)
     return Route(smooth_BxG, 1.0 + (confidence - jax.lax.stop_gradient(confidence)))
 
-  def smoothed(self, z_BxGxD, route: Route):
-    """The coarse outputs as dynamic routing upsamples them (`smooth`)."""
-    out = smooth(z_BxGxD, route.smooth_BxG)
-    layers.remember(self, "smoothed", out)  # a decoder's smoothed coarse cache
-    return out
+  def upsample(self, upsample, fine_BxTxD, z_BxGxD, latest_BxT, fine: scales.Scale,
+               coarse: scales.Scale, route: "Route | None", deterministic: bool):
+    """`upsample.groups` of the coarse outputs `z`; with dynamic routing's
+    `route`, of the smoothed outputs (`smooth`) weighted by the confidence."""
+    if route is None:
+      return upsample.groups(fine_BxTxD, z_BxGxD, latest_BxT, fine, coarse, deterministic)
+    z_BxGxD = smooth(z_BxGxD, route.smooth_BxG)
+    layers.remember(self, "smoothed", z_BxGxD)  # a decoder's smoothed coarse cache
+    return upsample.groups(fine_BxTxD, z_BxGxD, latest_BxT, fine, coarse, deterministic,
+                           route.weight_BxT)
 
   def step(self, state, token_B, x_BxD, t):
     """Fine position t with state `x`: (the slot a group closing at t goes to

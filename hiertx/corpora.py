@@ -65,8 +65,6 @@ def corpus_name(data_cfg) -> str:
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
       raise ConfigError("data.split_fractions", f"must be three non-negative fractions "
                         f"(train, validation, test) summing to 1, got {fractions}")
-    if data_cfg.split_by not in SPLIT_BY:
-      raise ConfigError("data.split_by", f"{data_cfg.split_by!r} is not one of {SPLIT_BY}")
   return task
 
 

@@ -151,7 +151,7 @@ def check(root: str, data_cfg) -> dict:
   return m
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=None)  # each file hashed once per process
 def _verified(root: str, name: str, digest: str, mtime: float) -> str:
   path = os.path.join(root, name)
   if not os.path.isfile(path):

@@ -101,11 +101,8 @@ class HourglassLM(base.LanguageModel):
       z = self._level(z, coarse, i + 1, deterministic)
       z = self.perturb(f"coarse_{i + 1}", z)  # tests: gradients w.r.t. coarse states
       if self.content:
-        if route is not None:
-          z = self.content_groups.smoothed(z, route)
-        x_BxLxD = self.upsample[str(i)].groups(x_BxLxD, z, latest_BxT, grid, coarse,
-                                               deterministic,
-                                               route.weight_BxT if route is not None else None)
+        x_BxLxD = self.content_groups.upsample(self.upsample[str(i)], x_BxLxD, z, latest_BxT,
+                                               grid, coarse, route, deterministic)
       else:
         x_BxLxD = self.upsample[str(i)](x_BxLxD, z, grid, coarse, deterministic)
       x_BxLxD = self.post[str(i)](x_BxLxD, grid, deterministic)

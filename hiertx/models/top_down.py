@@ -69,10 +69,8 @@ class TopDownLM(base.PooledScales, base.LanguageModel):
     for s in range(self.top, -1, -1):
       x = embeds[s]
       if s < self.top and self.content:
-        if route is not None:
-          z = self.content_groups.smoothed(z, route)
-        x = self.upsample["0"].groups(x, z, latest_BxT, fine, grid[1], deterministic,
-                                      route.weight_BxT if route is not None else None)
+        x = self.content_groups.upsample(self.upsample["0"], x, z, latest_BxT, fine, grid[1],
+                                         route, deterministic)
       elif s < self.top:
         x = self.upsample[str(s)](x, z, grid[s], grid[s + 1], deterministic)
       z = self.scale[str(s)](x, grid[s], deterministic)
