@@ -38,7 +38,8 @@ LOCAL_RUNS = ["vanilla.py:size=tiny", "hourglass.py:size=tiny", "top_down.py:siz
               "bottom_up.py:size=tiny"]
 WIDTH = ["model.d_model=512", "model.num_heads=8", "model.mlp_dim=2048",
          "model.dtype=bfloat16"]
-KERNELS = {"gpu": "cudnn", "tpu": "splash"}
+# The backend's kernels: (model.attention, model.attention_fallback) under auto.
+KERNELS = {"gpu": ("cudnn", "pallas"), "tpu": ("splash", "blockwise")}
 
 
 def define_flags() -> None:
@@ -50,8 +51,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", 300, "Training steps of every model (equal tokens).")
   flags.DEFINE_integer("batch_size", 16, "Global batch, in rows.")
   flags.DEFINE_integer("seq_len", 2048, "Tokens per row.")
-  flags.DEFINE_enum("attention", "auto", ["auto", "blockwise", "dense", "cudnn", "splash"],
-                    "model.attention of every run; auto: the backend's fused kernel.")
+  flags.DEFINE_enum("attention", "auto", ["auto", "blockwise", "dense", "cudnn", "splash",
+                                          "pallas"],
+                    "model.attention of every run; auto: the backend's fused kernel (GPU: "
+                    "cuDNN for same-scale stacks, the Pallas kernel for the other sites).")
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
   flags.DEFINE_bool("runlocal", False, "Toy size on CPU: tiny models, 64 tokens x 8 rows, "
                     "20 steps, the local data cache.")
@@ -62,13 +65,14 @@ def run_name(spec: str) -> str:
   return spec.replace(".py", "").replace(":size=", "-").replace(":", "-").replace(",", "-")
 
 
-def plan(runs, steps, batch, seq_len, attention, cache_dir, sets, runlocal) -> list[tuple]:
+def plan(runs, steps, batch, seq_len, attention, cache_dir, sets, runlocal,
+         fallback: str = "blockwise") -> list[tuple]:
   """[(spec, overrides)] for every run, each config built and validated here
   (a mistake stops before any accelerator time is spent)."""
   if steps < 1:
     raise FlagError("--steps", f"must be >= 1, got {steps}")
   common = [] if runlocal else list(WIDTH)
-  common += [f"model.attention={attention}", "model.attention_fallback=blockwise",
+  common += [f"model.attention={attention}", f"model.attention_fallback={fallback}",
              f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}",
              f"train.log_every={max(1, min(50, steps // 10))}", f"eval.every={steps}",
              f"train.checkpoint_every={steps}", f"eval.batch_size={batch}",
@@ -146,12 +150,12 @@ def main(argv):
   runs = f.runs or (LOCAL_RUNS if f.runlocal else DEFAULT_RUNS)
   batch, seq_len, steps = ((8, 64, min(f.steps, 20)) if f.runlocal
                            else (f.batch_size, f.seq_len, f.steps))
-  attention = f.attention
+  attention, fallback = f.attention, "blockwise"
   if attention == "auto":
     import jax  # the backend only; each run allocates in its own process
-    attention = KERNELS.get(jax.default_backend(), "blockwise")
+    attention, fallback = KERNELS.get(jax.default_backend(), ("blockwise", "blockwise"))
   planned = cli.run(plan, runs, steps, batch, seq_len, attention, f.cache_dir, f.set,
-                    f.runlocal)
+                    f.runlocal, fallback)
   print(f"{len(planned)} models, {steps} steps of {batch} x {seq_len} tokens each, "
         f"attention {attention}, in {f.workdir}", flush=True)
   rows = []

@@ -28,13 +28,16 @@ Scores, the softmax statistics and the accumulators are float32 whatever the
 input dtype; the two matmuls take their inputs in the input dtype (bfloat16
 under mixed precision) and accumulate in float32.
 
-Accelerator kernels take same-scale causal self-attention with documents
-(queries and keys sharing one strictly increasing set of ends: the stacks of
-every model at every scale): on GPU `cudnn` runs it through
-`jax.nn.dot_product_attention` (cuDNN flash attention), on TPU `splash` through
-the Pallas splash-attention kernel. `choose` decides per call site from the
-static ends, never from data, and records what each site got (`record_sites`);
-a site a kernel cannot take runs `AttentionConfig.fallback`, or is refused.
+Accelerator kernels: `pallas` (GPU) runs every site, whatever its scales,
+static or per-row ends, with its log-sum-exp where a caller merges key sets,
+through the end-rule flash kernel of `hiertx.flash`. Same-scale causal
+self-attention with documents (queries and keys sharing one strictly
+increasing set of ends: the stacks of every model at every scale) also runs on
+`cudnn` (GPU, `jax.nn.dot_product_attention`) and `splash` (TPU, the Pallas
+splash-attention kernel). `choose` decides per call site from the static
+ends, never from data, and records what each site got (`record_sites`); a
+site a kernel cannot take runs `AttentionConfig.fallback` (e.g. cuDNN for the
+stacks and `pallas` for the rest), or is refused.
 """
 
 import contextlib
@@ -46,13 +49,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hiertx import flash
 from hiertx.errors import ConfigError
 
-KINDS = ("dense", "blockwise", "cudnn", "splash")
+KINDS = ("dense", "blockwise", "cudnn", "splash", "pallas")
 # Accelerator kernels: a site one of them cannot take is refused (`error`) or
 # runs the configured fallback.
-KERNELS = ("cudnn", "splash")
-FALLBACKS = ("error", "blockwise", "dense")
+KERNELS = ("cudnn", "splash", "pallas")
+FALLBACKS = ("error", "blockwise", "dense", "pallas")
 _F32 = jnp.float32
 # The end position of padding keys: larger than any query's end, so never used.
 FAR = 1 << 30
@@ -512,17 +516,61 @@ def splash_causal(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT, interpret: bool | No
     q = (q.astype(_F32) * scale).astype(q.dtype)
     return heads_first(jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v), seg))
 
+  return per_device(local, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT, out_ranks=4)
+
+
+def per_device(fn, *args, out_ranks):
+  """`fn(*args)`, where under a mesh (`jax.sharding.set_mesh`) each device runs
+  it on its own rows and heads (`shard_map` over the batch axes and `tensor`):
+  the partitioner cannot split a kernel call. Arrays are split by rank:
+  [B, L, H, K] by rows and heads, [B, L, H] likewise, [B, L] by rows; the
+  first argument's heads decide whether heads are split. `out_ranks`: an int,
+  or a tuple for several outputs."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT)
+    return fn(*args)
   P = jax.sharding.PartitionSpec
   batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
   heads = "tensor" if ("tensor" in mesh.axis_names
-                       and q_BxTxHxK.shape[2] % mesh.shape["tensor"] == 0) else None
-  spec = P(batch, None, heads, None)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch, None)),
-                       out_specs=spec, check_vma=False)(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
-                                                        seg_BxT)
+                       and args[0].shape[2] % mesh.shape["tensor"] == 0) else None
+  spec = lambda rank: P(*(batch, None, heads, None)[:rank])  # noqa: E731
+  outs = (tuple(spec(r) for r in out_ranks) if isinstance(out_ranks, tuple)
+          else spec(out_ranks))
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(jnp.ndim(a)) for a in args),
+                       out_specs=outs, check_vma=False)(*args)
+
+
+def _pallas_interpret() -> bool:
+  # Off a GPU the kernel runs in Pallas's interpreter (tests on CPU).
+  return jax.devices()[0].platform != "gpu"
+
+
+def pallas_refusal(head_dim: int, backend: str | None = None) -> str:
+  """Why the Pallas end-rule kernel cannot run here ('' if it can): it lowers
+  to Triton, for GPUs, at head widths Triton's matmuls take."""
+  backend = backend or _backend()
+  if backend != "gpu":
+    return f"the Pallas end-rule kernel runs on GPUs, this is {backend}"
+  return "" if _pallas_interpret() else flash.gpu_refusal(head_dim)
+
+
+def pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
+                  cfg: AttentionConfig, q_lo=None):
+  """(output, log-sum-exp) of any site through `flash.attend` (`q_lo`: static
+  lower bounds of the keys' ends, retina's windows), per device under a mesh.
+  Static ends are closed over; per-row ends travel with the rows."""
+  static = isinstance(q_end, np.ndarray) and isinstance(k_end, np.ndarray)
+  ends = () if static else (jnp.asarray(q_end), jnp.asarray(k_end))
+
+  def local(q, k, v, q_seg, k_seg, *row_ends):
+    qe, ke = row_ends if row_ends else (q_end, k_end)
+    return flash.attend(q, k, v, qe, ke, q_seg, k_seg, cfg.q_chunk, cfg.k_chunk,
+                        interpret=_pallas_interpret(), q_lo=q_lo)
+
+  if ends and ends[0].ndim == 1:  # one query's end shared by the rows
+    ends = tuple(jnp.broadcast_to(e, s.shape) for e, s in zip(ends, (q_seg_BxQ, k_seg_BxS)))
+  return per_device(local, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, *ends,
+                    out_ranks=(4, 3))
 
 
 # ----------------------------------------------------------------------------
@@ -570,12 +618,19 @@ def choose(site: str, q_end, k_end, dtype, head_dim: int, cfg: AttentionConfig,
     why = cudnn_refusal(q_end, k_end, dtype, head_dim, with_lse, backend) if static else ""
   elif cfg.kind == "splash":
     why = splash_refusal(q_end, k_end, with_lse, backend) if static else ""
-  if not static and cfg.kind != "dense":
-    why = "per-row ends"
+  elif cfg.kind == "pallas":
+    why = pallas_refusal(head_dim, backend)
+  if not static and cfg.kind not in ("dense", "pallas"):
+    why = why or "per-row ends"
   queries, keys = np.shape(q_end)[-1], np.shape(k_end)[-1]
   kind = fallback(cfg, site, queries, keys, why) if why else cfg.kind
-  if why and not static:
-    kind = "dense"
+  if kind == "pallas" and cfg.kind != "pallas":
+    refusal = pallas_refusal(head_dim, backend)
+    if refusal:
+      raise ConfigError("model.attention_fallback", f"pallas cannot run {site or 'a site'} "
+                        f"({queries} queries x {keys} keys) either: {refusal}")
+  if kind == "blockwise" and not static:
+    kind = "dense"  # the blockwise plan needs static ends
   note_site(site, queries, keys, kind, why)
   return kind
 
@@ -588,7 +643,8 @@ def fallback(cfg: AttentionConfig, site: str, queries: int, keys: int, why: str)
   if cfg.fallback == "error":
     raise ConfigError("model.attention", f"{cfg.kind} cannot run {site or 'a site'} "
                       f"({queries} queries x {keys} keys): {why}; set "
-                      "model.attention_fallback=blockwise (or dense) to run such sites so")
+                      "model.attention_fallback=pallas (or blockwise, dense) to run such "
+                      "sites so")
   return cfg.fallback
 
 
@@ -624,15 +680,18 @@ def sites_text(sites) -> list[str]:
 def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
            cfg: AttentionConfig = AttentionConfig(), with_lse: bool = False, site: str = ""):
   """End-rule attention with the implementation `choose` gives this site:
-  `cudnn` and `splash` where the kernel can run it, `blockwise` and `dense`
-  anywhere (dense wherever the ends are not static)."""
+  `cudnn` and `splash` where the kernel can run it, `pallas` on GPUs,
+  `blockwise` and `dense` anywhere (dense wherever the ends are not static)."""
   kind = choose(site, q_end, k_end, q_BxQxHxK.dtype, q_BxQxHxK.shape[-1], cfg, with_lse)
   if kind == "cudnn":
     return fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, "cudnn")
   if kind == "splash":
     # Self-attention: the query and key documents are the same.
     return splash_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ)
-  if kind == "dense":
+  if kind == "pallas":
+    out = pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
+                        cfg)
+  elif kind == "dense":
     out = dense(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK,
                 end_rule_mask(q_end, k_end, q_seg_BxQ, k_seg_BxS))
   else:
@@ -651,8 +710,12 @@ def merge(*parts):
 
 def score_count(q_end, k_end, cfg: AttentionConfig) -> int:
   """(query, key) scores one sequence's head computes: every pair for `dense`,
-  the allowed chunk pairs (padding included) for `blockwise`."""
+  the allowed blocks (padding included) for `pallas`, the allowed chunk pairs
+  for `blockwise` (and, as the closest static count, the other kernels)."""
   if cfg.kind == "dense":
     return len(q_end) * len(k_end)
+  if cfg.kind == "pallas":
+    bq, bk = flash.block_sizes(len(q_end), len(k_end), cfg.q_chunk, cfg.k_chunk)
+    return int(flash.static_needed(q_end, None, k_end, bq, bk).sum()) * bq * bk
   return plan(q_end, k_end, cfg.q_chunk, cfg.k_chunk).scores
 

@@ -191,10 +191,12 @@ def build_run(config, devices=None, check_data: bool = True) -> Run:
       raise ConfigError(f"{section}.batch_size", f"{config[section].batch_size} is not "
                         f"divisible by the data-parallel size {par} (mesh.data x mesh.fsdp)")
   platform = mesh.devices.flat[0].platform
-  for kind, needs in (("cudnn", "gpu"), ("splash", "tpu")):
-    if config.model.get("attention") == kind and platform != needs:
-      raise ConfigError("model.attention", f"{kind} runs on {needs.upper()}s; these devices "
-                        f"are {platform}: use blockwise")
+  needs = {"cudnn": "gpu", "splash": "tpu", "pallas": "gpu"}
+  for field in ("attention", "attention_fallback"):
+    kind = config.model.get(field)
+    if kind in needs and platform != needs[kind]:
+      raise ConfigError(f"model.{field}", f"{kind} runs on {needs[kind].upper()}s; these "
+                        f"devices are {platform}: use blockwise")
   vocab = vocab_lib.vocabulary(config.data.vocab)
   model = models.build(config.model, vocab.vocab_size, config.data.seq_len)
   tx = optimizer.make(config.train)

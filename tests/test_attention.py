@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hiertx import attention, metrics, models, profiling, train
+from hiertx import attention, flash, metrics, models, profiling, train
 from hiertx.errors import ConfigError
 from tiny_models import MODELS, model_cfg
 
@@ -68,6 +68,100 @@ def test_blockwise_equals_dense_with_its_gradients(q_chunk, k_chunk, batching, m
   gb = jax.jit(jax.grad(functools.partial(_loss, block), argnums=(0, 1, 2)))(q, k, v, w_o, w_l)
   for a, b in zip(gd, gb):
     np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def _pallas_case(case):
+  """(q_end, k_end, q_seg, k_seg, chunks, q_lo) of the kernel's test cases: the
+  blockwise test's ends (fine queries over fine and coarse keys, two
+  documents, a query with no allowed key), per-row ends, and a window."""
+  q_end = np.arange(37)
+  k_end = np.concatenate([np.arange(37), np.arange(10) * 4])
+  q_seg = jnp.asarray([[1] * 10 + [2] * 27, [1] * 37])
+  k_seg = jnp.concatenate([q_seg, q_seg[:, ::4]], 1)
+  q_seg = q_seg.at[0, 3].set(7)
+  rng = np.random.default_rng(4)
+  if case == "per-row ends":  # content groups: each row its own (unsorted) key ends
+    k_end = jnp.asarray(np.stack([rng.permutation(47) % 40, rng.permutation(47) * 2]))
+    q_end = jnp.asarray(np.stack([q_end, q_end * 2]))
+  lo = q_end - 9 if case == "window" else None  # keys ending in (t - 9, t]
+  chunks = (64, 64) if case == "one block" else (16, 16)
+  return q_end, k_end, q_seg, k_seg, chunks, lo
+
+
+@pytest.mark.parametrize("case", ["blocks", "one block", "per-row ends", "window"])
+def test_pallas_kernel_equals_dense_with_its_gradients(case):
+  """The end-rule flash kernel (in Pallas's interpreter): outputs, lse and the
+  gradients of both, against `dense` under the same rule."""
+  q_end, k_end, q_seg, k_seg, (cq, ck), lo = _pallas_case(case)
+  q, k, v = _inputs(37, np.zeros(47))
+  mask = attention.end_rule_mask(q_end, k_end, q_seg, k_seg)
+  if lo is not None:
+    mask &= (k_end[None, None, :] > lo[None, :, None])
+  dense = lambda q, k, v: attention.dense(q, k, v, mask)  # noqa: E731
+  kernel = lambda q, k, v: flash.attend(  # noqa: E731
+      q, k, v, q_end, k_end, q_seg, k_seg, cq, ck, interpret=True, q_lo=lo)
+  rng = np.random.default_rng(1)
+  w_o, w_l = jnp.asarray(rng.normal(size=q.shape)), jnp.asarray(rng.normal(size=q.shape[:3]))
+  (_, (od, ld)), gd = jax.value_and_grad(
+      lambda *a: _loss_aux(dense, *a, w_o, w_l), (0, 1, 2), has_aux=True)(q, k, v)
+  (_, (ok, lk)), gk = jax.jit(jax.value_and_grad(
+      lambda *a: _loss_aux(kernel, *a, w_o, w_l), (0, 1, 2), has_aux=True))(q, k, v)
+  np.testing.assert_allclose(ok, od, atol=1e-5)
+  np.testing.assert_array_equal(np.isfinite(lk), np.isfinite(ld))
+  assert (~np.isfinite(ld)).any()  # a query with no allowed key: output 0, lse -inf
+  np.testing.assert_allclose(jnp.where(jnp.isfinite(lk), lk, 0), jnp.where(jnp.isfinite(ld), ld, 0),
+                             atol=1e-5)
+  for a, b in zip(gd, gk):
+    np.testing.assert_allclose(b, a, atol=1e-4)
+
+
+def _loss_aux(fn, q, k, v, w_o, w_l):
+  o, lse = fn(q, k, v)
+  return (o * w_o).sum() + jnp.where(jnp.isfinite(lse), lse * w_l, 0.0).sum(), (o, lse)
+
+
+def test_pallas_kernel_reads_only_allowed_blocks_lowers_to_triton_and_runs_per_device():
+  """Block lists: causal query blocks read 1, 2, 3, 4 key blocks, a second
+  document drops the first's blocks, a window keeps only its own. The
+  kernel lowers for GPUs (three Triton kernels: forward, dq, dk and dv, for
+  bfloat16 at head width 64), and under the 8-device mesh runs per device
+  with the result of one device."""
+  t = np.arange(64)
+  seg = jnp.asarray([[1] * 64, [1] * 20 + [2] * 44], jnp.int32)
+  no_lo = jnp.full((2, 64), -(1 << 30))
+  kidx, kcount, qidx, qcount = flash.block_plan(
+      jnp.broadcast_to(t, (2, 64)), no_lo, jnp.broadcast_to(t, (2, 64)), seg, seg, 16, 16, 4)
+  assert kcount.tolist() == [[1, 2, 3, 4], [1, 2, 2, 3]]
+  assert kidx[1, 3, :3].tolist() == [1, 2, 3] and qcount[0].tolist() == [4, 3, 2, 1]
+  assert flash.static_bound(t, t - 16, t, 16, 16) == 2  # window of 16: 2 blocks at most
+  assert flash.static_bound(t, None, t, 16, 16) == 4
+  assert attention.score_count(t, t, attention.AttentionConfig("pallas", 16, 16)) == 10 * 16 * 16
+
+  q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+  kc = jax.ShapeDtypeStruct((2, 64, 4, 64), jnp.bfloat16)
+  seg_f, seg_c = jnp.ones((2, 256), jnp.int32), jnp.ones((2, 64), jnp.int32)
+
+  def loss(q, k, v):
+    o, lse = flash.attend(q, k, v, np.arange(256), np.arange(64) * 4 + 3, seg_f, seg_c)
+    return o.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0).sum()
+
+  lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kc, kc).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert lowered.count("xla.gpu.triton") == 3
+  assert flash.gpu_refusal(64) == "" and "power of two" in flash.gpu_refusal(8)
+
+  q_end, k_end, q_seg, k_seg, _, _ = _pallas_case("blocks")
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(8, n, 4, 16)), jnp.float32) for n in (37, 47, 47))
+  q_seg, k_seg = jnp.tile(q_seg, (4, 1)), jnp.tile(k_seg, (4, 1))
+  cfg = attention.AttentionConfig("pallas", 16, 16)
+  run = lambda q, k, v: attention.pallas_attend(q, k, v, q_end, k_end, q_seg, k_seg, cfg)  # noqa: E731
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  with jax.sharding.set_mesh(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v))
+    got = jax.jit(run)(q, k, v)
+  want = attention.dense(q, k, v, attention.end_rule_mask(q_end, k_end, q_seg, k_seg))
+  np.testing.assert_allclose(got[0], want[0], atol=1e-5)
 
 
 def test_pairs_are_batched_by_whole_query_chunks_where_they_fit():
@@ -199,7 +293,8 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
 
 
 # Every model and variant: blockwise (small chunks, so several pairs and
-# lengths that divide neither the chunks nor the pooling) equals dense. Content
+# lengths that divide neither the chunks nor the pooling) and the Pallas
+# kernel equal dense. Content
 # groups reach attention the same way whatever their source (index-ordered
 # coarse self-attention, dense cross-scale attention): one variant of them,
 # with attention pooling and upsampling.
@@ -207,7 +302,9 @@ EQUALITY = sorted(k for k in MODELS if not k.endswith(("_whitespace", "_learned"
 
 
 @pytest.mark.parametrize("key", EQUALITY)
-def test_every_model_blockwise_equals_dense_logits_and_gradients(key):
+def test_every_model_blockwise_and_pallas_equal_dense_logits_and_gradients(key, monkeypatch):
+  """Blockwise, and every site on the Pallas kernel (its interpreter, as on a
+  GPU), against dense."""
   t = 29  # divides no tiny model's pooling nor the chunks below
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, V)
   seg = jnp.asarray([[1] * 11 + [2] * 18, [1] * 3 + [2] * 26])
@@ -226,6 +323,18 @@ def test_every_model_blockwise_equals_dense_logits_and_gradients(key):
   np.testing.assert_allclose(lb, ld, atol=1e-5, rtol=0)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5),
                          gd, gb)
+  monkeypatch.setattr(attention, "_backend", lambda: "gpu")
+  # Blocks of 16 (the kernel's least): two query blocks, several key blocks.
+  pallas = models.build(model_cfg(key, attention="pallas", attention_fallback="dense",
+                                  attention_q_chunk=16, attention_k_chunk=16), V, 64)
+  with attention.record_sites() as sites:
+    (_, lp), gp = jax.jit(jax.value_and_grad(functools.partial(loss, pallas), has_aux=True))(
+        params)
+  assert {s.implementation for s in sites} == ({"dense"} if key == "retina_dense"
+                                               else {"pallas"})
+  np.testing.assert_allclose(lp, ld, atol=1e-5, rtol=0)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5),
+                         gd, gp)
 
 
 def test_bfloat16_training_tracks_float32(tiny_config, tmp_path):
@@ -304,6 +413,28 @@ def test_sites_get_the_kernel_at_every_scale_and_nothing_falls_back_silently(mon
   assert all(not s.why for s in sites if s.implementation == "cudnn")
   lines = attention.sites_text(sites)
   assert len(lines) == 5 and "pre_1/block_{0..1}/attn: 8 queries x 8 keys -> cudnn [x2]" in lines, lines
+
+
+def test_pallas_takes_what_cudnn_and_splash_cannot_and_is_refused_off_gpus():
+  """cuDNN for the stacks and the Pallas kernel for the rest; a Pallas
+  fallback where it cannot run, or the kernel itself off GPUs, is refused
+  by name unless a fallback is configured; per-row ends stay on the kernel."""
+  fine, coarse, bf16 = np.arange(32), np.arange(8) * 4 + 3, jnp.bfloat16
+  mixed = attention.AttentionConfig("cudnn", fallback="pallas")
+  choose = lambda cfg, q, k, backend="gpu": attention.choose(  # noqa: E731
+      "x/attn", q, k, bf16, 64, cfg, backend=backend)
+  assert choose(mixed, fine, fine) == "cudnn" and choose(mixed, fine, coarse) == "pallas"
+  with pytest.raises(ConfigError, match="attention_fallback: pallas cannot run x/attn .* "
+                     "either: the Pallas end-rule kernel runs on GPUs, this is tpu"):
+    choose(attention.AttentionConfig("splash", fallback="pallas"), fine, coarse, "tpu")
+  with pytest.raises(ConfigError, match="pallas cannot run x/attn .*runs on GPUs, this is cpu"):
+    choose(attention.AttentionConfig("pallas"), fine, fine, "cpu")
+  assert choose(attention.AttentionConfig("pallas", fallback="blockwise"), fine, fine,
+                "cpu") == "blockwise"
+  per_row = jnp.broadcast_to(jnp.arange(32), (2, 32))
+  assert choose(attention.AttentionConfig("pallas"), per_row, per_row) == "pallas"
+  assert choose(attention.AttentionConfig("cudnn", fallback="blockwise"), per_row,
+                per_row) == "dense"
 
 
 def test_vanilla_float32_is_refused_by_cudnn_with_the_reason(monkeypatch):

@@ -108,12 +108,14 @@ def test_arg_parsing():
     config_lib.parse_arg("sise=tiny", size="small")
 
 
-@pytest.mark.parametrize("kind,needs", [("cudnn", "GPUs"), ("splash", "TPUs")])
-def test_accelerator_kernels_are_refused_on_other_devices(kind, needs, tiny_config):
-  """Never a silent fallback: a kernel the devices cannot run stops the run
-  before anything is built."""
+@pytest.mark.parametrize("field,kind,needs", [("attention", "cudnn", "GPUs"),
+                                               ("attention", "splash", "TPUs"),
+                                               ("attention_fallback", "pallas", "GPUs")])
+def test_accelerator_kernels_are_refused_on_other_devices(field, kind, needs, tiny_config):
+  """Never a silent fallback: a kernel the devices cannot run, as the kind or
+  as the fallback, stops the run before anything is built."""
   from hiertx import steps
-  config = tiny_config("vanilla", model__attention=kind)
-  with pytest.raises(ConfigError, match=f"config.model.attention: {kind} runs on {needs}; "
+  config = tiny_config("vanilla", **{f"model__{field}": kind})
+  with pytest.raises(ConfigError, match=f"config.model.{field}: {kind} runs on {needs}; "
                      "these devices are cpu: use blockwise"):
     steps.build_run(config)

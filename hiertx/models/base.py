@@ -74,10 +74,11 @@ class LanguageModel(nn.Module):
   dtype: str = "float32"
   remat: str = "none"  # none | block | dots (hiertx.layers.REMAT_POLICIES)
   scan_layers: bool = False  # repeated blocks as one lax.scan, parameters stacked
-  attention: str = "blockwise"  # dense | blockwise | cudnn | splash (hiertx.attention)
+  attention: str = "blockwise"  # dense | blockwise | cudnn | splash | pallas (hiertx.attention)
   attention_q_chunk: int = 256
   attention_k_chunk: int = 256
-  # What a site the kernel (cudnn, splash) cannot take runs: error | blockwise | dense.
+  # What a site the kernel (cudnn, splash, pallas) cannot take runs:
+  # error | blockwise | dense | pallas.
   attention_fallback: str = "error"
   # Content groups for the first shortening (hiertx.boundaries), in models
   # with CONTENT_GROUPS: the source, at most `max_group` bytes per group,

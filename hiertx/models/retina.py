@@ -133,9 +133,14 @@ class RetinaAttention(nn.Module):
       grids.append(scales.coarser(grids[-1], k))
     layers.remember(self, "levels", levels)
     kvs = [self._split(lv, g.rotary_pos) for lv, g in zip(levels, grids)]
-    # The windows are one key set per query chunk, gathered: no kernel's mask.
     site, cfg = layers.site_name(self), self.cfg.attention
     keys = sum(g.length for g in grids)
+    if (cfg.kind == "pallas" and self.spec.implementation == "chunked"
+        and not attention.pallas_refusal(q.shape[-1])):
+      # Each level is the end rule with a lower bound: the Pallas kernel's windows.
+      attention.note_site(site + "/windows", fine.length, keys, "pallas")
+      return self.attn.output(self._levels(q, kvs, fine, grids, site))
+    # The windows are one key set per query chunk, gathered: no other kernel's mask.
     why = "retina's windows gather their keys per query chunk"
     attention.fallback(cfg, site + "/windows", fine.length, keys, why)
     why = why if cfg.kind in attention.KERNELS else ""
@@ -153,6 +158,19 @@ class RetinaAttention(nn.Module):
         :, None, :]
     return attention.dense(q, jnp.concatenate([k for k, _ in kvs], 1),
                            jnp.concatenate([v for _, v in kvs], 1), mask[None] & same_doc)[0]
+
+  def _levels(self, q_BxTxHxK, kvs, fine, grids, site: str):
+    """Every level through the Pallas kernel: level s < S reads key ends in
+    (E_{s+1}, E_s], the coarsest ends up to E_S; softmaxes merged exactly."""
+    bounds = region_bounds(np.arange(fine.length), self.spec.k, self.spec.windows)
+    last = len(self.spec.windows)
+    parts = [attention.pallas_attend(q_BxTxHxK, *kvs[s], bounds[s], grids[s].end_L,
+                                     fine.seg_BxL, grids[s].seg_BxL, self.cfg.attention,
+                                     q_lo=bounds[s + 1]) for s in range(last)]
+    parts.append(attention.attend(q_BxTxHxK, *kvs[last], bounds[last], grids[last].end_L,
+                                  fine.seg_BxL, grids[last].seg_BxL, self.cfg.attention,
+                                  with_lse=True, site=site + "/coarsest"))
+    return attention.merge(*parts)[0]
 
   def _chunked(self, q_BxTxHxK, kvs, fine, grids, site: str):
     b, t, h, dk = q_BxTxHxK.shape
