@@ -72,8 +72,9 @@ def block_plan(q_end_BxQ, q_lo_BxQ, k_end_BxS, q_seg_BxQ, k_seg_BxS, block_q: in
   key block: (kidx [B, nq, nk_max], kcount [B, nq], qidx [B, nk, nq_max],
   qcount [B, nk]); the first `count` entries of each row are the blocks, in
   order. A pair is read where some key may end at or before some query and
-  after its lower bound (block end ranges), and their document ranges overlap. Lengths are padded to whole
-  blocks; `count_bound` (static) bounds the key blocks of any query block."""
+  after its lower bound (block end ranges), and their document ranges
+  overlap. Lengths are padded to whole blocks; `count_bound` (static) bounds
+  the key blocks of any query block."""
   _, qe_max = _ranges(q_end_BxQ, block_q)
   lo_min, _ = _ranges(q_lo_BxQ, block_q)
   ke_min, ke_max = _ranges(k_end_BxS, block_k)
@@ -220,7 +221,8 @@ def _specs(bq: int, bk: int, q_len: int, k_len: int, dim: int, by_key: bool):
                         (lambda b, h, i: (b, 0, h, 0)) if whole else (lambda b, h, i: (b, i, h, 0)))
 
   def per_row(rows, whole):
-    return pl.BlockSpec((None, rows), (lambda b, h, i: (b, 0)) if whole else (lambda b, h, i: (b, i)))
+    return pl.BlockSpec((None, rows),
+                        (lambda b, h, i: (b, 0)) if whole else (lambda b, h, i: (b, i)))
 
   def stat(rows, whole):
     return pl.BlockSpec((None, None, rows),

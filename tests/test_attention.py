@@ -155,7 +155,8 @@ def test_pallas_kernel_reads_only_allowed_blocks_lowers_to_triton_and_runs_per_d
   q, k, v = (jnp.asarray(rng.normal(size=(8, n, 4, 16)), jnp.float32) for n in (37, 47, 47))
   q_seg, k_seg = jnp.tile(q_seg, (4, 1)), jnp.tile(k_seg, (4, 1))
   cfg = attention.AttentionConfig("pallas", 16, 16)
-  run = lambda q, k, v: attention.pallas_attend(q, k, v, q_end, k_end, q_seg, k_seg, cfg)  # noqa: E731
+  run = lambda q, k, v: attention.pallas_attend(  # noqa: E731
+      q, k, v, q_end, k_end, q_seg, k_seg, cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
   with jax.sharding.set_mesh(mesh):
     assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v))
