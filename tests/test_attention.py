@@ -416,10 +416,11 @@ def test_sites_get_the_kernel_at_every_scale_and_nothing_falls_back_silently(mon
   assert len(lines) == 5 and "pre_1/block_{0..1}/attn: 8 queries x 8 keys -> cudnn [x2]" in lines, lines
 
 
-def test_pallas_takes_what_cudnn_and_splash_cannot_and_is_refused_off_gpus():
-  """cuDNN for the stacks and the Pallas kernel for the rest; a Pallas
-  fallback where it cannot run, or the kernel itself off GPUs, is refused
-  by name unless a fallback is configured; per-row ends stay on the kernel."""
+def test_pallas_takes_what_cudnn_and_splash_cannot_and_is_refused_off_gpus(monkeypatch):
+  """cuDNN for the stacks and the Pallas kernel for the rest (retina's windows
+  and coarsest level too); a Pallas fallback where it cannot run, or the
+  kernel itself off GPUs, is refused by name unless a fallback is configured;
+  per-row ends stay on the kernel."""
   fine, coarse, bf16 = np.arange(32), np.arange(8) * 4 + 3, jnp.bfloat16
   mixed = attention.AttentionConfig("cudnn", fallback="pallas")
   choose = lambda cfg, q, k, backend="gpu": attention.choose(  # noqa: E731
@@ -436,6 +437,13 @@ def test_pallas_takes_what_cudnn_and_splash_cannot_and_is_refused_off_gpus():
   assert choose(attention.AttentionConfig("pallas"), per_row, per_row) == "pallas"
   assert choose(attention.AttentionConfig("cudnn", fallback="blockwise"), per_row,
                 per_row) == "dense"
+  monkeypatch.setattr(attention, "_backend", lambda: "gpu")
+  retina = models.build(model_cfg("retina", dtype="bfloat16", attention="cudnn",
+                                  attention_fallback="pallas"), V, 64)
+  with attention.record_sites() as sites:
+    jax.eval_shape(retina.init, jax.random.PRNGKey(0), jnp.ones((1, 16), jnp.int32))
+  got = {(s.name.rsplit("/", 1)[-1], s.implementation, bool(s.why)) for s in sites}
+  assert got == {("windows", "pallas", True), ("coarsest", "pallas", True)}, got
 
 
 def test_vanilla_float32_is_refused_by_cudnn_with_the_reason(monkeypatch):

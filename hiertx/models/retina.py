@@ -135,15 +135,25 @@ class RetinaAttention(nn.Module):
     kvs = [self._split(lv, g.rotary_pos) for lv, g in zip(levels, grids)]
     site, cfg = layers.site_name(self), self.cfg.attention
     keys = sum(g.length for g in grids)
-    if (cfg.kind == "pallas" and self.spec.implementation == "chunked"
-        and not attention.pallas_refusal(q.shape[-1])):
-      # Each level is the end rule with a lower bound: the Pallas kernel's windows.
-      attention.note_site(site + "/windows", fine.length, keys, "pallas")
+    chunked = self.spec.implementation == "chunked"
+    # Under `pallas` each level is the end rule with a lower bound (the
+    # kernel's windows); other kernels cannot take the windows: one key set
+    # per query chunk, gathered.
+    if cfg.kind == "pallas" and chunked:
+      why = attention.pallas_refusal(q.shape[-1])
+    elif cfg.kind in attention.KERNELS:
+      why = ("retina's windows gather their keys per query chunk" if chunked
+             else "implementation=dense scores every level in one tensor")
+    else:
+      why = ""
+    kind = attention.fallback(cfg, site + "/windows", fine.length, keys, why) if why else cfg.kind
+    if kind == "pallas" and chunked:
+      refusal = attention.pallas_refusal(q.shape[-1])
+      if refusal:
+        raise ConfigError("model.attention_fallback", f"pallas cannot run {site}/windows "
+                          f"either: {refusal}")
+      attention.note_site(site + "/windows", fine.length, keys, "pallas", why)
       return self.attn.output(self._levels(q, kvs, fine, grids, site))
-    # The windows are one key set per query chunk, gathered: no other kernel's mask.
-    why = "retina's windows gather their keys per query chunk"
-    attention.fallback(cfg, site + "/windows", fine.length, keys, why)
-    why = why if cfg.kind in attention.KERNELS else ""
     if self.spec.implementation == "dense":
       attention.note_site(site + "/windows", fine.length, keys, "dense", why)
       out = self._dense(q, kvs, fine, grids)
