@@ -176,11 +176,6 @@ def blockwise(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_Bx
                           k_seg_BxS.astype(jnp.int32))
 
 
-def _pad_len(x, n, value=0):
-  return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
-                 constant_values=value)
-
-
 # Chunk pairs are computed in batches of at most this many float32 scores
 # (batch x heads x pairs x chunk x chunk), by backend: each batch is a few
 # batched matmuls over all its pairs, and the batches follow one another in
@@ -331,10 +326,10 @@ def _blockwise_fn(p: Plan):
 
   def padded(q, k, v, q_seg, k_seg, *per_query):
     """Everything cut into chunks: queries [nq, ...], keys [nk, ...]."""
-    qs = [split(_pad_len(x, nq * cq), nq, cq) for x in (q, *per_query)]
-    q_seg = split(_pad_len(q_seg, nq * cq, -1), nq, cq)
-    ks = [split(_pad_len(x, nk * ck), nk, ck) for x in (k, v)]
-    k_seg = split(_pad_len(k_seg, nk * ck, -2), nk, ck)
+    qs = [split(flash.pad_length(x, nq * cq), nq, cq) for x in (q, *per_query)]
+    q_seg = split(flash.pad_length(q_seg, nq * cq, -1), nq, cq)
+    ks = [split(flash.pad_length(x, nk * ck), nk, ck) for x in (k, v)]
+    k_seg = split(flash.pad_length(k_seg, nk * ck, -2), nk, ck)
     return qs, q_seg, ks, k_seg
 
   def scores(qi, kj, q_P, qs_c, k_c, ks_c):
@@ -560,15 +555,15 @@ def pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_se
   lower bounds of the keys' ends, retina's windows), per device under a mesh.
   Static ends are closed over; per-row ends travel with the rows."""
   static = isinstance(q_end, np.ndarray) and isinstance(k_end, np.ndarray)
-  ends = () if static else (jnp.asarray(q_end), jnp.asarray(k_end))
+  # Traced ends as [B, L], so that a mesh splits them with their rows.
+  ends = () if static else tuple(jnp.broadcast_to(jnp.asarray(e), s.shape) for e, s in
+                                 zip((q_end, k_end), (q_seg_BxQ, k_seg_BxS)))
 
   def local(q, k, v, q_seg, k_seg, *row_ends):
     qe, ke = row_ends if row_ends else (q_end, k_end)
     return flash.attend(q, k, v, qe, ke, q_seg, k_seg, cfg.q_chunk, cfg.k_chunk,
                         interpret=_pallas_interpret(), q_lo=q_lo)
 
-  if ends and ends[0].ndim == 1:  # one query's end shared by the rows
-    ends = tuple(jnp.broadcast_to(e, s.shape) for e, s in zip(ends, (q_seg_BxQ, k_seg_BxS)))
   return per_device(local, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, *ends,
                     out_ranks=(4, 3))
 
@@ -623,21 +618,18 @@ def choose(site: str, q_end, k_end, dtype, head_dim: int, cfg: AttentionConfig,
   if not static and cfg.kind not in ("dense", "pallas"):
     why = why or "per-row ends"
   queries, keys = np.shape(q_end)[-1], np.shape(k_end)[-1]
-  kind = fallback(cfg, site, queries, keys, why) if why else cfg.kind
-  if kind == "pallas" and cfg.kind != "pallas":
-    refusal = pallas_refusal(head_dim, backend)
-    if refusal:
-      raise ConfigError("model.attention_fallback", f"pallas cannot run {site or 'a site'} "
-                        f"({queries} queries x {keys} keys) either: {refusal}")
+  kind = fallback(cfg, site, queries, keys, why, head_dim, backend) if why else cfg.kind
   if kind == "blockwise" and not static:
     kind = "dense"  # the blockwise plan needs static ends
   note_site(site, queries, keys, kind, why)
   return kind
 
 
-def fallback(cfg: AttentionConfig, site: str, queries: int, keys: int, why: str) -> str:
+def fallback(cfg: AttentionConfig, site: str, queries: int, keys: int, why: str,
+             head_dim: int, backend: str | None = None) -> str:
   """What a site that `cfg.kind` cannot run (`why`) runs instead: the
-  configured fallback, or (`error`) a ConfigError naming the site."""
+  configured fallback, or (`error`, or a `pallas` fallback that cannot run
+  here either) a ConfigError naming the site."""
   if cfg.kind not in KERNELS:
     return cfg.kind
   if cfg.fallback == "error":
@@ -645,6 +637,10 @@ def fallback(cfg: AttentionConfig, site: str, queries: int, keys: int, why: str)
                       f"({queries} queries x {keys} keys): {why}; set "
                       "model.attention_fallback=pallas (or blockwise, dense) to run such "
                       "sites so")
+  refusal = pallas_refusal(head_dim, backend) if cfg.fallback == "pallas" else ""
+  if refusal:
+    raise ConfigError("model.attention_fallback", f"pallas cannot run {site or 'a site'} "
+                      f"({queries} queries x {keys} keys) either: {refusal}")
   return cfg.fallback
 
 

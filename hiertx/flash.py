@@ -303,7 +303,8 @@ def _attend_bwd(block_q, block_k, interpret, res, cotangents):
 _attend_padded.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _pad(x, n: int, value=0):
+def pad_length(x, n: int, value=0):
+  """`x` [B, L, ...] padded with `value` to length `n` along axis 1."""
   return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
                  constant_values=value)
 
@@ -328,14 +329,15 @@ def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
 
   def per_row(x, length, pad_to, pad_value):
     x = jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, length))
-    return _pad(x, pad_to, pad_value)
+    return pad_length(x, pad_to, pad_value)
 
   qe, lo = per_row(q_end, q_len, q_pad, _Q_PAD_END), per_row(q_lo, q_len, q_pad, _NO_LO)
   ke = per_row(k_end, k_len, k_pad, _K_PAD_END)
-  qs = _pad(q_seg_BxQ.astype(jnp.int32), q_pad, -1)
-  ks = _pad(k_seg_BxS.astype(jnp.int32), k_pad, -2)
+  qs = pad_length(q_seg_BxQ.astype(jnp.int32), q_pad, -1)
+  ks = pad_length(k_seg_BxS.astype(jnp.int32), k_pad, -2)
   plan = block_plan(qe, lo, ke, qs, ks, block_q, block_k, bound)
-  q, k, v = _pad(q_BxQxHxK, q_pad), _pad(k_BxSxHxK, k_pad), _pad(v_BxSxHxK, k_pad)
+  q = pad_length(q_BxQxHxK, q_pad)
+  k, v = pad_length(k_BxSxHxK, k_pad), pad_length(v_BxSxHxK, k_pad)
   o, lse_BxHxQ = _attend_padded(plan, (qe, lo, qs, ke, ks), q, k, v, block_q, block_k,
                                 interpret)
   return o[:, :q_len], lse_BxHxQ.transpose(0, 2, 1)[:, :q_len]

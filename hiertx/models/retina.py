@@ -146,12 +146,9 @@ class RetinaAttention(nn.Module):
              else "implementation=dense scores every level in one tensor")
     else:
       why = ""
-    kind = attention.fallback(cfg, site + "/windows", fine.length, keys, why) if why else cfg.kind
+    kind = (attention.fallback(cfg, site + "/windows", fine.length, keys, why, q.shape[-1])
+            if why else cfg.kind)
     if kind == "pallas" and chunked:
-      refusal = attention.pallas_refusal(q.shape[-1])
-      if refusal:
-        raise ConfigError("model.attention_fallback", f"pallas cannot run {site}/windows "
-                          f"either: {refusal}")
       attention.note_site(site + "/windows", fine.length, keys, "pallas", why)
       return self.attn.output(self._levels(q, kvs, fine, grids, site))
     if self.spec.implementation == "dense":
