@@ -73,7 +73,7 @@ def test_learned_boundary_rate_follows_its_prior(k=5):
            "segment_ids": jnp.ones((16, 63), jnp.int32),
            "positions": jnp.broadcast_to(jnp.arange(63), (16, 63)),
            "weights": jnp.ones((16, 63), jnp.int32)}
-  params = model.init(jax.random.PRNGKey(1), batch["inputs"])["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), batch["inputs"])["params"]
   tx = optax.adam(1e-2)
   state = steps.TrainState(jnp.asarray(0), params, tx.init(params))
   step = jax.jit(lambda s: steps.train_step(s, batch, model=model, tx=tx, seed=0))
@@ -107,7 +107,7 @@ def test_lm_gradient_reaches_boundaries_that_did_not_close():
       ("hourglass_dynamic", "boundary_p", dict(ratio_loss_weight=0.0))):
     model = models.build(model_cfg(key, **quiet), V, 32)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (4, 32), 1, V)
-    params = model.init(jax.random.PRNGKey(3), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(3), tokens)["params"]
     shapes = jax.eval_shape(lambda p: _pass(model, p, tokens), params)[1]["perturbations"]
     zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
@@ -141,8 +141,8 @@ def test_entropy_head_trains_apart_from_the_trunk_unless_asked():
   for shared in (False, True):
     source = boundaries.Source("entropy", 2, V, 128, layers.BlockConfig(16, 2, 32),
                                entropy_trains_trunk=shared)
-    params = source.init(jax.random.PRNGKey(6), tokens, x, fine, True,
-                         method=source.want)["params"]
+    params = jax.jit(lambda r: source.init(r, tokens, x, fine, True, method=source.want)
+                     )(jax.random.PRNGKey(6))["params"]
 
     def head_loss(p, x):
       _, sown = source.apply({"params": p}, tokens, x, fine, False, method=source.want,

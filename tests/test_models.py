@@ -98,7 +98,8 @@ def test_jacobian_is_exactly_causal_and_every_past_token_reaches(key, t):
   past = ~future
   assert np.all(norms[past] > 0), f"{key}: past inputs not reaching {np.argwhere(past & (norms == 0))}"
   if model.content:
-    _, sown = model.apply({"params": params}, tokens[:1], mutable=["decode"])
+    _, sown = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["decode"]))(
+        params, tokens[:1])
     closes = np.asarray(sown["decode"]["content_groups"]["closes"][0])
     assert 1 < closes.sum() < t, closes  # content decided some groups, not all
     latest = np.cumsum(closes) - 1
