@@ -16,8 +16,9 @@ Each model trains in its own process (`hiertx.train`, workdir
 last evaluation reads the whole validation split. A rerun skips finished
 models. Prints one table: bits per byte, peak device memory (the allocator's,
 on GPU/TPU) next to XLA's compile-time peak, tokens/s, and each against
-vanilla. `--attention=auto` uses the fused kernel of the backend (cudnn on
-GPU, splash on TPU) wherever a site can take it and blockwise elsewhere.
+vanilla. `--attention=auto` uses the fused kernels of the backend (on a GPU
+cuDNN for the stacks and the Pallas kernel elsewhere; on a TPU splash
+wherever a site can take it and blockwise elsewhere).
 """
 
 import os

@@ -33,8 +33,10 @@ static or per-row ends, with its log-sum-exp where a caller merges key sets,
 through the end-rule flash kernel of `hiertx.flash`. Same-scale causal
 self-attention with documents (queries and keys sharing one strictly
 increasing set of ends: the stacks of every model at every scale) also runs on
-`cudnn` (GPU, `jax.nn.dot_product_attention`) and `splash` (TPU, the Pallas
-splash-attention kernel). `choose` decides per call site from the static
+`cudnn` (GPU, `jax.nn.dot_product_attention`); `splash` (TPU, the Pallas
+splash-attention kernel) runs every site with static ends and lengths that are
+multiples of its block (cross-scale attention too, the rule as its static
+block-sparse mask). `choose` decides per call site from the static
 ends, never from data, and records what each site got (`record_sites`); a
 site a kernel cannot take runs `AttentionConfig.fallback` (e.g. cuDNN for the
 stacks and `pallas` for the rest), or is refused.
@@ -111,8 +113,13 @@ def end_rule_mask(q_end, k_end, q_seg_BxQ, k_seg_BxS):
   q_end, k_end = jnp.asarray(q_end), jnp.asarray(k_end)
   q_end_BxQ = q_end if q_end.ndim == 2 else q_end[None]
   k_end_BxS = k_end if k_end.ndim == 2 else k_end[None]
-  causal_BxQxS = k_end_BxS[:, None, :] <= q_end_BxQ[:, :, None]
-  return causal_BxQxS & (q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :])
+  return ends_allow(q_end_BxQ, k_end_BxS) & (q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :])
+
+
+def ends_allow(q_end_xQ, k_end_xS):
+  """bool [..., Q, S]: the end rule without documents, key.end <= query.end
+  (numpy in, numpy out: the static masks kernels are built from)."""
+  return k_end_xS[..., None, :] <= q_end_xQ[..., :, None]
 
 
 # ----------------------------------------------------------------------------
@@ -464,54 +471,72 @@ SPLASH_BLOCK = 128
 
 
 def splash_refusal(q_end, k_end, with_lse: bool = False, backend: str | None = None) -> str:
-  """Why the splash kernel cannot take a site ('' if it can): it runs
-  same-scale causal self-attention (`same_scale`) whose length is a multiple
-  of its block, on TPU."""
+  """Why the splash kernel cannot take a site ('' if it can): it runs any
+  static ends (the end rule as the kernel's block-sparse mask) whose query
+  and key lengths are multiples of its block, on TPU."""
   if (backend or _backend()) != "tpu":
     return f"splash runs on TPUs, this is {backend or _backend()}"
-  if not same_scale(q_end, k_end):
-    return "keys are not the queries' own scale"
-  if len(q_end) % SPLASH_BLOCK:
-    return f"length {len(q_end)} is not a multiple of {SPLASH_BLOCK}"
+  for what, ends in (("query", q_end), ("key", k_end)):
+    if len(ends) % SPLASH_BLOCK:
+      return f"{what} length {len(ends)} is not a multiple of {SPLASH_BLOCK}"
   if with_lse:
     return "the caller merges the log-sum-exp"
   return ""
 
 
-def _splash_kernel(heads: int, length: int, interpret: bool):
-  """A causal splash-attention kernel for [heads, length, K] (one sequence).
-  Built inside each trace: a kernel keeps arrays made while tracing, so one
-  cached across traces would leak tracers."""
+# A sink logit for the splash kernel: a key every query has, of value 0 and
+# weight exp(-1e30 - max) = 0, so a query that no key is allowed gets output
+# 0 (as `dense` gives it) instead of 0/0, and adds nothing to any other.
+_SPLASH_SINK = -1e30
+
+
+def _splash_kernel(heads: int, q_end, k_end, interpret: bool):
+  """A splash-attention kernel of the end rule for [heads, Q, K] x [heads, S,
+  K] (one sequence): causal where queries and keys are one scale, else the
+  static mask `ends_allow` (its all-false blocks skipped). Built inside each
+  trace: a kernel keeps arrays made while tracing, so one cached across
+  traces would leak tracers."""
   # Imported here: the Pallas TPU package is only needed where the kernel runs.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  mask = sm.MultiHeadMask([sm.CausalMask((length, length)) for _ in range(heads)])
+  if same_scale(q_end, k_end):
+    one = sm.CausalMask((len(q_end), len(k_end)))
+  else:
+    one = sm.NumpyMask(ends_allow(np.asarray(q_end), np.asarray(k_end)))
   b = SPLASH_BLOCK
   sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                            interpret=interpret), sk.SegmentIds
+  return sk.make_splash_mha(sm.MultiHeadMask([one] * heads), block_sizes=sizes,
+                            head_shards=1, q_seq_shards=1, interpret=interpret), sk.SegmentIds
 
 
-def splash_causal(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT, interpret: bool | None = None):
-  """Fine-scale causal self-attention with documents through the Pallas
+def splash_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
+                  interpret: bool | None = None):
+  """End-rule attention with documents (static ends) through the Pallas
   splash-attention kernel; the output only. Under a mesh (`jax.sharding.set_mesh`)
-  each device runs the kernel on its own rows and heads (`shard_map` over the
-  batch axes and `tensor`), since the partitioner cannot split a kernel call.
+  each device runs the kernel on its own rows and heads (`per_device`).
   `interpret` (default: off TPU) runs the kernel's reference interpreter."""
   if interpret is None:
     interpret = jax.devices()[0].platform != "tpu"
-  scale = q_BxTxHxK.shape[-1] ** -0.5
+  scale = q_BxQxHxK.shape[-1] ** -0.5
+  # One scale: every query has itself, so no sink is needed.
+  sink = None if same_scale(q_end, k_end) else _SPLASH_SINK
 
-  def local(q, k, v, seg):
-    kernel, segment_ids = _splash_kernel(q.shape[2], q.shape[1], interpret)
+  def local(q, k, v, q_seg, k_seg):
+    kernel, segment_ids = _splash_kernel(q.shape[2], q_end, k_end, interpret)
+    sinks = None if sink is None else jnp.full((q.shape[2],), sink, _F32)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
-    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=segment_ids(q=s, kv=s))  # noqa: E731
+
+    def one(q, k, v, q_seg, k_seg):
+      return kernel(q, k, v, segment_ids=segment_ids(q=q_seg, kv=k_seg), sinks=sinks)
+
     # The kernel does not scale its queries.
     q = (q.astype(_F32) * scale).astype(q.dtype)
-    return heads_first(jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v), seg))
+    return heads_first(jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v),
+                                     q_seg, k_seg))
 
-  return per_device(local, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, seg_BxT, out_ranks=4)
+  return per_device(local, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS,
+                    out_ranks=4)
 
 
 def per_device(fn, *args, out_ranks):
@@ -682,8 +707,7 @@ def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
   if kind == "cudnn":
     return fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, "cudnn")
   if kind == "splash":
-    # Self-attention: the query and key documents are the same.
-    return splash_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ)
+    return splash_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS)
   if kind == "pallas":
     out = pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
                         cfg)

@@ -251,7 +251,10 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   """The Pallas splash kernel TPUs get (run here in its interpreter): outputs
   and gradients of fine causal self-attention with documents equal `dense`,
   alone and under `shard_map` on the 8-device mesh (2 data x 2 fsdp x 2
-  tensor); `attend` sends it nothing but that mask, and only on TPU."""
+  tensor); so do those of cross-scale attention (fine queries over coarse
+  keys, the rule as a static mask), queries with no allowed key included,
+  and that lowers for TPUs; `attend` sends it static ends of whole blocks,
+  and only on TPU."""
   t = attention.SPLASH_BLOCK * 2
   rng = np.random.default_rng(3)
   q, k, v = (jnp.asarray(rng.normal(size=(8, t, 4, 16)), jnp.float32) for _ in range(3))
@@ -261,8 +264,8 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   fine = np.arange(t)
   ref = lambda q, k, v: attention.dense(  # noqa: E731
       q, k, v, attention.end_rule_mask(fine, fine, seg, seg))[0]
-  np.testing.assert_allclose(attention.splash_causal(q, k, v, seg, interpret=True),
-                             ref(q, k, v), atol=1e-5)
+  np.testing.assert_allclose(attention.splash_attend(q, k, v, fine, fine, seg, seg,
+                                                    interpret=True), ref(q, k, v), atol=1e-5)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2, 2),
                            ("data", "fsdp", "tensor"))
   monkeypatch.setattr(attention, "_backend", lambda: "tpu")
@@ -278,19 +281,42 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, wg in zip(grads, want_grads):
     np.testing.assert_allclose(g, wg, atol=5e-5)
-  # Coarse keys, or a length off the kernel's block: not the kernel; refused
-  # unless a fallback is configured.
-  assert attention.splash_refusal(fine, fine, backend="tpu") == ""
-  assert attention.splash_refusal(fine[::2], fine[::2], backend="tpu") == ""
+  # Fine queries over coarse keys (ends 2g+1): the first query and each
+  # second document's first query have no allowed key (output 0).
+  coarse, k_seg = fine[1::2], seg[:2, 1::2]
+  cross_ref = lambda q, k, v: attention.dense(  # noqa: E731
+      q, k, v, attention.end_rule_mask(fine, coarse, seg[:2], k_seg))[0]
+  cross = lambda q, k, v: attention.attend(  # noqa: E731
+      q, k, v, fine, coarse, seg[:2], k_seg, cfg, site="x/attn")
+  args = (q[:2], k[:2, ::2], v[:2, ::2])
+  got, grads = jax.jit(jax.value_and_grad(lambda *a: (cross(*a) * w[:2]).sum(), (0, 1, 2)))(
+      *args)
+  want, want_grads = jax.value_and_grad(lambda *a: (cross_ref(*a) * w[:2]).sum(), (0, 1, 2))(
+      *args)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, wg in zip(grads, want_grads):
+    np.testing.assert_allclose(g, wg, atol=5e-5)
+  out = np.asarray(cross(*args))
+  assert not np.isnan(out).any() and not out[0, 0].any() and out[0, 1].any()
+  # What a TPU compiles: forward, dq and dkv kernels through Mosaic, in bfloat16.
+  bf16 = [jax.ShapeDtypeStruct(a.shape[:-1] + (64,), jnp.bfloat16) for a in args]
+  tpu = jax.jit(jax.grad(lambda q, k, v: attention.splash_attend(
+      q, k, v, fine, coarse, seg[:2], k_seg, interpret=False).astype(jnp.float32).sum(),
+      (0, 1, 2))).trace(*bf16).lower(lowering_platforms=("tpu",)).as_text()
+  assert tpu.count("tpu_custom_call") == 3
+  # A length off the kernel's block, or a caller merging log-sum-exps: not the
+  # kernel; refused unless a fallback is configured.
+  assert attention.splash_refusal(fine, fine[::2], backend="tpu") == ""
   assert "TPU" in attention.splash_refusal(fine, fine, backend="gpu")
-  assert "own scale" in attention.splash_refusal(fine, fine[::4], backend="tpu")
-  assert "multiple" in attention.splash_refusal(fine[:100], fine[:100], backend="tpu")
-  cross = lambda cfg: lambda q, k, v: attention.attend(  # noqa: E731
+  assert "key length 64" in attention.splash_refusal(fine, fine[::4], backend="tpu")
+  assert "log-sum-exp" in attention.splash_refusal(fine, fine, True, backend="tpu")
+  short = lambda cfg: lambda q, k, v: attention.attend(  # noqa: E731
       q, k[:, ::4], v[:, ::4], fine, fine[::4], seg, seg[:, ::4], cfg, site="x/attn")
-  with pytest.raises(ConfigError, match="splash cannot run x/attn .*own scale"):
-    jax.make_jaxpr(cross(cfg))(q, k, v)
+  with pytest.raises(ConfigError, match="splash cannot run x/attn .*key length 64 is not a "
+                     "multiple of 128"):
+    jax.make_jaxpr(short(cfg))(q, k, v)
   fallback = attention.AttentionConfig("splash", 64, 64, fallback="blockwise")
-  assert "pallas_call" not in str(jax.make_jaxpr(cross(fallback))(q, k, v))
+  assert "pallas_call" not in str(jax.make_jaxpr(short(fallback))(q, k, v))
 
 
 # Every model and variant: blockwise (small chunks, so several pairs and
