@@ -490,19 +490,17 @@ def splash_refusal(q_end, k_end, with_lse: bool = False, backend: str | None = N
 _SPLASH_SINK = -1e30
 
 
-def _splash_kernel(heads: int, q_end, k_end, interpret: bool):
-  """A splash-attention kernel of the end rule for [heads, Q, K] x [heads, S,
-  K] (one sequence): causal where queries and keys are one scale, else the
-  static mask `ends_allow` (its all-false blocks skipped). Built inside each
-  trace: a kernel keeps arrays made while tracing, so one cached across
-  traces would leak tracers."""
+def _splash_kernel(heads: int, allow_QxS, length: int, interpret: bool):
+  """A splash-attention kernel for [heads, Q, K] x [heads, S, K] (one
+  sequence): causal over `length` when `allow_QxS` is None, else that static
+  bool mask (its all-false blocks skipped). Built inside each trace: a kernel
+  keeps arrays made while tracing, so one cached across traces would leak
+  tracers."""
   # Imported here: the Pallas TPU package is only needed where the kernel runs.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  if same_scale(q_end, k_end):
-    one = sm.CausalMask((len(q_end), len(k_end)))
-  else:
-    one = sm.NumpyMask(ends_allow(np.asarray(q_end), np.asarray(k_end)))
+  one = (sm.CausalMask((length, length)) if allow_QxS is None
+         else sm.NumpyMask(np.asarray(allow_QxS, bool)))
   b = SPLASH_BLOCK
   sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
@@ -513,17 +511,28 @@ def _splash_kernel(heads: int, q_end, k_end, interpret: bool):
 def splash_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
                   interpret: bool | None = None):
   """End-rule attention with documents (static ends) through the Pallas
-  splash-attention kernel; the output only. Under a mesh (`jax.sharding.set_mesh`)
-  each device runs the kernel on its own rows and heads (`per_device`).
+  splash-attention kernel; the output only."""
+  allow_QxS = None if same_scale(q_end, k_end) else ends_allow(np.asarray(q_end),
+                                                               np.asarray(k_end))
+  return splash_masked(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, allow_QxS, q_seg_BxQ, k_seg_BxS,
+                       interpret)
+
+
+def splash_masked(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, allow_QxS, q_seg_BxQ, k_seg_BxS,
+                  interpret: bool | None = None):
+  """Attention through the Pallas splash-attention kernel under the static
+  bool mask `allow_QxS` (None: causal, queries and keys one sequence) and
+  documents; the output only. Under a mesh (`jax.sharding.set_mesh`) each
+  device runs the kernel on its own rows and heads (`per_device`).
   `interpret` (default: off TPU) runs the kernel's reference interpreter."""
   if interpret is None:
     interpret = jax.devices()[0].platform != "tpu"
   scale = q_BxQxHxK.shape[-1] ** -0.5
-  # One scale: every query has itself, so no sink is needed.
-  sink = None if same_scale(q_end, k_end) else _SPLASH_SINK
+  # Causal: every query has itself, so no sink is needed.
+  sink = None if allow_QxS is None else _SPLASH_SINK
 
   def local(q, k, v, q_seg, k_seg):
-    kernel, segment_ids = _splash_kernel(q.shape[2], q_end, k_end, interpret)
+    kernel, segment_ids = _splash_kernel(q.shape[2], allow_QxS, q.shape[1], interpret)
     sinks = None if sink is None else jnp.full((q.shape[2],), sink, _F32)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
 

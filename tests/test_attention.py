@@ -319,6 +319,38 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   assert "pallas_call" not in str(jax.make_jaxpr(short(fallback))(q, k, v))
 
 
+def test_retina_on_splash_equals_its_dense_implementation(monkeypatch):
+  """Retina under `splash` (TPU; the kernel's interpreter here): every level
+  one key set under the static mask of the dense implementation, one kernel
+  call per block; logits and parameter gradients on packed rows equal the
+  dense implementation's."""
+  monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+  t = 256  # 256 fine and 128 pooled keys: whole splash blocks
+  cfg = lambda **kw: model_cfg("retina", windows=(8,), chunk_size=64, max_len=t,  # noqa: E731
+                               num_layers=1, **kw)
+  splash, dense = (models.build(cfg(**kw), V, t) for kw in (dict(attention="splash"),
+                                                            dict(implementation="dense")))
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, V)
+  seg = jnp.asarray([[1] * 100 + [2] * 156, [1] * t])
+  pos = jnp.asarray([list(range(100)) + list(range(156)), list(range(t))])
+  params = jax.jit(dense.init)(jax.random.PRNGKey(1), tokens)["params"]
+
+  def loss(model, params):
+    logits = model.apply({"params": params}, tokens, seg, pos)
+    return (jax.nn.log_softmax(logits) * jax.nn.one_hot(tokens, V)).sum(), logits
+
+  with attention.record_sites() as sites:
+    (_, got), grads = jax.jit(jax.value_and_grad(functools.partial(loss, splash),
+                                                 has_aux=True))(params)
+  (_, want), want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, dense),
+                                                     has_aux=True))(params)
+  assert attention.sites_text(sites) == ["block_0/retina/windows: 256 queries x 384 keys -> "
+                                         "splash"], attention.sites_text(sites)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5),
+                         want_grads, grads)
+
+
 # Every model and variant: blockwise (small chunks, so several pairs and
 # lengths that divide neither the chunks nor the pooling) and the Pallas
 # kernel equal dense. Content

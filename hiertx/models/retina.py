@@ -16,7 +16,9 @@ gathers, per chunk of queries, only the key windows of levels 0 .. S-1 that
 chunk can use, and reads the coarsest level through the shared attention
 function (blockwise by default: the coarsest level is the end rule with
 query end E_S), merging the two softmaxes exactly. Its activation memory
-grows linearly with T.
+grows linearly with T. Under `pallas` each level runs the kernel with its
+window as a lower bound; under `splash` all levels are one key set under the
+`dense` mask (the kernel skips its all-false blocks).
 
 Decoding state (DESIGN.md section 5): per block and level a ring of
 unrotated keys/values bounded by the window (pooling averages them before
@@ -137,10 +139,13 @@ class RetinaAttention(nn.Module):
     keys = sum(g.length for g in grids)
     chunked = self.spec.implementation == "chunked"
     # Under `pallas` each level is the end rule with a lower bound (the
-    # kernel's windows); other kernels cannot take the windows: one key set
-    # per query chunk, gathered.
+    # kernel's windows); under `splash` every level is one key set with the
+    # static mask `dense` uses (its all-false blocks skipped); cuDNN cannot
+    # take the windows: one key set per query chunk, gathered.
     if cfg.kind == "pallas" and chunked:
       why = attention.pallas_refusal(q.shape[-1])
+    elif cfg.kind == "splash" and chunked:
+      why = attention.splash_refusal(np.arange(fine.length), np.arange(keys))
     elif cfg.kind in attention.KERNELS:
       why = ("retina's windows gather their keys per query chunk" if chunked
              else "implementation=dense scores every level in one tensor")
@@ -151,6 +156,11 @@ class RetinaAttention(nn.Module):
     if kind == "pallas" and chunked:
       attention.note_site(site + "/windows", fine.length, keys, "pallas", why)
       return self.attn.output(self._levels(q, kvs, fine, grids, site))
+    if kind == "splash" and chunked:
+      attention.note_site(site + "/windows", fine.length, keys, "splash", why)
+      k_all, v_all, seg_all = self._every_level(kvs, grids)
+      return self.attn.output(attention.splash_masked(q, k_all, v_all, self._levels_mask(fine),
+                                                      fine.seg_BxL, seg_all))
     if self.spec.implementation == "dense":
       attention.note_site(site + "/windows", fine.length, keys, "dense", why)
       out = self._dense(q, kvs, fine, grids)
@@ -159,12 +169,21 @@ class RetinaAttention(nn.Module):
       out = self._chunked(q, kvs, fine, grids, site)
     return self.attn.output(out)
 
+  def _levels_mask(self, fine):
+    return levels_mask(fine.length, self.spec.k, self.spec.windows)
+
+  @staticmethod
+  def _every_level(kvs, grids):
+    """Keys, values and documents of every level, finest first: [B, S, H, K]
+    twice and [B, S], S = sum_s T/k^s (the key order of `levels_mask`)."""
+    return (jnp.concatenate([k for k, _ in kvs], 1), jnp.concatenate([v for _, v in kvs], 1),
+            jnp.concatenate([g.seg_BxL for g in grids], 1))
+
   def _dense(self, q, kvs, fine, grids):
-    mask = jnp.asarray(levels_mask(fine.length, self.spec.k, self.spec.windows))
-    same_doc = fine.seg_BxL[:, :, None] == jnp.concatenate([g.seg_BxL for g in grids], 1)[
-        :, None, :]
-    return attention.dense(q, jnp.concatenate([k for k, _ in kvs], 1),
-                           jnp.concatenate([v for _, v in kvs], 1), mask[None] & same_doc)[0]
+    k_all, v_all, seg_all = self._every_level(kvs, grids)
+    same_doc = fine.seg_BxL[:, :, None] == seg_all[:, None, :]
+    return attention.dense(q, k_all, v_all,
+                           jnp.asarray(self._levels_mask(fine))[None] & same_doc)[0]
 
   def _levels(self, q_BxTxHxK, kvs, fine, grids, site: str):
     """Every level through the Pallas kernel: level s < S reads key ends in
