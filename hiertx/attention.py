@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import functools
 import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -490,17 +491,53 @@ def splash_refusal(q_end, k_end, with_lse: bool = False, backend: str | None = N
 _SPLASH_SINK = -1e30
 
 
-def _splash_kernel(heads: int, allow_QxS, length: int, interpret: bool):
+@dataclasses.dataclass(frozen=True)
+class StaticMask:
+  """A static bool [Q, S] mask, known by a small hashable `key` (what it is
+  made from); `build()` makes the array."""
+
+  key: tuple
+  build: Callable[[], np.ndarray] = dataclasses.field(compare=False, hash=False)
+
+
+@functools.cache
+def _keyed_mask_type():
+  """The splash package's NumpyMask, compared and hashed by a `StaticMask`
+  key instead of its whole array."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  class KeyedMask(sm.NumpyMask):
+    key: tuple
+
+    def __eq__(self, other):
+      return isinstance(other, KeyedMask) and other.key == self.key
+
+    def __hash__(self):
+      return hash(self.key)
+
+  return KeyedMask
+
+
+@functools.lru_cache(maxsize=4)  # a model has a few distinct masks; each is [Q, S] bools
+def _splash_numpy_mask(mask: StaticMask):
+  """The splash package's mask for `mask`, built once per key. The package
+  caches its block analysis by mask, and a plain mask hashes (and compares)
+  its whole [Q, S] array on every lookup: seconds per layer at 8k tokens."""
+  keyed = _keyed_mask_type()(np.asarray(mask.build(), bool))
+  keyed.key = mask.key
+  return keyed
+
+
+def _splash_kernel(heads: int, mask: StaticMask | None, length: int, interpret: bool):
   """A splash-attention kernel for [heads, Q, K] x [heads, S, K] (one
-  sequence): causal over `length` when `allow_QxS` is None, else that static
-  bool mask (its all-false blocks skipped). Built inside each trace: a kernel
-  keeps arrays made while tracing, so one cached across traces would leak
+  sequence): causal over `length` when `mask` is None, else that static mask
+  (its all-false blocks skipped). Built inside each trace: a kernel keeps
+  arrays made while tracing, so one cached across traces would leak
   tracers."""
   # Imported here: the Pallas TPU package is only needed where the kernel runs.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-  one = (sm.CausalMask((length, length)) if allow_QxS is None
-         else sm.NumpyMask(np.asarray(allow_QxS, bool)))
+  one = sm.CausalMask((length, length)) if mask is None else _splash_numpy_mask(mask)
   b = SPLASH_BLOCK
   sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                         block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
@@ -512,27 +549,27 @@ def splash_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_se
                   interpret: bool | None = None):
   """End-rule attention with documents (static ends) through the Pallas
   splash-attention kernel; the output only."""
-  allow_QxS = None if same_scale(q_end, k_end) else ends_allow(np.asarray(q_end),
-                                                               np.asarray(k_end))
-  return splash_masked(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, allow_QxS, q_seg_BxQ, k_seg_BxS,
-                       interpret)
+  q_end, k_end = np.asarray(q_end), np.asarray(k_end)
+  mask = None if same_scale(q_end, k_end) else StaticMask(
+      ("ends", q_end.tobytes(), k_end.tobytes()), lambda: ends_allow(q_end, k_end))
+  return splash_masked(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask, q_seg_BxQ, k_seg_BxS, interpret)
 
 
-def splash_masked(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, allow_QxS, q_seg_BxQ, k_seg_BxS,
-                  interpret: bool | None = None):
+def splash_masked(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask: StaticMask | None, q_seg_BxQ,
+                  k_seg_BxS, interpret: bool | None = None):
   """Attention through the Pallas splash-attention kernel under the static
-  bool mask `allow_QxS` (None: causal, queries and keys one sequence) and
-  documents; the output only. Under a mesh (`jax.sharding.set_mesh`) each
-  device runs the kernel on its own rows and heads (`per_device`).
-  `interpret` (default: off TPU) runs the kernel's reference interpreter."""
+  `mask` (None: causal, queries and keys one sequence) and documents; the
+  output only. Under a mesh (`jax.sharding.set_mesh`) each device runs the
+  kernel on its own rows and heads (`per_device`). `interpret` (default: off
+  TPU) runs the kernel's reference interpreter."""
   if interpret is None:
     interpret = jax.devices()[0].platform != "tpu"
   scale = q_BxQxHxK.shape[-1] ** -0.5
   # Causal: every query has itself, so no sink is needed.
-  sink = None if allow_QxS is None else _SPLASH_SINK
+  sink = None if mask is None else _SPLASH_SINK
 
   def local(q, k, v, q_seg, k_seg):
-    kernel, segment_ids = _splash_kernel(q.shape[2], allow_QxS, q.shape[1], interpret)
+    kernel, segment_ids = _splash_kernel(q.shape[2], mask, q.shape[1], interpret)
     sinks = None if sink is None else jnp.full((q.shape[2],), sink, _F32)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
 

@@ -304,6 +304,13 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
       q, k, v, fine, coarse, seg[:2], k_seg, interpret=False).astype(jnp.float32).sum(),
       (0, 1, 2))).trace(*bf16).lower(lowering_platforms=("tpu",)).as_text()
   assert tpu.count("tpu_custom_call") == 3
+  # A static mask is built once per key (the kernel's block analysis is
+  # cached by mask; hashing whole arrays per layer cost seconds at 8k tokens).
+  built = []
+  make = lambda: attention.StaticMask(("x", 1), lambda: built.append(1) or  # noqa: E731
+                                      np.ones((128, 128), bool))
+  assert attention._splash_numpy_mask(make()) is attention._splash_numpy_mask(make())
+  assert built == [1]
   # A length off the kernel's block, or a caller merging log-sum-exps: not the
   # kernel; refused unless a fallback is configured.
   assert attention.splash_refusal(fine, fine[::2], backend="tpu") == ""

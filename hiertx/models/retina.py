@@ -169,8 +169,10 @@ class RetinaAttention(nn.Module):
       out = self._chunked(q, kvs, fine, grids, site)
     return self.attn.output(out)
 
-  def _levels_mask(self, fine):
-    return levels_mask(fine.length, self.spec.k, self.spec.windows)
+  def _levels_mask(self, fine) -> attention.StaticMask:
+    k, windows = self.spec.k, self.spec.windows
+    return attention.StaticMask(("retina", fine.length, k, windows),
+                                lambda: levels_mask(fine.length, k, windows))
 
   @staticmethod
   def _every_level(kvs, grids):
@@ -183,7 +185,7 @@ class RetinaAttention(nn.Module):
     k_all, v_all, seg_all = self._every_level(kvs, grids)
     same_doc = fine.seg_BxL[:, :, None] == seg_all[:, None, :]
     return attention.dense(q, k_all, v_all,
-                           jnp.asarray(self._levels_mask(fine))[None] & same_doc)[0]
+                           jnp.asarray(self._levels_mask(fine).build())[None] & same_doc)[0]
 
   def _levels(self, q_BxTxHxK, kvs, fine, grids, site: str):
     """Every level through the Pallas kernel: level s < S reads key ends in
