@@ -326,17 +326,32 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   assert "pallas_call" not in str(jax.make_jaxpr(short(fallback))(q, k, v))
 
 
-def test_retina_on_splash_equals_its_dense_implementation(monkeypatch):
-  """Retina under `splash` (TPU; the kernel's interpreter here): every level
-  one key set under the static mask of the dense implementation, one kernel
-  call per block; logits and parameter gradients on packed rows equal the
-  dense implementation's."""
+# Whole splash blocks at 256 tokens: retina's 256 fine and 128 pooled keys
+# (against its dense implementation), and bottom_up's aggregation over its
+# 256 + 128 keys of both scales (against dense attention); one block each.
+SPLASH_MODELS = {
+    "retina": (dict(windows=(8,), chunk_size=64, num_layers=1), dict(implementation="dense"),
+               ["block_0/retina/windows: 256 queries x 384 keys -> splash"]),
+    "bottom_up": (dict(layers_per_scale=(1, 1), pool_factors=(2,), post_layers=1),
+                  dict(attention="dense"),
+                  ["scale_0/block_0/attn: 256 queries x 256 keys -> splash",
+                   "scale_1/block_0/attn: 128 queries x 128 keys -> splash",
+                   "aggregate/attn: 256 queries x 384 keys -> splash",
+                   "post/block_0/attn: 256 queries x 256 keys -> splash"]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(SPLASH_MODELS))
+def test_models_on_splash_equal_dense(key, monkeypatch):
+  """Under `splash` (TPU; the kernel's interpreter here) every site of these
+  models takes the kernel, cross-scale and retina's levels included (one key
+  set under the dense implementation's static mask); logits and parameter
+  gradients on packed rows equal the dense reference's."""
   monkeypatch.setattr(attention, "_backend", lambda: "tpu")
-  t = 256  # 256 fine and 128 pooled keys: whole splash blocks
-  cfg = lambda **kw: model_cfg("retina", windows=(8,), chunk_size=64, max_len=t,  # noqa: E731
-                               num_layers=1, **kw)
-  splash, dense = (models.build(cfg(**kw), V, t) for kw in (dict(attention="splash"),
-                                                            dict(implementation="dense")))
+  t = 256
+  shape, reference, want_sites = SPLASH_MODELS[key]
+  cfg = lambda **kw: model_cfg(key, max_len=t, **shape, **kw)  # noqa: E731
+  splash, dense = models.build(cfg(attention="splash"), V, t), models.build(cfg(**reference), V, t)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, V)
   seg = jnp.asarray([[1] * 100 + [2] * 156, [1] * t])
   pos = jnp.asarray([list(range(100)) + list(range(156)), list(range(t))])
@@ -351,8 +366,7 @@ def test_retina_on_splash_equals_its_dense_implementation(monkeypatch):
                                                  has_aux=True))(params)
   (_, want), want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, dense),
                                                      has_aux=True))(params)
-  assert attention.sites_text(sites) == ["block_0/retina/windows: 256 queries x 384 keys -> "
-                                         "splash"], attention.sites_text(sites)
+  assert attention.sites_text(sites) == want_sites, attention.sites_text(sites)
   np.testing.assert_allclose(got, want, atol=1e-5)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5),
                          want_grads, grads)
