@@ -119,7 +119,7 @@ def end_rule_mask(q_end, k_end, q_seg_BxQ, k_seg_BxS):
 
 def ends_allow(q_end_xQ, k_end_xS):
   """bool [..., Q, S]: the end rule without documents, key.end <= query.end
-  (numpy in, numpy out: the static masks kernels are built from)."""
+  (numpy or jax arrays; from numpy ends, the static masks kernels take)."""
   return k_end_xS[..., None, :] <= q_end_xQ[..., :, None]
 
 
