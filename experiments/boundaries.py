@@ -63,6 +63,8 @@ def arm_of(model: dict) -> str:
     return f"entropy > {model['entropy_threshold']:g} bits"
   if source == "learned":
     return f"learned, noise {model['boundary_temperature']:g}"
+  if source == "dynamic":  # its ratio loss aims at 1/k of the bytes
+    return f"dynamic, target 1/{k}"
   return source
 
 

@@ -113,7 +113,9 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
   for corpus in ("", "/data/tiny.txt"):
     d = tmp_path / (corpus.strip("/").replace("/", "_") or "stdlib")
     arms = [({}, 3.0, 0), ({"hierarchy": "2@1 4@8 2@1"}, 3.2, 0),
-            ({"boundaries": "whitespace"}, 3.1, 6.0), ({"boundaries": "learned"}, 3.3, 4.2)]
+            ({"boundaries": "whitespace"}, 3.1, 6.0), ({"boundaries": "learned"}, 3.3, 4.2),
+            ({"boundaries": "dynamic"}, 2.9, 3.3),
+            ({"boundaries": "dynamic", "hierarchy": "2@1 4@8 2@1"}, 3.0, 6.5)]
     runs = []
     for i, (model, bpb, group) in enumerate(arms):
       for seed in (0, 1):
@@ -131,6 +133,8 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
   assert "| tiny.txt | fixed k=8 | 2 |" in text
   assert "| stdlib | whitespace | 2 | 3.100, 3.200 | 3.150 | 100 | 1,000 | 6 | 1.00% |" in text
   assert "| stdlib | learned, noise 0 | 1 | 3.300 |" in text  # seed 1 did not finish
+  assert "| stdlib | dynamic, target 1/4 | 2 | 2.900, 3.000 |" in text
+  assert "| tiny.txt | dynamic, target 1/8 | 2 | 3.000, 3.100 |" in text
   plot = tmp_path / "plot.png"
   boundaries_experiment.plot(summary, str(plot))
   assert plot.stat().st_size > 1000
