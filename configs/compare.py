@@ -19,6 +19,9 @@ order as well as initialisation:
                seeds each; about two hours on 2 CPU cores. Retina is left out:
                its 30 layers all run at full length, so it costs about twice
                vanilla's memory and time (see experiments/memory_depth.py).
+  claim_lr     the claim's learning rates: each of its four models at 1e-3,
+               2e-3 (the default) and 4e-3, 1,000 steps at the claim's shape,
+               one seed; 12 runs, about 2.5 hours on 2 CPU cores.
   claim_gpu    the same comparison sized for one accelerator: width 512
                (8 heads, MLP 2048), sequence 2048, batch 16, 10,000 steps
                (330M tokens) in bfloat16 on PG-19 (books, downloaded by TFDS;
@@ -59,13 +62,26 @@ _CLAIM_MODELS = sweep.zipped({"arg.model": ["vanilla", "bottom_up", "top_down", 
                               "arg.size": ["paper14", "paper30", "paper30", "paper30"]})
 
 
+_CLAIM_SHAPE = {"model.d_model": 128, "model.num_heads": 4, "model.mlp_dim": 512,
+                "data.seq_len": 256, "data.batch_size": 8, "eval.batch_size": 8,
+                "train.warmup_steps": 100, "train.log_every": 50}
+
+
 def sweep_claim():
   # Seed 0 of every model first: an interrupted sweep already compares them all.
   return sweep.product({"train.seed": [0, 1]}, _CLAIM_MODELS, [{
-      "model.d_model": 128, "model.num_heads": 4, "model.mlp_dim": 512,
-      "data.seq_len": 256, "data.batch_size": 8, "eval.batch_size": 8, "eval.batches": 16,
-      "train.steps": 3000, "train.warmup_steps": 100, "train.log_every": 50,
+      **_CLAIM_SHAPE, "eval.batches": 16, "train.steps": 3000,
       "eval.every": 250, "train.checkpoint_every": 500}])
+
+
+def sweep_claim_lr():
+  # A third of the claim's horizon (its cosine ends at step 1,000), scored on
+  # 64 validation batches (131k bytes, nearly the whole stdlib split) so that
+  # neighbouring rates are told apart by more than the evaluation's noise.
+  # The default rate (2e-3) first: an interrupted sweep still has a baseline.
+  return sweep.product({"train.learning_rate": [2e-3, 1e-3, 4e-3]}, _CLAIM_MODELS, [{
+      **_CLAIM_SHAPE, "eval.batches": 64, "train.steps": 1000,
+      "eval.every": 500, "train.checkpoint_every": 250}])
 
 
 def sweep_claim_gpu():
