@@ -56,15 +56,13 @@ def split_into_pieces(dataset: tf.data.Dataset, sequence_length) -> tf.data.Data
   """Cuts each tokenized document into consecutive pieces of <= seq_len tokens."""
   length = sequence_length["targets"]
 
-  def pieces(ex):
+  def pieces(ex):  # one ragged row per piece; unbatching them needs no dataset per document
     tokens = ex["targets"]
     n = tf.size(tokens)
-    rows = tf.reshape(tf.pad(tokens, [[0, (-n) % length]]), [-1, length])
     sizes = tf.minimum(length, n - tf.range(0, n, length))
-    return tf.data.Dataset.from_tensor_slices((rows, sizes)).map(
-        lambda r, s: {"targets": r[:s]})
+    return {"targets": tf.RaggedTensor.from_row_lengths(tokens, sizes)}
 
-  return dataset.flat_map(pieces)
+  return dataset.map(pieces).unbatch()
 
 
 def _register(name: str, source: seqio.DataSource, vocab: seqio.Vocabulary,

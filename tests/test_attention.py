@@ -11,9 +11,8 @@ import pytest
 
 from hiertx import attention, flash, metrics, models, profiling, train
 from hiertx.errors import ConfigError
-from tiny_models import MODELS, model_cfg
-
-V = 23
+import tiny_models
+from tiny_models import MODELS, V, model_cfg
 
 
 def _inputs(q_len, k_end, seed=0, dtype=jnp.float32):
@@ -191,8 +190,10 @@ def test_the_compiled_train_step_has_no_loops_over_chunk_pairs():
     config = config_lib.load(config_path(name) + ":" + arg)
     config.model.attention_q_chunk = config.model.attention_k_chunk = 8
     run = steps.build_run(config, devices=jax.devices()[:1])
+    # XLA:CPU's own emitters, as outside the tests (conftest turns them off
+    # to compile faster, and the older ones expand scatters into loops).
     text = run.train_step.lower(run.abstract_state, steps.batch_spec(config, run)).compile(
-    ).as_text()
+        {"xla_cpu_use_fusion_emitters": True}).as_text()
     assert config.data.seq_len >= 64 and " while(" not in text, name
 
 
@@ -392,7 +393,7 @@ def test_every_model_blockwise_and_pallas_equal_dense_logits_and_gradients(key, 
   dense = models.build(model_cfg(key, attention="dense"), V, 64)
   block = models.build(model_cfg(key, attention="blockwise", attention_q_chunk=4,
                                  attention_k_chunk=8), V, 64)
-  params = jax.jit(dense.init)(jax.random.PRNGKey(1), tokens)["params"]
+  params = tiny_models.params(key)
 
   def loss(model, params):
     logits = model.apply({"params": params}, tokens, seg, pos)
@@ -471,7 +472,7 @@ def test_sites_get_the_kernel_at_every_scale_and_nothing_falls_back_silently(mon
   pos = jnp.asarray([list(range(9)) + list(range(15)), list(range(24))])
   cfg = lambda **kw: model_cfg("hourglass_attention", dtype="bfloat16", **kw)  # noqa: E731
   blockwise = models.build(cfg(attention="blockwise"), V, 64)
-  params = jax.jit(blockwise.init)(jax.random.PRNGKey(1), tokens)["params"]
+  params = tiny_models.params("hourglass_attention")
   apply = lambda m: m.apply({"params": params}, tokens, seg, pos)  # noqa: E731
   refused = models.build(cfg(attention="cudnn"), V, 64)
   with pytest.raises(ConfigError, match=r"config.model.attention: cudnn cannot run "

@@ -11,9 +11,7 @@ import optax
 import seqio
 
 from hiertx import boundaries, layers, models, scales, steps
-from tiny_models import model_cfg
-
-V = 23
+from tiny_models import V, model_cfg
 
 
 def _rules(want, pos, seg, k=4, capacity=1.0, max_group=5):

@@ -220,6 +220,14 @@ def test_many_files_are_split_whole_by_path_and_one_file_is_cut(tmp_path):
   assert len(docs["train"]) > len(docs["validation"]) > 0
   again = corpora.text_file_documents(cfg.text_files, (0.8, 0.1, 0.1), False, "file")
   assert again == docs
+  # The task's pieces: every document's bytes (ids byte + 3) and EOS (1), cut
+  # at its start and every seq_len tokens after.
+  tokens, offsets = data.pieces(cfg, "train")
+  encoded = [np.frombuffer(d, np.uint8).astype(np.int32) + 3 for d in docs["train"]]
+  np.testing.assert_array_equal(tokens, np.concatenate([np.append(e, 1) for e in encoded]))
+  cuts = [[cfg.seq_len] * ((len(e) + 1) // cfg.seq_len) + [(len(e) + 1) % cfg.seq_len]
+          for e in encoded]
+  np.testing.assert_array_equal(np.diff(offsets), [n for c in cuts for n in c if n])
   one = data_cfg(text_files=str(tmp_path / "doc00.txt"))
   assert corpora.split_by(one) == "cut"
   with pytest.raises(ConfigError, match="data.split_by"):

@@ -9,9 +9,8 @@ import pytest
 
 from hiertx import decode, models
 from hiertx.models import retina
-from tiny_models import MODELS, model_cfg
-
-V = 23
+import tiny_models
+from tiny_models import MODELS, V, model_cfg
 # Cached vs full logits in float32: the same operations in other summation
 # orders (one query against a cache, instead of blockwise over the sequence).
 ATOL, RTOL = 1e-5, 1e-5
@@ -24,8 +23,7 @@ DECODABLE = sorted(k for k in MODELS if k != "retina_dense")
 def _setup(key, scan):
   model = models.build(model_cfg(key, scan_layers=scan), V, 64)
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 25), 1, V)
-  params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
-  return model, params, tokens
+  return model, tiny_models.params(key, scan_layers=scan), tokens
 
 
 @functools.lru_cache(maxsize=None)  # one compiled continuation per decoder and length
@@ -129,7 +127,7 @@ def test_bfloat16_decoding_computes_in_the_models_precision(key):
   tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 25), 1, V)
   f32 = models.build(cfg, V, 64)
   b16 = models.build({**cfg, "dtype": "bfloat16"}, V, 64)
-  params = jax.jit(f32.init)(jax.random.PRNGKey(1), tokens)["params"]
+  params = tiny_models.params(key)
   want = jax.jit(b16.apply)({"params": params}, tokens)
   gap = float(jnp.abs(jax.jit(f32.apply)({"params": params}, tokens) - want).max())
   dec = decode.decoder(b16, tokens.shape[1])

@@ -10,9 +10,8 @@ import pytest
 
 from hiertx import models
 from hiertx.models import retina
-from tiny_models import MODELS, model_cfg
-
-V = 23
+import tiny_models
+from tiny_models import MODELS, V, model_cfg
 
 
 def length(key: str) -> int:
@@ -32,7 +31,12 @@ CASES = [(key, length(key)) for key in sorted(MODELS)]
 def _built(key, t, overrides):
   model = models.build(model_cfg(key, **dict(overrides)), V, 64)
   tokens = jax.random.randint(jax.random.PRNGKey(t), (2, t), 1, V)
-  return model, jax.jit(model.init)(jax.random.PRNGKey(1), tokens), tokens
+  # The perturbation points (zeros) have the input's length; the parameters not.
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(1), tokens)
+  perturbations = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                         shapes.get("perturbations", {}))
+  return model, {"params": tiny_models.params(key, **dict(overrides)),
+                 "perturbations": perturbations}, tokens
 
 
 def build(key, t, with_perturbations=False, **overrides):
@@ -188,9 +192,9 @@ def test_rematerialisation_keeps_the_gradients(key, scan):
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 13), 1, V)
   grads = {}
   policies = ("none", "block", "dots") if key == "vanilla" else ("none", "block")
+  params = tiny_models.params(key, scan_layers=scan)
   for policy in policies:
     model = models.build(model_cfg(key, remat=policy, scan_layers=scan), V, 64)
-    params = jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"]
     grads[policy] = jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).sum()))(params)
   for policy in policies[1:]:
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),

@@ -7,6 +7,7 @@ import pytest
 
 from hiertx import models, scales
 from hiertx.models import retina
+import tiny_models
 from tiny_models import model_cfg
 
 
@@ -77,7 +78,7 @@ def test_retina_chunked_equals_dense(t, chunk):
   chunked = models.build(model_cfg("retina", implementation="chunked", chunk_size=chunk), 23, 64)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, 23)
   seg = jnp.array([[1] * 9 + [2] * (t - 9), [1] * t])
-  params = jax.jit(dense.init)(jax.random.PRNGKey(1), tokens)["params"]
+  params = tiny_models.params("retina")
   a = jax.jit(dense.apply)({"params": params}, tokens, seg)
   b = jax.jit(chunked.apply)({"params": params}, tokens, seg)
   np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)

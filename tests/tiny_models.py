@@ -1,4 +1,14 @@
-"""Tiny model configs (D=16) covering every architecture and its options."""
+"""Tiny model configs (D=16) covering every architecture and its options, and
+their parameters, initialised once per session."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from hiertx import models
+
+V = 23  # the tests' vocabulary
 
 COMMON = dict(d_model=16, num_heads=2, mlp_dim=32, max_len=64, dropout=0.0)
 
@@ -40,3 +50,18 @@ MODELS = {
 
 def model_cfg(key: str, **overrides) -> dict:
   return {**COMMON, **MODELS[key], **overrides}
+
+
+@functools.lru_cache(maxsize=None)
+def _params(key: str, structure: tuple):
+  model = models.build(model_cfg(key, attention="dense", **dict(structure)), V, 64)
+  return jax.jit(model.init)(jax.random.PRNGKey(1), jnp.ones((1, 24), jnp.int32))["params"]
+
+
+def params(key: str, **structure):
+  """The parameters of tiny model `key` (with `structure` overrides) from
+  PRNGKey(1). Parameters depend on the model's structure only, not on its
+  attention implementation, precision, remat policy or input, so tests of one
+  model share one initialisation: compiled once per process, and across
+  processes through the tests' compilation cache."""
+  return _params(key, tuple(sorted(structure.items())))
