@@ -22,15 +22,41 @@ from absl import logging
 import hiertx
 
 
+class _LocalEventFile:
+  """An event file on a local disk: TensorBoard's record framing over a plain
+  file. (`EventFileWriter` opens files through `tensorboard.compat.tf`, which
+  imports TensorFlow wherever it is installed: 5 s of every run's start-up.)"""
+
+  def __init__(self, logdir: str, event_cls):
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    os.makedirs(logdir, exist_ok=True)
+    name = f"events.out.tfevents.{time.time():010.0f}.{platform.node()}.{os.getpid()}.hiertx"
+    self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+    self.add_event(event_cls(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def add_event(self, event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def flush(self):
+    self._records.flush()
+
+  def close(self):
+    self._records.close()
+
+
 class _EventWriter:
   """Scalars as TensorBoard events, through the `tensorboard` package's own
-  event-file writer and protos: no TensorFlow needed."""
+  record writer and protos: no TensorFlow needed. Remote logdirs (`gs://`)
+  go through its `EventFileWriter` and the file systems TensorFlow provides."""
 
   def __init__(self, logdir: str):
     from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
-    self._file = EventFileWriter(logdir)
+    if "://" in logdir:
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._file = EventFileWriter(logdir)
+    else:
+      self._file = _LocalEventFile(logdir, event_pb2.Event)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     values = [self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]

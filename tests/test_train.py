@@ -1,6 +1,5 @@
 """The trainer end to end on the built-in corpus: metrics, resume, evaluation."""
 
-import glob
 import json
 import os
 
@@ -74,7 +73,13 @@ def test_training_writes_the_metrics_design_asks_for(vanilla_run):
     # Byte vocabulary: bits per byte is bits per token, scaled by tokens per byte (EOS aside).
     assert 0.9 < r["eval/bits_per_byte"] / (r["eval/loss"] / np.log(2)) < 1.1
   assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
-  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  # TensorBoard reads the same scalars from the event file.
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(os.path.join(workdir, "tensorboard"))
+  events.Reload()
+  scalars = events.Scalars("eval/loss")
+  assert [e.step for e in scalars] == [10, 20]
+  assert [e.value for e in scalars] == pytest.approx([r["eval/loss"] for r in evals])
   info = json.load(open(os.path.join(workdir, "run_info.json")))
   assert info["config"]["model"]["name"] == "vanilla" and info["mesh"]["data"] == 8
   # What every attention site ran (printed at start-up): both layers, one line.
