@@ -61,6 +61,15 @@ def test_the_shipped_sweeps_load():
     sizes = {(r["arg.model"], r["arg.size"]) for r in runs}
     assert sizes == {("vanilla", "paper14"), ("bottom_up", "paper30"), ("top_down", "paper30"),
                      ("hourglass", "paper30")}
+  # claim_lr: the claim's shape, every model at three rates, a third of its steps.
+  claim = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "claim")[0]
+  rates = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "claim_lr")
+  shape = ("model.d_model", "model.mlp_dim", "data.seq_len", "data.batch_size")
+  assert all({k: r[k] for k in shape} == {k: claim[k] for k in shape} for r in rates)
+  assert sorted((r["arg.model"], r["train.learning_rate"]) for r in rates) == sorted(
+      (m, lr) for m in ("vanilla", "bottom_up", "top_down", "hourglass")
+      for lr in (1e-3, 2e-3, 4e-3))
+  assert {r["train.steps"] for r in rates} == {1000}
   with pytest.raises(ConfigError, match="its sweeps: .*paper_claim"):
     sweep.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
 
