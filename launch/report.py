@@ -82,6 +82,32 @@ def seed_table(rows: list[dict]) -> str | None:
        "mean final bits/byte", "range"], out)
 
 
+def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None:
+  """For each setting (finished runs grouped by their other overrides, seeds
+  averaged), the rate with the lowest mean final bits/byte and every rate's
+  mean; None when the sweep does not vary `key`. Unfinished rates are counted,
+  so a choice from part of the grid says so."""
+  rates = {sweep.format_value(r["overrides"][key]) for r in rows if key in r["overrides"]}
+  if len(rates) < 2:
+    return None
+  groups: dict = {}
+  for r in rows:
+    if r["state"] == "finished" and key in r["overrides"] and math.isfinite(r["final_bpb"]):
+      rest = {k: v for k, v in r["overrides"].items() if k != key and not k.endswith("seed")}
+      groups.setdefault(_overrides_text(rest), {}).setdefault(
+          r["overrides"][key], []).append(r["final_bpb"])
+  out = []
+  for setting, by_rate in groups.items():
+    means = {rate: statistics.mean(bpb) for rate, bpb in sorted(by_rate.items())}
+    best = min(means, key=means.get)
+    out.append([setting or "(all)", sweep.format_value(best), means[best],
+                ", ".join(f"{sweep.format_value(rate)}: {m:.4f}" for rate, m in means.items()),
+                f"{len(means)} of {len(rates)}"])
+  return report_lib.markdown_table(
+      ["overrides", f"best {key}", "mean final bits/byte", "mean final bits/byte per rate",
+       "rates finished"], out)
+
+
 def plot(rows: list[dict], out_dir: str) -> list[str]:
   import matplotlib  # noqa: PLC0415
 
@@ -147,6 +173,9 @@ def write(sweep_dir: str) -> tuple[str, list[dict]]:
   seeds = seed_table(rows)
   if seeds:
     text += ["", "## Averaged over seeds (finished runs)", "", seeds]
+  rates = rate_table(rows)
+  if rates:
+    text += ["", "## Best learning rate per setting (finished runs)", "", rates]
   text += ["", "![loss curves](loss_curves.png)", "", "![bits per byte vs memory]"
            "(bpb_vs_memory.png)", ""]
   plot(rows, sweep_dir)

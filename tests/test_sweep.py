@@ -124,6 +124,22 @@ def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
   assert sum('"train/loss"' in line for line in lines) == 1  # not retrained
 
 
+def test_report_names_the_best_learning_rate_of_each_setting():
+  def row(model, lr, seed, bpb, state="finished"):
+    return {"overrides": {"arg.model": model, "train.learning_rate": lr, "train.seed": seed},
+            "state": state, "final_bpb": bpb}
+  rows = [row("vanilla", 1e-3, 0, 2.5), row("vanilla", 2e-3, 0, 2.2), row("vanilla", 2e-3, 1, 2.6),
+          row("vanilla", 4e-3, 0, 2.3), row("hourglass", 1e-3, 0, 2.9),
+          row("hourglass", 2e-3, 0, 2.7), row("hourglass", 4e-3, 0, float("nan"), "running")]
+  table = sweep_report.rate_table(rows)
+  # vanilla: 2e-3 averages 2.4 over its seeds, so 4e-3 (2.3) is best.
+  assert "| model=vanilla | 0.004 | 2.3 | 0.001: 2.5000, 0.002: 2.4000, 0.004: 2.3000 | 3 of 3 |" \
+      in table
+  assert "| model=hourglass | 0.002 | 2.7 | 0.001: 2.9000, 0.002: 2.7000 | 2 of 3 |" in table
+  assert sweep_report.rate_table([row("vanilla", 1e-3, 0, 2.5), row("vanilla", 1e-3, 1, 2.4)]) \
+      is None
+
+
 def test_rerun_resumes_an_interrupted_run(tmp_path):
   config = tmp_path / "sweep_config.py"
   config.write_text(SWEEP_CONFIG.format(root=ROOT))
