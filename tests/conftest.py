@@ -7,10 +7,15 @@ import os
 # tiny steps faster overall, and XLA:CPU's older elemental emitters
 # (`use_fusion_emitters=false`) compile a tiny model's gradient about 3x
 # faster than its fusion emitters (the attention and decoding tests: 409 s ->
-# 268 s on 2 cores); a test about the compiled program itself turns them back on. No excess precision: a bfloat16 value is rounded
+# 268 s on 2 cores). No excess precision: a bfloat16 value is rounded
 # wherever the program says so, whatever XLA fuses, so the bfloat16 decoding
 # test compares like with like.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_allow_excess_precision=false --xla_cpu_use_fusion_emitters=false"
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_allow_excess_precision=false "
+                  "--xla_cpu_use_fusion_emitters=false")
+# Compile options for a test about the compiled program itself: XLA:CPU's own
+# emitters, as outside the tests (the older ones expand scatters, such as the
+# embedding's gradient, into while loops of their own).
+PRODUCTION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

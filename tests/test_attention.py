@@ -182,17 +182,15 @@ def test_pairs_are_batched_by_whole_query_chunks_where_they_fit():
 def test_the_compiled_train_step_has_no_loops_over_chunk_pairs():
   """Several chunk pairs per attention call (sequence 64, chunks of 8), fine
   and coarse: the compiled step holds no while loop."""
-  from conftest import config_path
+  from conftest import PRODUCTION_EMITTERS, config_path
   from hiertx import config as config_lib
   from hiertx import steps
   for name, arg in (("vanilla", "size=tiny"), ("hourglass", "size=tiny")):
     config = config_lib.load(config_path(name) + ":" + arg)
     config.model.attention_q_chunk = config.model.attention_k_chunk = 8
     run = steps.build_run(config, devices=jax.devices()[:1])
-    # XLA:CPU's own emitters, as outside the tests (conftest turns them off
-    # to compile faster, and the older ones expand scatters into loops).
     text = run.train_step.lower(run.abstract_state, steps.batch_spec(config, run)).compile(
-        {"xla_cpu_use_fusion_emitters": True}).as_text()
+        PRODUCTION_EMITTERS).as_text()
     assert config.data.seq_len >= 64 and " while(" not in text, name
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, one_device_env
+from conftest import PRODUCTION_EMITTERS, ROOT, one_device_env
 from hiertx import metrics, report, xla_options
 from hiertx.errors import HiertxError
 
@@ -50,11 +50,8 @@ def test_seq_scaling_reports_growth_per_doubling():
 
 
 def test_bench_measures_mfu_against_the_peak_of_its_dtype(monkeypatch):
-  # XLA:CPU's own emitters, as outside the tests: the older ones conftest picks
-  # expand scatters (the embedding's gradient) into loops of their own.
-  options = xla_options.compile_options()
-  monkeypatch.setattr(xla_options, "compile_options",
-                      lambda: {**options, "xla_cpu_use_fusion_emitters": True})
+  options = {**xla_options.compile_options(), **PRODUCTION_EMITTERS}  # its loop count
+  monkeypatch.setattr(xla_options, "compile_options", lambda: options)
   rows = bench.measure(["top_down.py:size=tiny",
                         "vanilla.py:size=tiny;model.num_layers=3;model.dtype=bfloat16"],
                        [(8, 64)], 2, [])
