@@ -223,14 +223,16 @@ class _Progress:
     self.lr = optimizer.schedule(config.train)
     self.pending = None  # (step, metrics still on device)
     self.start, self.t_start = start, time.time()
-    self.t_log, self.steps_since_log = self.t_start, 0
+    # The log window: its clock and the last step it has timed. Metrics are
+    # fetched one step late, so when step k is reported (its metrics on the
+    # host) steps t_log_step+1..k have run since t_log.
+    self.t_log, self.t_log_step = self.t_start, start
     self.skipped = 0
     self.last: dict = {}
 
   def step_dispatched(self, step: int, device_metrics) -> None:
-    self.steps_since_log += 1
     if step == self.start + 1:  # the first call compiled; time from here on
-      self.t_log, self.steps_since_log = time.time(), 0
+      self.t_log = time.time()
     self.flush()
     self.pending = (step, device_metrics)
 
@@ -257,9 +259,7 @@ class _Progress:
     if step % train_cfg.log_every and step != self.total:
       return
     now = time.time()
-    if self.steps_since_log == 0:  # only the compiling first step so far
-      self.steps_since_log, self.t_log = 1, self.t_start
-    dt = (now - self.t_log) / self.steps_since_log
+    dt = max(now - self.t_log, 1e-9) / (step - self.t_log_step)
     m.update({"train/learning_rate": float(self.lr(step - 1)), "train/step_time_s": dt,
               "train/tokens_per_s": self.tokens_per_step / dt,
               "train/mfu": self.flops_per_step / dt / self.peak_flops,
@@ -269,7 +269,7 @@ class _Progress:
     print(f"step {step}/{self.total} | loss {m['train/loss']:.4f} | "
           f"{m['train/tokens_per_s']:,.0f} tok/s | MFU {m['train/mfu']:.1%} | {dt:.3f} s/step | "
           f"ETA {_fmt_time(dt * (self.total - step))}", flush=True)
-    self.t_log, self.steps_since_log = now, 0
+    self.t_log, self.t_log_step = now, step
 
   def evaluated(self, step: int, result: dict, seconds: float = 0.0) -> None:
     """Logs an evaluation that took `seconds`; the last one also gives the

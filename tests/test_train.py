@@ -204,13 +204,19 @@ def test_compressor_baselines():
 def test_throughput_leaves_out_evaluation_time(tiny_config, monkeypatch, tmp_path):
   """eval.every (3) is not a multiple of train.log_every (4): the logged step
   time counts the four steps of the window and none of the evaluation's time
-  (one second per step on a fake clock, a 100-second evaluation at step 3)."""
+  (one second per step on a fake clock, a 100-second evaluation at step 3).
+  Every step of a run logged at each step, the last one included (fetched
+  right after the one before it was logged), times one second."""
   config = tiny_config("vanilla", train__log_every=4, eval__every=3, train__steps=8)
   clock = [0.0]
   monkeypatch.setattr(train.time, "time", lambda: clock[0])
-  progress = train._Progress(config, str(tmp_path), metrics.Writer(str(tmp_path), active=False),
-                             0, 1e9, 2e9, 1e12, {})
+
+  def progress_of(config):
+    return train._Progress(config, str(tmp_path), metrics.Writer(str(tmp_path), active=False),
+                           0, 1e9, 2e9, 1e12, {})
+
   step_metrics = {"train/loss": 1.0, "train/grad_norm": 1.0}
+  progress = progress_of(config)
   for step in range(1, 6):
     clock[0] += 1.0
     progress.step_dispatched(step, step_metrics)
@@ -222,3 +228,14 @@ def test_throughput_leaves_out_evaluation_time(tiny_config, monkeypatch, tmp_pat
   assert progress.last["train/step_time_s"] == pytest.approx(1.0)
   assert progress.last["train/tokens_per_s"] == pytest.approx(
       config.data.batch_size * config.data.seq_len)
+
+  config = tiny_config("vanilla", train__log_every=1, train__steps=4)
+  progress, times = progress_of(config), {}
+  progress.writer.write = lambda step, m: times.setdefault(step, m.get("train/step_time_s"))
+  for step in range(1, 5):
+    clock[0] += 1.0
+    progress.step_dispatched(step, step_metrics)
+  clock[0] += 1.0  # the last step runs while the loop waits for its metrics
+  progress.flush()
+  assert times == {1: pytest.approx(1.0), 2: pytest.approx(1.0), 3: pytest.approx(1.0),
+                   4: pytest.approx(1.0)}
