@@ -220,7 +220,7 @@ class _Progress:
     self.flops_per_step = flops_per_step
     self.hardware_flops_per_step = hardware_flops_per_step
     self.peak_flops = peak_flops
-    self.lr = optimizer.schedule(config.train)
+    self.lr = jax.jit(optimizer.schedule(config.train))  # one compile, not one per op
     self.pending = None  # (step, metrics still on device)
     self.start, self.t_start = start, time.time()
     # The log window: its clock and the last step it has timed. Metrics are
