@@ -34,6 +34,7 @@ from hiertx import cli
 from hiertx import data
 from hiertx import distributed
 from hiertx import metrics
+from hiertx import sharding
 from hiertx import steps
 from hiertx.errors import FlagError
 
@@ -74,15 +75,21 @@ def windows(doc_lengths, context: int, stride: int) -> list[tuple[int, int, int,
 
 
 def evaluate_documents(workdir: str, split: str, context: int, stride: int,
-                       step: int | None = None, mesh: str = "data=-1", devices=None) -> dict:
+                       step: int | None = None, mesh: str = "data=-1", devices=None,
+                       batch_size: int | None = None) -> dict:
   """Bits per byte over every token of every document of `split`, each scored
-  once with up to `context` tokens of context, windows advancing `stride`."""
+  once with up to `context` tokens of context, windows advancing `stride`,
+  `batch_size` windows at a time (default: the run's eval.batch_size)."""
   if stride < 1 or context < stride:
     raise FlagError("--stride", f"must be between 1 and --context={context}, got {stride}")
   config, run, step, params = steps.load_params(workdir, step, mesh, devices, seq_len=context)
+  global_batch = batch_size or config.eval.batch_size
+  par = sharding.batch_parallelism(run.mesh)
+  if global_batch < 1 or global_batch % par:
+    raise FlagError("--batch_size", f"must be a positive multiple of the mesh's {par}-way batch "
+                    f"parallelism (data x fsdp), got {global_batch}")
   docs = list(data.documents(config.data, split))
   plan = windows([len(d) for d in docs], context, stride)
-  global_batch = config.eval.batch_size
   shard = data.Shard(jax.process_index(), jax.process_count())
   local = global_batch // shard.count
   sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
@@ -132,6 +139,8 @@ def define_flags() -> None:
                        "reads (default: --stride, or data.seq_len).")
   flags.DEFINE_integer("stride", None, "Whole-document evaluation: tokens each window "
                        "scores (default: --context).")
+  flags.DEFINE_integer("batch_size", None, "Whole-document evaluation: windows per batch "
+                       "(default: eval.batch_size; no gradients, so larger fits).")
   flags.mark_flags_as_required(["workdir"])
   distributed.define_flags()
 
@@ -154,7 +163,7 @@ def main(argv):
   config = cli.run(checkpoint.load_config, f.workdir)
   context = f.context or f.stride or config.data.seq_len
   r = cli.run(evaluate_documents, f.workdir, f.split or config.eval.split, context,
-              f.stride or context, f.step, f.mesh)
+              f.stride or context, f.step, f.mesh, batch_size=f.batch_size)
   print(f"step {r['step']} ({r['split']}, whole documents, context {r['context']}, stride "
         f"{r['stride']}): bits/byte {r['eval/bits_per_byte']:.4f} | {r['eval/bytes']:,.0f} "
         f"bytes in {r['documents']:,} documents ({r['windows']:,} windows) | loss "

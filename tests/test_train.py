@@ -12,7 +12,7 @@ import pytest
 from conftest import config_path
 from hiertx import checkpoint, data, evaluate, metrics, optimizer, steps, train
 from hiertx import config as config_lib
-from hiertx.errors import CheckpointError, ConfigError
+from hiertx.errors import CheckpointError, ConfigError, FlagError
 
 
 def _final_params(workdir):
@@ -165,20 +165,24 @@ def test_whole_document_evaluation_scores_every_byte_once(vanilla_run):
   context than stride, every token is still scored exactly once."""
   config, workdir, _ = vanilla_run
   seq = config.data.seq_len
-  docs = evaluate.evaluate_documents(workdir, "validation", seq, seq)
+  # 64 windows a batch, not the run's 8: the whole split is 2,000+ windows.
+  docs = evaluate.evaluate_documents(workdir, "validation", seq, seq, batch_size=64)
   cfg, run, _, params = steps.load_params(workdir)
   cfg.data.pack, cfg.data.align = False, 1
-  rows = run.evaluate(params, data.eval_batches(cfg.data, "validation", 8, 10**6))
+  rows = run.evaluate(params, data.eval_batches(cfg.data, "validation", 64, 10**6))
   assert docs["eval/tokens"] == rows["eval/tokens"] > 1000
   assert docs["eval/loss"] == pytest.approx(rows["eval/loss"], rel=1e-5)
   assert docs["eval/bits_per_byte"] == pytest.approx(rows["eval/bits_per_byte"], rel=1e-5)
-  longer = evaluate.evaluate_documents(workdir, "validation", 2 * seq, seq // 2)
+  longer = evaluate.evaluate_documents(workdir, "validation", 2 * seq, seq // 2, batch_size=64)
   assert longer["eval/tokens"] == docs["eval/tokens"] and longer["eval/bytes"] == docs[
       "eval/bytes"]
   assert longer["eval/loss"] < docs["eval/loss"]  # more context, lower loss
   assert 0 < longer["gzip_bits_per_byte"] < 8 and 0 < longer["xz_bits_per_byte"] < 8
   assert os.path.exists(os.path.join(workdir, f"eval_validation_20_ctx{2 * seq}_stride"
                                      f"{seq // 2}.json"))
+  with pytest.raises(FlagError, match="--batch_size: must be a positive multiple of the mesh's "
+                     "8-way"):
+    evaluate.evaluate_documents(workdir, "validation", seq, seq, batch_size=12)
 
 
 def test_windows_cover_each_document_once_with_bounded_context():
