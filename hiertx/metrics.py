@@ -233,7 +233,7 @@ DEVICE_PEAK_FLOPS = {
 }
 
 
-def measured_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 0.5) -> float:
+def measured_matmul_peak(dtype: str = "float32", n: int = 1024, seconds: float = 0.2) -> float:
   """FLOP/s of a square matmul on this host's default device, best of several runs."""
   a = jnp.ones((n, n), dtype)
   mm = jax.jit(lambda x, y: x @ y)
