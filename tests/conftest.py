@@ -1,21 +1,33 @@
 """Test setup: 8 simulated CPU devices (set before jax is imported) and helpers."""
 
 import os
+from importlib import metadata
+
+
+def _has_older_emitters() -> bool:
+  """Whether XLA:CPU can switch back to its older elemental emitters: jaxlib
+  up to 0.10 has `xla_cpu_use_fusion_emitters`; from 0.11 the fusion emitters
+  are the only ones, and an XLA_FLAGS entry XLA does not know aborts the
+  process."""
+  major, minor = (int(x) for x in metadata.version("jaxlib").split(".")[:2])
+  return (major, minor) < (0, 11)
+
 
 # Compiling dominates the tests' time (tiny models, a few steps each): the
 # backend's optimisation level 0 compiles about 1.8x faster and still runs the
 # tiny steps faster overall, and XLA:CPU's older elemental emitters
-# (`use_fusion_emitters=false`) compile a tiny model's gradient about 3x
-# faster than its fusion emitters (the attention and decoding tests: 409 s ->
-# 268 s on 2 cores). No excess precision: a bfloat16 value is rounded
-# wherever the program says so, whatever XLA fuses, so the bfloat16 decoding
-# test compares like with like.
-TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_allow_excess_precision=false "
-                  "--xla_cpu_use_fusion_emitters=false")
+# (`use_fusion_emitters=false`, where the jaxlib has them) compile a tiny
+# model's gradient about 3x faster than its fusion emitters (the attention and
+# decoding tests: 409 s -> 268 s on 2 cores). No excess precision: a bfloat16
+# value is rounded wherever the program says so, whatever XLA fuses, so the
+# bfloat16 decoding test compares like with like.
+OLDER_EMITTERS = _has_older_emitters()
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0 --xla_allow_excess_precision=false"
+                  + (" --xla_cpu_use_fusion_emitters=false" if OLDER_EMITTERS else ""))
 # Compile options for a test about the compiled program itself: XLA:CPU's own
 # emitters, as outside the tests (the older ones expand scatters, such as the
 # embedding's gradient, into while loops of their own).
-PRODUCTION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
+PRODUCTION_EMITTERS = {"xla_cpu_use_fusion_emitters": True} if OLDER_EMITTERS else {}
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
