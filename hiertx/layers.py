@@ -57,6 +57,21 @@ def constrain(x: jax.Array, *axes: Optional[str]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
+def over_tokens(fn, x_NxD: jax.Array) -> jax.Array:
+  """`fn` (a map over the last axis, such as a matmul) applied with every
+  leading axis merged into one token axis, [..., D] -> [..., F].
+
+  Same numbers as applying it to [B, L, D], but the weight gradient of a
+  matmul then contracts one token axis instead of two: XLA:CPU runs it, and
+  the transposes around it, in its matmul library, where batch and length as
+  two contracting axes got a layout copy and a generic dot (README,
+  Performance: train steps 1.03-1.2x faster on CPU). Elsewhere the reshapes
+  are free."""
+  lead = x_NxD.shape[:-1]
+  y_NxF = fn(x_NxD.reshape(-1, x_NxD.shape[-1]))
+  return y_NxF.reshape(*lead, *y_NxF.shape[1:])
+
+
 def _init(axes, init=nn.initializers.lecun_normal()):
   return nn.with_logical_partitioning(init, axes)
 
@@ -180,7 +195,9 @@ class Attention(nn.Module):
     self.wo = self.param("out", init_out, shape_out)
 
   def _in(self, w_DxHxK, x_BxLxD):
-    return jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK.astype(self.cfg.jnp_dtype))
+    w_DxHK = w_DxHxK.astype(self.cfg.jnp_dtype).reshape(w_DxHxK.shape[0], -1)
+    h_BxLxHK = over_tokens(lambda x_NxD: x_NxD @ w_DxHK, x_BxLxD)
+    return h_BxLxHK.reshape(*h_BxLxHK.shape[:-1], *w_DxHxK.shape[1:])
 
   def _rotate(self, x_BxLxHxK, pos_L):
     return rotary(x_BxLxHxK, pos_L) if self.cfg.positions == "rotary" else x_BxLxHxK
@@ -200,7 +217,9 @@ class Attention(nn.Module):
     return KV(self.rotate_k(k, end_S), v)
 
   def output(self, o_BxQxHxK):
-    return jnp.einsum("bqhk,hkd->bqd", o_BxQxHxK, self.wo.astype(self.cfg.jnp_dtype))
+    w_HKxD = self.wo.astype(self.cfg.jnp_dtype).reshape(-1, self.wo.shape[-1])
+    o_BxQxHK = o_BxQxHxK.reshape(*o_BxQxHxK.shape[:-2], -1)
+    return over_tokens(lambda o_NxHK: o_NxHK @ w_HKxD, o_BxQxHK)
 
   def __call__(self, x_BxQxD, query, kv: KV, key):
     """Queries from `x` (a Scale `query`) over rotated keys/values (a Scale `key`)."""
@@ -232,10 +251,10 @@ class Mlp(nn.Module):
     self.drop = nn.Dropout(c.dropout)
 
   def __call__(self, x_BxTxD, deterministic: bool = True):
-    h_BxTxF = nn.gelu(self.wi(x_BxTxD))
+    h_BxTxF = nn.gelu(over_tokens(self.wi, x_BxTxD))
     if h_BxTxF.ndim == 3:
       h_BxTxF = constrain(h_BxTxF, "batch", "length", "mlp")
-    return self.wo(self.drop(h_BxTxF, deterministic=deterministic))
+    return over_tokens(self.wo, self.drop(h_BxTxF, deterministic=deterministic))
 
 
 def layer_norm(dtype) -> nn.LayerNorm:
@@ -515,7 +534,7 @@ class Head(nn.Module):
                            kernel_init=_init(("embed", "vocab")))
 
   def __call__(self, x_BxTxD):
-    logits_BxTxV = self.logits(self.ln_final(x_BxTxD))
+    logits_BxTxV = over_tokens(self.logits, self.ln_final(x_BxTxD))
     if logits_BxTxV.ndim == 3:
       logits_BxTxV = constrain(logits_BxTxV, "batch", "length", "vocab")
     return logits_BxTxV

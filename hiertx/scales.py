@@ -197,7 +197,7 @@ class Pool(nn.Module):
     b, g, k, d = members_BxGxkxD.shape
     if self.kind == "linear":
       valid = valid_BxGxk[..., None].astype(members_BxGxkxD.dtype)
-      return self.proj((members_BxGxkxD * valid).reshape(b, g, k * d))
+      return layers.over_tokens(self.proj, (members_BxGxkxD * valid).reshape(b, g, k * d))
     # attention: the mean (at the group's end, k-1) reads the members (0 .. k-1)
     # of its own group; invalid members sit in another "document".
     query = Scale(jnp.ones((b * g, 1), jnp.int32), ((1, 1, k - 1),))
@@ -240,7 +240,7 @@ class Upsample(nn.Module):
       return fine_BxLxD + upsample_repeat(z_BxGxD, coarse, fine, self.k)
     if self.kind == "linear":
       b, g, d = z_BxGxD.shape
-      z_BxLxD = self.proj(z_BxGxD).reshape(b, g * self.k, d)
+      z_BxLxD = layers.over_tokens(self.proj, z_BxGxD).reshape(b, g * self.k, d)
       per_offset = Scale(jnp.repeat(coarse.seg_BxL, self.k, axis=1), fine.spans, fine.pos_BxL)
       return fine_BxLxD + upsample_repeat(z_BxLxD, per_offset, fine, 1)
     x = fine_BxLxD + upsample_repeat(z_BxGxD, coarse, fine, self.k)
