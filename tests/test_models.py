@@ -1,6 +1,7 @@
 """Causality and sensitivity of every model (DESIGN.md section 2)."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -279,3 +280,18 @@ def test_packed_documents(key):
     np.testing.assert_allclose(out[0, :11], alone, atol=2e-6, rtol=0)
     np.testing.assert_allclose(out[1, offset:offset + 11], alone, atol=2e-6, rtol=0,
                                err_msg=f"offset {offset}")
+
+
+def test_projections_contract_one_token_axis():
+  """`over_tokens` gives the batched einsum's numbers, and the weight
+  gradient it leads to contracts one token axis, not batch and length (the
+  form XLA:CPU's matmul library takes; README, Tokens as one axis)."""
+  from hiertx import layers
+  x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 4))
+  w_DxF = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
+  project = lambda w: layers.over_tokens(lambda x_NxD: x_NxD @ w, x_BxLxD)  # noqa: E731
+  np.testing.assert_allclose(project(w_DxF), jnp.einsum("bld,df->blf", x_BxLxD, w_DxF),
+                             rtol=1e-6)
+  grad_text = jax.jit(jax.grad(lambda w: jnp.sum(project(w) ** 2))).lower(w_DxF).as_text()
+  contractions = re.findall(r"contracting_dims = \[([\d, ]*)\]", grad_text)
+  assert contractions and all("," not in dims for dims in contractions), contractions
