@@ -42,6 +42,9 @@ def define_flags() -> None:
                       "/tmp/hiertx_sweeps/<config>-<sweep>).")
   flags.DEFINE_enum("target", "local", TARGETS, "Where the runs go.")
   flags.DEFINE_integer("parallel", 1, "local: runs at a time.")
+  flags.DEFINE_bool("pin_cpus", False, "local: each of the --parallel runs on its own share "
+                    "of this machine's CPUs (Linux). For CPU training: runs on disjoint cores "
+                    "outrun the same runs sharing them all.")
   flags.DEFINE_bool("dry_run", False, "Print what would run instead of running it.")
   # slurm
   flags.DEFINE_integer("nodes", 1, "slurm: hosts per run.")
@@ -84,8 +87,29 @@ def plan(config: str, name: str, sweep_dir: str, extra: list[str]) -> list[dict]
   return out
 
 
-def run_local(runs: list[dict], parallel: int) -> dict[str, int]:
-  """Runs every unfinished run, `parallel` at a time; returns exit codes by name."""
+def cpu_slots(parallel: int, cpus) -> list[set[int]]:
+  """`cpus` split into `parallel` disjoint sets of consecutive ids whose sizes
+  differ by at most one: the CPUs each of `parallel` local runs may use."""
+  cpus = sorted(cpus)
+  if parallel > len(cpus):
+    raise HiertxError(f"--pin_cpus: {parallel} runs at a time need at least {parallel} CPUs; "
+                      f"this process may use {len(cpus)} ({_ids(cpus)})")
+  size, extra = divmod(len(cpus), parallel)
+  slots, start = [], 0
+  for i in range(parallel):
+    n = size + (i < extra)
+    slots.append(set(cpus[start:start + n]))
+    start += n
+  return slots
+
+
+def _ids(cpus) -> str:
+  return ",".join(str(c) for c in sorted(cpus))
+
+
+def run_local(runs: list[dict], parallel: int, slots=None) -> dict[str, int]:
+  """Runs every unfinished run, `parallel` at a time (with `slots`, each on
+  one of those CPU sets, one run per set); returns exit codes by name."""
   todo = [r for r in runs if r["state"] != "finished"]
   for r in runs:
     if r["state"] == "finished":
@@ -95,11 +119,11 @@ def run_local(runs: list[dict], parallel: int) -> dict[str, int]:
   # running trainer gets SIGTERM, saves a checkpoint and exits; rerun to resume.
   old = signal.signal(signal.SIGTERM, _raise_interrupt)
   try:
-    _loop(runs, todo, active, codes, parallel)
+    _loop(runs, todo, active, codes, parallel, slots)
   except KeyboardInterrupt:
-    for _, log, proc in active:
+    for _, log, proc, _ in active:
       proc.send_signal(signal.SIGTERM)
-    for r, log, proc in active:
+    for r, log, proc, _ in active:
       proc.wait()
       log.close()
       print(f"stopped {r['name']} (saved; rerun the sweep to resume)", flush=True)
@@ -114,23 +138,29 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt
 
 
-def _loop(runs, todo, active, codes, parallel) -> None:
+def _loop(runs, todo, active, codes, parallel, slots) -> None:
+  free = list(slots or [None] * parallel)  # the CPU sets no run holds
   while todo or active:
     while todo and len(active) < parallel:
       r = todo.pop(0)
       os.makedirs(r["workdir"], exist_ok=True)
       log = open(os.path.join(r["workdir"], "train.log"), "a")  # noqa: SIM115
       verb = "resume" if r["state"] in ("interrupted", "running", "failed") else "start"
+      cpus = free.pop(0)
+      where = f"; CPUs {_ids(cpus)}" if cpus else ""
       print(f"{verb} {r['name']} ({len(codes) + len(active) + 1}/{len(runs)}; log "
-            f"{log.name})", flush=True)
+            f"{log.name}{where})", flush=True)
+      # The child's threads (XLA's pool among them) inherit the set it starts on.
+      pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
       active.append((r, log, subprocess.Popen(r["command"], stdout=log, stderr=subprocess.STDOUT,
-                                              cwd=_repo_root())))
+                                              cwd=_repo_root(), preexec_fn=pin), cpus))
     time.sleep(0.5)
     for item in list(active):
-      r, log, proc = item
+      r, log, proc, cpus = item
       if proc.poll() is not None:
         log.close()
         active.remove(item)
+        free.append(cpus)
         codes[r["name"]] = proc.returncode
         if proc.returncode:
           status = checkpoint.read_status(r["workdir"])
@@ -140,6 +170,12 @@ def _loop(runs, todo, active, codes, parallel) -> None:
           print(f"FAILED {r['name']} (exit {proc.returncode}); see {log.name}", flush=True)
         else:
           print(f"done {r['name']}", flush=True)
+
+
+def _usable_cpus() -> set[int]:
+  if not hasattr(os, "sched_getaffinity"):
+    raise HiertxError("--pin_cpus: needs Linux (os.sched_setaffinity); run without it here")
+  return os.sched_getaffinity(0)
 
 
 def _remote(cmd: list[str]) -> list[str]:
@@ -180,6 +216,10 @@ def main(argv, extra):
   f = flags.FLAGS
   sweep_dir = f.sweep_dir or default_dir(f.config, f.sweep)
   try:
+    if f.pin_cpus and f.target != "local":
+      raise HiertxError(f"--pin_cpus: only for --target=local (got --target={f.target}), "
+                        "where this machine's CPUs are shared between runs")
+    slots = cpu_slots(max(1, f.parallel), _usable_cpus()) if f.pin_cpus else None
     runs = plan(f.config, f.sweep, sweep_dir, extra)
   except HiertxError as e:
     sys.exit(f"error: {e}")
@@ -190,7 +230,7 @@ def main(argv, extra):
       for r in runs:
         print(("# finished: " if r["state"] == "finished" else "") + common.show(r["command"]))
       return
-    codes = run_local(runs, max(1, f.parallel))
+    codes = run_local(runs, max(1, f.parallel), slots)
     failed = sorted(n for n, c in codes.items() if c)
     print(f"sweep {f.sweep}: {len(runs) - len(failed)} of {len(runs)} runs finished; "
           f"report: python launch/report.py --sweep_dir={sweep_dir}", flush=True)

@@ -124,6 +124,30 @@ def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
   assert sum('"train/loss"' in line for line in lines) == 1  # not retrained
 
 
+def test_pinned_local_runs_each_get_their_own_cpus(tmp_path):
+  import sweep as launcher  # launch/sweep.py
+  assert launcher.cpu_slots(2, {3, 0, 2, 1}) == [{0, 1}, {2, 3}]
+  assert launcher.cpu_slots(2, {0, 2, 5}) == [{0, 2}, {5}]
+  with pytest.raises(HiertxError, match="3 runs at a time need at least 3 CPUs"):
+    launcher.cpu_slots(3, {0, 1})
+  # Two runs, one at a time, on one CPU: each child starts pinned to it, and
+  # the second gets the set back once the first has finished.
+  cpu = max(os.sched_getaffinity(0))
+  show = "import os; print('cpus', sorted(os.sched_getaffinity(0)))"
+  runs = [{"name": n, "workdir": str(tmp_path / n), "state": "new",
+           "command": [sys.executable, "-c", show]} for n in ("a", "b")]
+  assert launcher.run_local(runs, 1, [{cpu}]) == {"a": 0, "b": 0}
+  for n in ("a", "b"):
+    assert (tmp_path / n / "train.log").read_text().strip() == f"cpus [{cpu}]"
+  args = ["--config=configs/compare.py", "--sweep=claim", f"--sweep_dir={tmp_path / 's'}",
+          "--pin_cpus"]
+  too_many = _sweep(*args, "--parallel=999")
+  assert too_many.returncode != 0 and "--pin_cpus: 999 runs at a time need at least 999" \
+      in too_many.stderr
+  elsewhere = _sweep(*args, "--target=slurm", "--dry_run")
+  assert elsewhere.returncode != 0 and "--pin_cpus: only for --target=local" in elsewhere.stderr
+
+
 def test_report_names_the_best_learning_rate_of_each_setting():
   def row(model, lr, seed, bpb, state="finished"):
     return {"overrides": {"arg.model": model, "train.learning_rate": lr, "train.seed": seed},
