@@ -148,7 +148,8 @@ def _loop(runs, todo, active, codes, parallel, slots) -> None:
       verb = "resume" if r["state"] in ("interrupted", "running", "failed") else "start"
       cpus = free.pop(0)
       where = f"; CPUs {_ids(cpus)}" if cpus else ""
-      print(f"{verb} {r['name']} ({len(codes) + len(active) + 1}/{len(runs)}; log "
+      number = len(runs) - len(todo)  # finished before, done or running here, this one
+      print(f"{verb} {r['name']} ({number}/{len(runs)}; log "
             f"{log.name}{where})", flush=True)
       # The child's threads (XLA's pool among them) inherit the set it starts on.
       pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None

@@ -124,7 +124,7 @@ def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
   assert sum('"train/loss"' in line for line in lines) == 1  # not retrained
 
 
-def test_pinned_local_runs_each_get_their_own_cpus(tmp_path):
+def test_pinned_local_runs_each_get_their_own_cpus(tmp_path, capsys):
   import sweep as launcher  # launch/sweep.py
   assert launcher.cpu_slots(2, {3, 0, 2, 1}) == [{0, 1}, {2, 3}]
   assert launcher.cpu_slots(2, {0, 2, 5}) == [{0, 2}, {5}]
@@ -134,9 +134,13 @@ def test_pinned_local_runs_each_get_their_own_cpus(tmp_path):
   # the second gets the set back once the first has finished.
   cpu = max(os.sched_getaffinity(0))
   show = "import os; print('cpus', sorted(os.sched_getaffinity(0)))"
-  runs = [{"name": n, "workdir": str(tmp_path / n), "state": "new",
-           "command": [sys.executable, "-c", show]} for n in ("a", "b")]
+  runs = [{"name": n, "workdir": str(tmp_path / n), "state": state,
+           "command": [sys.executable, "-c", show]}
+          for n, state in (("z", "finished"), ("a", "new"), ("b", "new"))]
   assert launcher.run_local(runs, 1, [{cpu}]) == {"a": 0, "b": 0}
+  out = capsys.readouterr().out
+  assert "skip z: finished" in out and "start a (2/3;" in out and "start b (3/3;" in out
+  assert f"CPUs {cpu})" in out
   for n in ("a", "b"):
     assert (tmp_path / n / "train.log").read_text().strip() == f"cpus [{cpu}]"
   args = ["--config=configs/compare.py", "--sweep=claim", f"--sweep_dir={tmp_path / 's'}",
