@@ -67,8 +67,8 @@ def test_the_shipped_sweeps_load():
   shape = ("model.d_model", "model.mlp_dim", "data.seq_len", "data.batch_size")
   assert all({k: r[k] for k in shape} == {k: claim[k] for k in shape} for r in rates)
   assert sorted((r["arg.model"], r["train.learning_rate"]) for r in rates) == sorted(
-      (m, lr) for m in ("vanilla", "bottom_up", "top_down", "hourglass")
-      for lr in (1e-3, 2e-3, 4e-3))
+      [(m, lr) for m in ("vanilla", "bottom_up", "top_down", "hourglass")
+       for lr in (1e-3, 2e-3, 4e-3)] + [("top_down", 8e-3)])
   assert {r["train.steps"] for r in rates} == {1000}
   with pytest.raises(ConfigError, match="its sweeps: .*paper_claim"):
     sweep.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
