@@ -86,23 +86,32 @@ def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None
   """For each setting (finished runs grouped by their other overrides, seeds
   averaged), the rate with the lowest mean final bits/byte and every rate's
   mean; None when the sweep does not vary `key`. Unfinished rates are counted,
-  so a choice from part of the grid says so."""
+  so a choice from part of the grid says so, and so does a best rate at the
+  edge of the rates that setting tried."""
   rates = {sweep.format_value(r["overrides"][key]) for r in rows if key in r["overrides"]}
   if len(rates) < 2:
     return None
   groups: dict = {}
+  scheduled: dict = {}  # every rate a setting's runs use, finished or not
   for r in rows:
-    if r["state"] == "finished" and key in r["overrides"] and math.isfinite(r["final_bpb"]):
-      rest = {k: v for k, v in r["overrides"].items() if k != key and not k.endswith("seed")}
-      groups.setdefault(_overrides_text(rest), {}).setdefault(
-          r["overrides"][key], []).append(r["final_bpb"])
+    if key not in r["overrides"]:
+      continue
+    rest = {k: v for k, v in r["overrides"].items() if k != key and not k.endswith("seed")}
+    setting = _overrides_text(rest)
+    scheduled.setdefault(setting, set()).add(r["overrides"][key])
+    if r["state"] == "finished" and math.isfinite(r["final_bpb"]):
+      groups.setdefault(setting, {}).setdefault(r["overrides"][key], []).append(r["final_bpb"])
   out = []
   for setting, by_rate in groups.items():
     means = {rate: statistics.mean(bpb) for rate, bpb in sorted(by_rate.items())}
     best = min(means, key=means.get)
-    out.append([setting or "(all)", sweep.format_value(best), means[best],
+    tried = scheduled[setting]
+    # A best rate at the grid's edge may not be the best rate: say so.
+    edge = (" (highest tried)" if best == max(tried) and len(tried) > 1 else
+            " (lowest tried)" if best == min(tried) and len(tried) > 1 else "")
+    out.append([setting or "(all)", sweep.format_value(best) + edge, means[best],
                 ", ".join(f"{sweep.format_value(rate)}: {m:.4f}" for rate, m in means.items()),
-                f"{len(means)} of {len(rates)}"])
+                f"{len(means)} of {len(tried)}"])
   return report_lib.markdown_table(
       ["overrides", f"best {key}", "mean final bits/byte", "mean final bits/byte per rate",
        "rates finished"], out)

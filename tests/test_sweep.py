@@ -68,7 +68,11 @@ def test_the_shipped_sweeps_load():
   assert all({k: r[k] for k in shape} == {k: claim[k] for k in shape} for r in rates)
   assert sorted((r["arg.model"], r["train.learning_rate"]) for r in rates) == sorted(
       [(m, lr) for m in ("vanilla", "bottom_up", "top_down", "hourglass")
-       for lr in (1e-3, 2e-3, 4e-3)] + [("top_down", 8e-3)])
+       for lr in (1e-3, 2e-3, 4e-3)] + [("top_down", 8e-3), ("hourglass", 8e-3)])
+  # The claim trains each model at one of the rates claim_lr tried for it.
+  tried = {(r["arg.model"], r["train.learning_rate"]) for r in rates}
+  claim_runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "claim")
+  assert all((r["arg.model"], r["train.learning_rate"]) in tried for r in claim_runs)
   assert {r["train.steps"] for r in rates} == {1000}
   with pytest.raises(ConfigError, match="its sweeps: .*paper_claim"):
     sweep.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
@@ -161,9 +165,13 @@ def test_report_names_the_best_learning_rate_of_each_setting():
           row("hourglass", 2e-3, 0, 2.7), row("hourglass", 4e-3, 0, float("nan"), "running")]
   table = sweep_report.rate_table(rows)
   # vanilla: 2e-3 averages 2.4 over its seeds, so 4e-3 (2.3) is best.
-  assert "| model=vanilla | 0.004 | 2.3 | 0.001: 2.5000, 0.002: 2.4000, 0.004: 2.3000 | 3 of 3 |" \
-      in table
+  assert ("| model=vanilla | 0.004 (highest tried) | 2.3 | 0.001: 2.5000, 0.002: 2.4000, "
+          "0.004: 2.3000 | 3 of 3 |") in table
   assert "| model=hourglass | 0.002 | 2.7 | 0.001: 2.9000, 0.002: 2.7000 | 2 of 3 |" in table
+  # top_down tried only two rates, and its best is the lower one.
+  rows += [row("top_down", 1e-3, 0, 2.1), row("top_down", 4e-3, 0, 2.4)]
+  assert "| model=top_down | 0.001 (lowest tried) | 2.1 | 0.001: 2.1000, 0.004: 2.4000 | 2 of 2 |" \
+      in sweep_report.rate_table(rows)
   assert sweep_report.rate_table([row("vanilla", 1e-3, 0, 2.5), row("vanilla", 1e-3, 1, 2.4)]) \
       is None
 
