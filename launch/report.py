@@ -96,7 +96,8 @@ def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None
   for r in rows:
     if key not in r["overrides"]:
       continue
-    rest = {k: v for k, v in r["overrides"].items() if k != key and not k.endswith("seed")}
+    # Sorted, so runs that list the same overrides in another order group together.
+    rest = {k: v for k, v in sorted(r["overrides"].items()) if k != key and not k.endswith("seed")}
     setting = _overrides_text(rest)
     scheduled.setdefault(setting, set()).add(r["overrides"][key])
     if r["state"] == "finished" and math.isfinite(r["final_bpb"]):

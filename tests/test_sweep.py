@@ -168,10 +168,14 @@ def test_report_names_the_best_learning_rate_of_each_setting():
   assert ("| model=vanilla | 0.004 (highest tried) | 2.3 | 0.001: 2.5000, 0.002: 2.4000, "
           "0.004: 2.3000 | 3 of 3 |") in table
   assert "| model=hourglass | 0.002 | 2.7 | 0.001: 2.9000, 0.002: 2.7000 | 2 of 3 |" in table
-  # top_down tried only two rates, and its best is the lower one.
-  rows += [row("top_down", 1e-3, 0, 2.1), row("top_down", 4e-3, 0, 2.4)]
-  assert "| model=top_down | 0.001 (lowest tried) | 2.1 | 0.001: 2.1000, 0.004: 2.4000 | 2 of 2 |" \
-      in sweep_report.rate_table(rows)
+  # top_down tried only two rates, and its best is the lower one; a run that
+  # lists its overrides in another order is still the same setting.
+  rows += [{"overrides": {"arg.model": "top_down", "arg.size": "s", "train.learning_rate": 1e-3},
+            "state": "finished", "final_bpb": 2.1},
+           {"overrides": {"train.learning_rate": 4e-3, "arg.size": "s", "arg.model": "top_down"},
+            "state": "finished", "final_bpb": 2.4}]
+  assert ("| model=top_down size=s | 0.001 (lowest tried) | 2.1 | 0.001: 2.1000, 0.004: 2.4000 "
+          "| 2 of 2 |") in sweep_report.rate_table(rows)
   assert sweep_report.rate_table([row("vanilla", 1e-3, 0, 2.5), row("vanilla", 1e-3, 1, 2.4)]) \
       is None
 
