@@ -65,9 +65,7 @@ def over_tokens(fn, x_NxD: jax.Array) -> jax.Array:
   matmul then contracts one token axis instead of two: XLA:CPU runs it, and
   the transposes around it, in its matmul library, where batch and length as
   two contracting axes got a layout copy and a generic dot (README,
-  Performance, "Tokens as one axis"). Elsewhere the reshapes are free.
-  Attention's projections keep their [B, L, H, K] einsums: flattened, they
-  raised XLA's peak memory for scanned stacks (vanilla small, 100 -> 107 MiB)."""
+  Performance, "Tokens as one axis"). Elsewhere the reshapes are free."""
   lead = x_NxD.shape[:-1]
   y_NxF = fn(x_NxD.reshape(-1, x_NxD.shape[-1]))
   return y_NxF.reshape(*lead, *y_NxF.shape[1:])
@@ -195,6 +193,9 @@ class Attention(nn.Module):
     self.wv = self.param("value", init_in, shape_in)
     self.wo = self.param("out", init_out, shape_out)
 
+  # The projections stay [B, L, H, K] einsums rather than `over_tokens`:
+  # flattened, they raised XLA's peak memory for scanned stacks (vanilla small,
+  # 100 -> 107 MiB) past the analytic memory model (tests/test_cost.py).
   def _in(self, w_DxHxK, x_BxLxD):
     return jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK.astype(self.cfg.jnp_dtype))
 
