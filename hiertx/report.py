@@ -29,8 +29,8 @@ def read_run(workdir: str, name: str | None = None, overrides: dict | None = Non
          "steps": None, "params": None, "xla_peak_bytes": NAN, "analytic_peak_bytes": NAN,
          "device_peak_bytes": None, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,
          "best_bpb": NAN, "final_perplexity": NAN, "gzip_bpb": NAN, "xz_bpb": NAN,
-         "mean_group_length": NAN, "dropped_closes": NAN, "train_curve": [],
-         "eval_curve": []}
+         "final_tokens": NAN, "final_source": "", "mean_group_length": NAN,
+         "dropped_closes": NAN, "train_curve": [], "eval_curve": []}
   info_path = os.path.join(workdir, "run_info.json")
   if os.path.exists(info_path):
     with open(info_path) as f:
@@ -68,7 +68,26 @@ def read_run(workdir: str, name: str | None = None, overrides: dict | None = Non
       dropped_closes=last.get("eval/dropped_closes", NAN),
       train_curve=[(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
       eval_curve=[(r["step"], r["eval/bits_per_byte"]) for r in evals])
+  if last:
+    row.update(final_tokens=last.get("eval/tokens", NAN), final_source="training")
+    _prefer_later_evaluation(row, workdir, last["step"])
   return row
+
+
+def _prefer_later_evaluation(row: dict, workdir: str, step: int) -> None:
+  """Takes the final numbers from `hiertx.evaluate`'s result for the final
+  checkpoint (`eval_<split>_<step>.json`, usually scored on more text than
+  the trainer's periodic evaluation) where there is one."""
+  split = row["config"].get("eval", {}).get("split", "validation")
+  path = os.path.join(workdir, f"eval_{split}_{step}.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    result = json.load(f)
+  row.update(final_bpb=result["eval/bits_per_byte"], final_perplexity=result["eval/perplexity"],
+             final_tokens=result["eval/tokens"], final_source=os.path.basename(path),
+             gzip_bpb=result.get("gzip_bits_per_byte", row["gzip_bpb"]),
+             xz_bpb=result.get("xz_bits_per_byte", row["xz_bpb"]))
 
 
 def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:

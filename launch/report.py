@@ -7,6 +7,11 @@ peak memory and against training speed).
 
   python launch/report.py --sweep_dir=/tmp/hiertx_sweeps/compare-paper_claim
 
+A run's final numbers are its last periodic evaluation's, or, where
+`python -m hiertx.evaluate` has scored the final checkpoint again
+(`eval_<split>_<step>.json`), that evaluation's; the table says which and how
+many tokens were scored.
+
 Writes <sweep_dir>/report.md, loss_curves.png and bpb_vs_memory.png.
 Works while a sweep is still running, and on sweeps run by any target.
 """
@@ -54,12 +59,14 @@ def run_table(rows: list[dict]) -> str:
   front = report_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in rows])
   return report_lib.markdown_table(
       ["run", "overrides", "status", "params", "XLA peak MiB", "memory / vanilla",
-       "analytic MiB", "tokens/s", "final bits/byte", "best bits/byte", "final perplexity",
+       "analytic MiB", "tokens/s", "final bits/byte", "scored tokens", "scored by",
+       "best bits/byte", "final perplexity",
        "gzip -9 bits/byte", "xz -9 bits/byte", "Pareto"],
       [[r["name"], _overrides_text(r["overrides"]), _status_text(r),
         r["params"] if r["params"] is not None else "", r["xla_peak_bytes"] / 2**20,
         r["xla_peak_bytes"] / base, r["analytic_peak_bytes"] / 2**20, r["tokens_per_s"],
-        r["final_bpb"], r["best_bpb"], r["final_perplexity"], r["gzip_bpb"], r["xz_bpb"],
+        r["final_bpb"], r["final_tokens"], r["final_source"], r["best_bpb"],
+        r["final_perplexity"], r["gzip_bpb"], r["xz_bpb"],
         "*" if f else ""] for r, f in zip(rows, front)])
 
 
@@ -85,7 +92,7 @@ def seed_table(rows: list[dict]) -> str | None:
 def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None:
   """For each setting (finished runs grouped by their other overrides, seeds
   averaged), the rate with the lowest mean final bits/byte and every rate's
-  mean; None when the sweep does not vary `key`. Unfinished rates are counted,
+  mean; None when no setting tries more than one rate. Unfinished rates are counted,
   so a choice from part of the grid says so, and so does a best rate at the
   edge of the rates that setting tried."""
   rates = {sweep.format_value(r["overrides"][key]) for r in rows if key in r["overrides"]}
@@ -102,6 +109,8 @@ def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None
     scheduled.setdefault(setting, set()).add(r["overrides"][key])
     if r["state"] == "finished" and math.isfinite(r["final_bpb"]):
       groups.setdefault(setting, {}).setdefault(r["overrides"][key], []).append(r["final_bpb"])
+  if all(len(tried) < 2 for tried in scheduled.values()):
+    return None  # each setting at its own rate (a comparison at chosen rates): nothing to pick
   out = []
   for setting, by_rate in groups.items():
     means = {rate: statistics.mean(bpb) for rate, bpb in sorted(by_rate.items())}

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT
 from hiertx import checkpoint
+from hiertx import evaluate
 from hiertx import sweep
 from hiertx.errors import ConfigError, HiertxError
 
@@ -127,6 +128,19 @@ def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
   lines = (sweep_dir / "num_heads-2" / "metrics.jsonl").read_text().splitlines()
   assert sum('"train/loss"' in line for line in lines) == 1  # not retrained
 
+  # The final checkpoint scored again by hiertx.evaluate on more rows: the
+  # report's final numbers are that evaluation's, and say so.
+  trained = rows[0]
+  result = evaluate.evaluate_checkpoint(str(sweep_dir / "num_heads-2"), batches=5)
+  assert result["eval/tokens"] > trained["final_tokens"]
+  md, rows = sweep_report.write(str(sweep_dir))
+  assert trained["final_source"] == "training"
+  assert rows[0]["final_source"] == "eval_validation_4.json"
+  assert rows[0]["final_tokens"] == result["eval/tokens"]
+  assert rows[0]["final_bpb"] == result["eval/bits_per_byte"] != trained["final_bpb"]
+  assert rows[1]["final_source"] == "training"  # not evaluated again
+  assert "| eval_validation_4.json |" in md
+
 
 def test_pinned_local_runs_each_get_their_own_cpus(tmp_path, capsys):
   import sweep as launcher  # launch/sweep.py
@@ -177,6 +191,9 @@ def test_report_names_the_best_learning_rate_of_each_setting():
   assert ("| model=top_down size=s | 0.001 (lowest tried) | 2.1 | 0.001: 2.1000, 0.004: 2.4000 "
           "| 2 of 2 |") in sweep_report.rate_table(rows)
   assert sweep_report.rate_table([row("vanilla", 1e-3, 0, 2.5), row("vanilla", 1e-3, 1, 2.4)]) \
+      is None
+  # Each model at its own chosen rate (the claim): no rate was chosen here.
+  assert sweep_report.rate_table([row("vanilla", 2e-3, 0, 2.5), row("hourglass", 4e-3, 0, 2.4)]) \
       is None
 
 
