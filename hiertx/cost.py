@@ -31,7 +31,8 @@ and GELU's fused intermediates); dense attention adds 3 float32 maps
 [H, Q, S] (masked scores, exp, weights), blockwise attention only its
 log-sum-exp [H, Q] and, while a block's backward runs, the score tensors of
 one batch of chunk pairs (`attention.pairs_per_batch`) and float32
-key/value gradient accumulators.
+key/value gradient accumulators. A stack scanned without remat keeps 6 of
+width F per block (`_F_KEPT_SCANNED`).
 
 Accuracy: the peak is within 15% of XLA:CPU's for the shipped sizes (small,
 base, paper14/paper30) at seq_len >= 128, with and without remat and scan
@@ -48,6 +49,10 @@ from hiertx import workload as workload_lib
 F32 = 4
 # Per-block residuals in units of [B, L, D], [B, L, F] and [B, H, L, S] (see above).
 _D_KEPT, _F_KEPT, _MAP_KEPT = 12, 3, 3
+# A stack scanned without remat keeps more of width F per block: what
+# autodiff saves becomes the loop's stacked outputs, which XLA cannot fuse
+# away, so GELU's intermediates stay (6 rather than 3).
+_F_KEPT_SCANNED = 6
 # Float32 tensors of one batch of chunk pairs live while blockwise attention's
 # backward runs (probabilities and their gradient; XLA fuses the rest).
 _CHUNK_LIVE = 2
@@ -144,7 +149,8 @@ def model_flops(s: Shape, w: workload_lib.Workload) -> float:
 def _block_bytes(s: Shape, b: workload_lib.Blocks) -> tuple[float, float]:
   """Bytes one block keeps for its backward pass, and its full residual set."""
   bl = s.batch * b.queries
-  full = bl * ((_D_KEPT + b.extra_kept) * s.d_model + _F_KEPT * s.mlp_dim) * F32
+  f_kept = _F_KEPT_SCANNED if s.scan and s.remat == "none" and b.stacked else _F_KEPT
+  full = bl * ((_D_KEPT + b.extra_kept) * s.d_model + f_kept * s.mlp_dim) * F32
   full += _MAP_KEPT * s.batch * s.num_heads * b.queries * b.map_keys * F32
   if s.attention != "dense":
     full += bl * s.num_heads * F32  # log-sum-exp
@@ -179,11 +185,11 @@ def memory(s: Shape, w: workload_lib.Workload) -> dict[str, float]:
   kept = {}
   for b in w.blocks:
     kept[b.name] = kept.get(b.name, 0.0) + b.count * _block_bytes(s, b)[0]
-  # The attention working set of the block being differentiated; a scan's
-  # backward loop also holds a copy of one block's residuals (sliced from the
-  # stack, or recomputed under remat).
+  # The attention working set of the block being differentiated, and under
+  # remat the residuals of the block being recomputed (a scan without remat
+  # reads its block's residuals from the stack in place).
   working = max(_attention_working(s, b) for b in w.blocks)
-  if s.scan or s.remat != "none":
+  if s.remat != "none":
     stacked = [b for b in w.blocks if b.stacked]
     working += max((_block_bytes(s, b)[1] for b in stacked), default=0.0)
   out = {

@@ -194,8 +194,9 @@ class Attention(nn.Module):
     self.wo = self.param("out", init_out, shape_out)
 
   # The projections stay [B, L, H, K] einsums rather than `over_tokens`:
-  # flattened, they raised XLA's peak memory for scanned stacks (vanilla small,
-  # 100 -> 107 MiB) past the analytic memory model (tests/test_cost.py).
+  # flattened, they measured no faster on CPU (README, Performance, "Tokens as
+  # one axis"), and a scanned stack keeps every reshaped copy of an input as
+  # one more residual per block.
   def _in(self, w_DxHxK, x_BxLxD):
     return jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK.astype(self.cfg.jnp_dtype))
 

@@ -38,13 +38,18 @@ def _compiled(name, seq_len=128, **model_overrides):
   return config, compiled, facts
 
 
-@pytest.mark.parametrize("name,remat,scan", [(n, "none", False) for n in MODEL_NAMES]
-                         + [("vanilla", "none", True), ("bottom_up", "block", True),
-                            ("retina", "block", True)])
-def test_analytic_memory_is_within_tolerance_of_xla(name, remat, scan):
-  _, _, facts = _compiled(name, remat=remat, scan_layers=scan)
+# Scanned stacks without remat at two depths (per-block terms and the fixed
+# part apart): before they had their own per-block counts, 8 scanned vanilla
+# blocks read 0.80 and scanned retina 0.83.
+@pytest.mark.parametrize("name,remat,scan,layers", [(n, "none", False, None) for n in MODEL_NAMES]
+                         + [("vanilla", "none", True, None), ("vanilla", "none", True, 8),
+                            ("retina", "none", True, None), ("bottom_up", "block", True, None),
+                            ("retina", "block", True, None)])
+def test_analytic_memory_is_within_tolerance_of_xla(name, remat, scan, layers):
+  depth = {"num_layers": layers} if layers else {}
+  _, _, facts = _compiled(name, remat=remat, scan_layers=scan, **depth)
   ratio = facts["memory/analytic_peak_bytes"] / facts["memory/xla_peak_bytes"]
-  assert abs(ratio - 1) <= MEMORY_TOLERANCE, (name, remat, ratio)
+  assert abs(ratio - 1) <= MEMORY_TOLERANCE, (name, remat, layers, ratio)
   # Two parts against XLA's own buffers: the train state (donated, so XLA's
   # aliased bytes; they add the step and Adam's count) and the batch (what the
   # arguments hold beyond the state).
