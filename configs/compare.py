@@ -16,8 +16,8 @@ order as well as initialisation:
                the 14-layer vanilla (paper14), at width 128 (4 heads, MLP 512),
                sequence 256, batch 8, 3,000 steps (6.1M tokens, about half an
                epoch of the stdlib corpus; the cosine schedule ends there), two
-               seeds each, each model at its best claim_lr rate; about an hour
-               a run on 2 CPU cores. Retina is left out:
+               seeds each, each model at its best claim_lr rate; 25-60 minutes
+               a run on one core (--parallel=2 --pin_cpus). Retina is left out:
                its 30 layers all run at full length, so it costs about twice
                vanilla's memory and time (see experiments/memory_depth.py).
   claim_lr     the claim's learning rates: each of its four models at 1e-3,

@@ -193,11 +193,13 @@ def memory(s: Shape, w: workload_lib.Workload) -> dict[str, float]:
   # the MLP first: by the time attention's working set is live, the MLP's
   # F-wide residuals are freed. (A scan without remat reads its block's
   # residuals from the stack in place.)
-  working = max(_attention_working(s, b) for b in w.blocks)
-  if s.remat != "none":
-    working = max((max(full, full - s.batch * b.queries * _F_KEPT * s.mlp_dim * F32 + working)
-                   for b in w.blocks if b.stacked
-                   for full in [_block_bytes(s, b)[1]]), default=working)
+  attention_working = max(_attention_working(s, b) for b in w.blocks)
+  working = attention_working
+  for b in w.blocks:
+    if s.remat != "none" and b.stacked:
+      full = _block_bytes(s, b)[1]
+      mlp = s.batch * b.queries * _F_KEPT * s.mlp_dim * F32
+      working = max(working, full, full - mlp + attention_working)
   out = {
       "memory/analytic_state_bytes": 3 * p * F32,
       "memory/analytic_gradient_bytes": p * F32,

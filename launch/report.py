@@ -95,9 +95,6 @@ def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None
   mean; None when no setting tries more than one rate. Unfinished rates are counted,
   so a choice from part of the grid says so, and so does a best rate at the
   edge of the rates that setting tried."""
-  rates = {sweep.format_value(r["overrides"][key]) for r in rows if key in r["overrides"]}
-  if len(rates) < 2:
-    return None
   groups: dict = {}
   scheduled: dict = {}  # every rate a setting's runs use, finished or not
   for r in rows:
