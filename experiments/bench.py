@@ -37,7 +37,7 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("run", [], "A run with its own overrides: 'file[:arg];field=value;"
                             "...' (replaces --runs).")
   flags.DEFINE_list("shapes", ["8x256"], "Batch x sequence length of every run, e.g. 8x1024.")
-  flags.DEFINE_integer("steps", 5, "Timed steps per run (after one warm-up step).")
+  flags.DEFINE_integer("steps", 5, "Timed steps per run (after one warm-up step).", lower_bound=1)
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
 
 

@@ -50,8 +50,8 @@ def define_flags() -> None:
   flags.DEFINE_list("runs", None, "Config files (under configs/) with args; the first is the "
                     "baseline. Default: vanilla paper14 and the paper30 hierarchical models.")
   flags.DEFINE_integer("steps", 300, "Training steps of every model (equal tokens).")
-  flags.DEFINE_integer("batch_size", 16, "Global batch, in rows.")
-  flags.DEFINE_integer("seq_len", 2048, "Tokens per row.")
+  flags.DEFINE_integer("batch_size", 16, "Global batch, in rows.", lower_bound=1)
+  flags.DEFINE_integer("seq_len", 2048, "Tokens per row.", lower_bound=1)
   flags.DEFINE_enum("attention", "auto", ["auto", "blockwise", "dense", "cudnn", "splash",
                                           "pallas"],
                     "model.attention of every run; auto: the backend's fused kernel (GPU: "

@@ -28,8 +28,8 @@ DEFAULT_RUNS = ["vanilla.py", "bottom_up.py", "top_down.py", "retina.py", "hourg
 def define_flags() -> None:
   flags.DEFINE_list("runs", DEFAULT_RUNS, "Config files (under configs/) with args.")
   flags.DEFINE_list("contexts", ["256", "1024", "4096"], "Context lengths.")
-  flags.DEFINE_integer("new_tokens", 32, "Cached decoding steps timed per context.")
-  flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).")
+  flags.DEFINE_integer("new_tokens", 32, "Cached decoding steps timed per context.", lower_bound=1)
+  flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is kept).", lower_bound=1)
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
 
 

@@ -26,8 +26,8 @@ DEFAULT_RUNS = [
 def define_flags() -> None:
   flags.DEFINE_list("runs", DEFAULT_RUNS, "Config files (under configs/) with args.")
   flags.DEFINE_string("baseline", "vanilla.py:size=paper14", "Run the ratios use.")
-  flags.DEFINE_integer("seq_len", 1024, "Sequence length of every run.")
-  flags.DEFINE_integer("batch_size", 8, "Global batch of every run.")
+  flags.DEFINE_integer("seq_len", 1024, "Sequence length of every run.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 8, "Global batch of every run.", lower_bound=1)
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
 
 

@@ -21,8 +21,9 @@ DEFAULT_RUNS = ["vanilla.py:size=base", "bottom_up.py:size=base", "top_down.py:s
 def define_flags() -> None:
   flags.DEFINE_list("runs", DEFAULT_RUNS, "Config files (under configs/) with args.")
   flags.DEFINE_list("seq_lens", ["512", "1024", "2048", "4096", "8192"], "Lengths.")
-  flags.DEFINE_integer("batch_size", 1, "Global batch at every length.")
-  flags.DEFINE_integer("time_max_len", 2048, "Run and time the step up to this length.")
+  flags.DEFINE_integer("batch_size", 1, "Global batch at every length.", lower_bound=1)
+  flags.DEFINE_integer("time_max_len", 2048, "Run and time the step up to this length.",
+                       lower_bound=1)
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
 
 

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def define_flags() -> None:
   flags.DEFINE_string("config", "configs/vanilla.py:size=tiny", "Config file[:arg].")
-  flags.DEFINE_integer("steps", 10, "Training steps.")
-  flags.DEFINE_integer("devices", 8, "Simulated devices for the sharded runs.")
+  flags.DEFINE_integer("steps", 10, "Training steps.", lower_bound=1)
+  flags.DEFINE_integer("devices", 8, "Simulated devices for the sharded runs.", lower_bound=1)
   flags.DEFINE_string("mesh", "data=2,fsdp=2,tensor=2", "Mesh of the sharded runs.")
 
 

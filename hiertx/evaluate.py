@@ -30,6 +30,7 @@ import numpy as np
 from absl import flags
 
 from hiertx import checkpoint
+from hiertx import config as config_lib
 from hiertx import cli
 from hiertx import data
 from hiertx import distributed
@@ -53,6 +54,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
   config, run, step, params = steps.load_params(workdir, step, mesh, devices)
   if batches is not None:
     config.eval.batches = batches
+    config_lib.validate(config)  # batches < 1 would score nothing and report 0 bits
   split = split or config.eval.split
   shard = data.Shard(jax.process_index(), jax.process_count())
   eval_data = data.eval_batches(config.data, split, config.eval.batch_size,
@@ -129,18 +131,18 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
 
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A hiertx training workdir.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", lower_bound=0)
   flags.DEFINE_enum("split", None, ["train", "validation", "test"],
                     "Split to score (default: the config's eval.split).")
-  flags.DEFINE_integer("batches", None, "Batches to score (default: eval.batches).")
+  flags.DEFINE_integer("batches", None, "Batches to score (default: eval.batches).", lower_bound=1)
   flags.DEFINE_string("mesh", "data=-1", "Mesh to restore onto, e.g. data=2,fsdp=4 "
                       "(-1: the remaining devices); independent of the training mesh.")
   flags.DEFINE_integer("context", None, "Whole-document evaluation: tokens each window "
-                       "reads (default: --stride, or data.seq_len).")
+                       "reads (default: --stride, or data.seq_len).", lower_bound=1)
   flags.DEFINE_integer("stride", None, "Whole-document evaluation: tokens each window "
-                       "scores (default: --context).")
+                       "scores (default: --context).", lower_bound=1)
   flags.DEFINE_integer("batch_size", None, "Whole-document evaluation: windows per batch "
-                       "(default: eval.batch_size; no gradients, so larger fits).")
+                       "(default: eval.batch_size; no gradients, so larger fits).", lower_bound=1)
   flags.mark_flags_as_required(["workdir"])
   distributed.define_flags()
 

@@ -59,7 +59,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).", lower_bound=0)
 
 
 def main(argv):

@@ -100,7 +100,7 @@ _WRAPPERS = ("ThunkExecutor", "PjRt", "PjitFunction", "np.asarray", "Thunk::")
 def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A workdir trained with train.profile_steps.",
                       required=True)
-  flags.DEFINE_integer("top", 5, "How many ops to list.")
+  flags.DEFINE_integer("top", 5, "How many ops to list.", lower_bound=1)
   flags.DEFINE_bool("group", True, "Sum the instances of each kind of op (fusion.1, "
                     "fusion.2, ...) under one name.")
 

@@ -23,9 +23,9 @@ import common
 def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
   flags.DEFINE_string("workdir", None, "Run directory.", required=True)
-  flags.DEFINE_integer("num_processes", 2, "Processes to start.")
-  flags.DEFINE_integer("devices_per_process", 4, "CPU devices per process.")
-  flags.DEFINE_integer("port", 0, "Coordinator port (0: pick a free one).")
+  flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
+  flags.DEFINE_integer("devices_per_process", 4, "CPU devices per process.", lower_bound=1)
+  flags.DEFINE_integer("port", 0, "Coordinator port (0: pick a free one).", lower_bound=0)
   flags.DEFINE_string("module", "hiertx.train", "Entry point (hiertx.train|hiertx.evaluate).")
   flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 

@@ -23,9 +23,9 @@ def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file[:arg].", required=True)
   flags.DEFINE_string("workdir", None, "Run directory on a shared filesystem.",
                                  required=True)
-  flags.DEFINE_integer("nodes", 2, "Hosts.")
-  flags.DEFINE_integer("gpus_per_node", 8, "GPUs per host (0 for CPU-only).")
-  flags.DEFINE_integer("cpus_per_task", 16, "CPU cores per task.")
+  flags.DEFINE_integer("nodes", 2, "Hosts.", lower_bound=1)
+  flags.DEFINE_integer("gpus_per_node", 8, "GPUs per host (0 for CPU-only).", lower_bound=0)
+  flags.DEFINE_integer("cpus_per_task", 16, "CPU cores per task.", lower_bound=1)
   flags.DEFINE_string("partition", None, "SLURM partition.")
   flags.DEFINE_string("account", None, "SLURM account.")
   flags.DEFINE_string("time", "24:00:00", "Time limit.")

@@ -41,18 +41,19 @@ def define_flags() -> None:
   flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs (default: "
                       "/tmp/hiertx_sweeps/<config>-<sweep>).")
   flags.DEFINE_enum("target", "local", TARGETS, "Where the runs go.")
-  flags.DEFINE_integer("parallel", 1, "local: runs at a time.")
+  flags.DEFINE_integer("parallel", 1, "local: runs at a time.", lower_bound=1)
   flags.DEFINE_bool("pin_cpus", False, "local: each of the --parallel runs on its own share "
                     "of this machine's CPUs (Linux). For CPU training: runs on disjoint cores "
                     "outrun the same runs sharing them all.")
   flags.DEFINE_bool("dry_run", False, "Print what would run instead of running it.")
   # slurm
-  flags.DEFINE_integer("nodes", 1, "slurm: hosts per run.")
-  flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per host (0 for CPU-only).")
+  flags.DEFINE_integer("nodes", 1, "slurm: hosts per run.", lower_bound=1)
+  flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per host (0 for CPU-only).", lower_bound=0)
   flags.DEFINE_string("partition", None, "slurm: partition.")
   flags.DEFINE_string("account", None, "slurm: account.")
   flags.DEFINE_string("time", "24:00:00", "slurm: time limit per run.")
-  flags.DEFINE_integer("max_running", 0, "slurm: at most this many array tasks at once.")
+  flags.DEFINE_integer("max_running", 0, "slurm: at most this many array tasks at once.",
+                       lower_bound=0)
   # tpu
   flags.DEFINE_string("tpu", None, "tpu: TPU VM name.")
   flags.DEFINE_string("zone", None, "tpu: zone.")

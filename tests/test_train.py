@@ -102,6 +102,8 @@ def test_evaluate_reproduces_the_logged_eval_loss(vanilla_run):
   assert test["step"] == 20 and np.isfinite(test["eval/loss"])
   with pytest.raises(CheckpointError, match="no checkpoint at step 7"):
     evaluate.evaluate_checkpoint(workdir, step=7)
+  with pytest.raises(ConfigError, match="eval.batches: must be a positive integer, got 0"):
+    evaluate.evaluate_checkpoint(workdir, batches=0)  # would score nothing, 0 bits/byte
 
 
 def test_crash_and_resume_ends_with_the_same_parameters(vanilla_run, tmp_path, monkeypatch):
