@@ -199,6 +199,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("train.end_learning_rate_fraction", "must be in [0, 1]")
   if config.train.weight_decay < 0:
     raise ConfigError("train.weight_decay", "must be >= 0")
+  for name in ("b1", "b2"):  # Adam's moment decays; 1 or more never forgets, and diverges
+    v = config.train[name]
+    if not 0 <= v < 1:
+      raise ConfigError(f"train.{name}", f"must be in [0, 1), got {v}")
   profile_steps(config.train.profile_steps)
   if config.eval.split not in ("train", "validation", "test"):
     raise ConfigError("eval.split", f"{config.eval.split!r} is not train/validation/test")

@@ -127,3 +127,13 @@ def test_every_command_is_a_console_script():
   for n in names:
     module = __import__(f"hiertx.{n}", fromlist=["run"])
     assert scripts[f"hiertx-{n.replace('_', '-')}"].load() is module.run
+
+
+def test_adam_decays_outside_0_1_are_refused():
+  config = config_lib.load(config_path("vanilla") + ":size=tiny")
+  config_lib.validate(config)
+  for name, value in (("b1", 2.0), ("b2", 1.0), ("b1", -0.1)):
+    bad = config_lib.load(config_path("vanilla") + ":size=tiny")
+    bad.train[name] = value
+    with pytest.raises(ConfigError, match=rf"config.train.{name}: must be in \[0, 1\), got {value}"):
+      config_lib.validate(bad)
