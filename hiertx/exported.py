@@ -77,7 +77,11 @@ def write(directory: str, data_cfg, split_pieces: dict) -> dict:
               "splits": {}, "sha256": {}}
   tmp = f"{directory.rstrip(os.sep)}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  try:
+    os.makedirs(tmp)
+  except OSError as e:
+    raise DataError(f"--export={directory!r}: cannot write beside it ({tmp}): "
+                    f"{e.strerror}") from e
   for split, (tokens, offsets) in split_pieces.items():
     tokens, offsets = np.asarray(tokens), np.asarray(offsets, np.int64)
     ends = offsets[1:] - 1

@@ -22,7 +22,7 @@ import os
 import re
 from typing import Any, Iterable
 
-from hiertx.errors import ConfigError
+from hiertx.errors import ConfigError, FlagError
 
 Overrides = dict[str, Any]
 
@@ -103,16 +103,16 @@ def load(config_file: str, name: str) -> list[Overrides]:
   path, _, _ = config_file.partition(":")
   spec = importlib.util.spec_from_file_location("hiertx_sweep_config", path)
   if spec is None or not os.path.exists(path):
-    raise ConfigError("--config", f"cannot load config file {path!r}")
+    raise FlagError("--config", f"cannot load config file {path!r}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   fn = getattr(module, f"sweep_{name}", None)
   if fn is None:
     known = sorted(n[len("sweep_"):] for n in dir(module) if n.startswith("sweep_"))
-    raise ConfigError("--sweep", f"{path} has no sweep_{name}(); its sweeps: {known or 'none'}")
+    raise FlagError("--sweep", f"{path} has no sweep_{name}(); its sweeps: {known or 'none'}")
   runs = fn()
   if not runs:
-    raise ConfigError("--sweep", f"sweep_{name}() returned no runs")
+    raise FlagError("--sweep", f"sweep_{name}() returned no runs")
   return [dict(r) for r in runs]
 
 

@@ -67,6 +67,10 @@ def test_a_cache_that_does_not_match_is_refused_in_one_line(corpus, tmp_path):
     data.check_data(other.data)
   with pytest.raises(DataError, match="exists and is not empty"):
     data.export(config.data, export_dir, ["train"])
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(DataError, match="cannot write beside it"):
+    data.export(config.data, str(blocker / "cache"), ["train"])
   # A damaged copy: a file that no longer matches the manifest's checksum.
   copy = tmp_path / "copy"
   os.makedirs(copy)
