@@ -1,5 +1,6 @@
 """Shared by the launchers: the trainer command line and printing a dry run."""
 
+import re
 import shlex
 import shutil
 import sys
@@ -14,6 +15,18 @@ def train_command(config: str, workdir: str, overrides: list[str], python: str =
                   module: str = "hiertx.train") -> list[str]:
   """`python -m hiertx.train --config=... --workdir=... --config.x=y ...`."""
   return [python, "-m", module, f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+# SLURM's --time forms: minutes, minutes:seconds, hours:minutes:seconds,
+# days-hours, days-hours:minutes, days-hours:minutes:seconds.
+_SLURM_TIME = re.compile(r"(\d+|\d+:\d+|\d+:\d+:\d+|\d+-\d+|\d+-\d+:\d+|\d+-\d+:\d+:\d+)")
+
+
+def check_slurm_time() -> None:
+  """Registers a check of --time: a malformed limit is refused here, not by sbatch."""
+  flags.register_validator(
+      "time", lambda v: bool(_SLURM_TIME.fullmatch(v or "")),
+      message="not a SLURM time limit (minutes, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)")
 
 
 def show(cmd: list[str] | str) -> str:

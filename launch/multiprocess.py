@@ -26,7 +26,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_processes", 2, "Processes to start.", lower_bound=1)
   flags.DEFINE_integer("devices_per_process", 4, "CPU devices per process.", lower_bound=1)
   flags.DEFINE_integer("port", 0, "Coordinator port (0: pick a free one).", lower_bound=0)
-  flags.DEFINE_string("module", "hiertx.train", "Entry point (hiertx.train|hiertx.evaluate).")
+  flags.DEFINE_enum("module", "hiertx.train", ["hiertx.train", "hiertx.evaluate"],
+                    "Entry point every process runs.")
   flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
 
 

@@ -29,6 +29,7 @@ def define_flags() -> None:
   flags.DEFINE_string("partition", None, "SLURM partition.")
   flags.DEFINE_string("account", None, "SLURM account.")
   flags.DEFINE_string("time", "24:00:00", "Time limit.")
+  common.check_slurm_time()
   flags.DEFINE_string("job_name", "hiertx", "Job name.")
   flags.DEFINE_string("setup", "source .venv/bin/activate",
                                "Shell line run on every host before training.")

@@ -52,6 +52,7 @@ def define_flags() -> None:
   flags.DEFINE_string("partition", None, "slurm: partition.")
   flags.DEFINE_string("account", None, "slurm: account.")
   flags.DEFINE_string("time", "24:00:00", "slurm: time limit per run.")
+  common.check_slurm_time()
   flags.DEFINE_integer("max_running", 0, "slurm: at most this many array tasks at once.",
                        lower_bound=0)
   # tpu

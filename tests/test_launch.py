@@ -5,6 +5,7 @@ import sys
 
 from conftest import ROOT
 
+import common
 import multiprocess
 import slurm
 import tpu
@@ -61,3 +62,17 @@ def test_multiprocess_and_local_dry_runs():
              "--config.train.steps=3")
   assert ("-m hiertx.train --config=configs/vanilla.py --workdir=/tmp/v "
           "--config.train.steps=3") in out
+
+
+def test_slurm_time_limits_are_checked_before_submitting():
+  ok = ["30", "1:30", "24:00:00", "2-00", "2-12:00", "2-12:00:00"]
+  bad = ["abc", "1h", "", "24:00:00:00", "2-", "-5"]
+  assert all(common._SLURM_TIME.fullmatch(t) for t in ok)
+  assert not any(common._SLURM_TIME.fullmatch(t) for t in bad)
+  r = subprocess.run([sys.executable, "launch/slurm.py", "--config=configs/vanilla.py",
+                      "--workdir=/tmp/x", "--time=1h", "--dry_run"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1] == (
+      "error: flag --time=1h: not a SLURM time limit (minutes, HH:MM:SS, D-HH, D-HH:MM or "
+      "D-HH:MM:SS)")
