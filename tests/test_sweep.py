@@ -14,7 +14,7 @@ from conftest import ROOT
 from hiertx import checkpoint
 from hiertx import evaluate
 from hiertx import sweep
-from hiertx.errors import ConfigError, HiertxError
+from hiertx.errors import ConfigError, FlagError, HiertxError
 
 import report as sweep_report  # launch/report.py
 
@@ -75,7 +75,8 @@ def test_the_shipped_sweeps_load():
   claim_runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "claim")
   assert all((r["arg.model"], r["train.learning_rate"]) in tried for r in claim_runs)
   assert {r["train.steps"] for r in rates} == {1000}
-  with pytest.raises(ConfigError, match="its sweeps: .*paper_claim"):
+  with pytest.raises(FlagError,
+                     match=r"^--sweep: .* has no sweep_nope\(\); its sweeps: .*paper_claim"):
     sweep.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
 
 
