@@ -19,7 +19,7 @@ def train_command(config: str, workdir: str, overrides: list[str], python: str =
 
 # SLURM's --time forms: minutes, minutes:seconds, hours:minutes:seconds,
 # days-hours, days-hours:minutes, days-hours:minutes:seconds.
-_SLURM_TIME = re.compile(r"(\d+|\d+:\d+|\d+:\d+:\d+|\d+-\d+|\d+-\d+:\d+|\d+-\d+:\d+:\d+)")
+_SLURM_TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 
 
 def check_slurm_time() -> None:
