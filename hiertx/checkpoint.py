@@ -12,9 +12,19 @@ Layout of a workdir:
 
 Inference (`hiertx.evaluate`, `hiertx.generate`) restores `params` alone.
 
+A workdir may be a local path or a URL (`gs://bucket/run`): every file goes
+through hiertx.storage, checkpoints through Orbax (tensorstore writes the
+arrays).
+
+Each saved checkpoint gets a manifest of its files' sizes and CRC32C
+checksums (`<step>/hiertx_files.json`, written once Orbax has finalized
+it), so damage is told apart from everything else: a restore that fails on
+a checkpoint whose files no longer match it names the files.
+
 Restoring tells causes apart: a checkpoint whose damage is positively
-identified (an empty or undecodable file, or an older checkpoint restores
-where it failed) is set aside as `<step>.corrupt` and the one before it used;
+identified (files that no longer match its manifest, an empty or
+undecodable file, or an older checkpoint restores where it failed) is set
+aside as `<step>.corrupt` and the one before it used;
 a failure shared by every checkpoint with no damaged file (the code or the
 environment) is reported once and nothing is renamed; one that does not fit
 the model (another structure or shape) is a `CheckpointError` naming the
@@ -34,8 +44,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from hiertx import config as config_lib
+from hiertx import storage
 from hiertx.errors import CheckpointError, HiertxError
 
 ITEMS = ("params", "opt_state", "meta")
@@ -46,15 +58,16 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
 _TRANSIENT_WORDS = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "Connection reset",
                     "timed out", "Temporary failure", "503", "429")
 RETRIES = 3
+MANIFEST = "hiertx_files.json"
 
 
 def config_path(workdir: str) -> str:
-  return os.path.join(workdir, "config.json")
+  return storage.join(workdir, "config.json")
 
 
 def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      epath.Path(storage.join(storage.absolute(workdir), "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
       item_handlers={"params": ocp.StandardCheckpointHandler(),
                      "opt_state": ocp.StandardCheckpointHandler(),
@@ -63,18 +76,10 @@ def manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
 
 def prepare_workdir(workdir: str, config, allow_config_change: bool, write: bool) -> None:
   """Creates the workdir and checks a resumed run matches the one that wrote it."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")  # one per process
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise HiertxError(f"workdir {workdir!r} is not writable: {e.strerror}") from e
+  ensure_writable(workdir)
   path = config_path(workdir)
-  if os.path.exists(path) and has_checkpoints(workdir):
-    with open(path) as f:
-      old = config_lib.from_json(f.read())
+  if storage.exists(path) and has_checkpoints(workdir):
+    old = config_lib.from_json(storage.read_text(path))
     diffs = []
     for section in config_lib.RESUME_SECTIONS:
       diffs += config_lib.differences(old[section].to_dict(), config[section].to_dict(),
@@ -87,21 +92,29 @@ def prepare_workdir(workdir: str, config, allow_config_change: bool, write: bool
     if diffs:
       logging.warning("resuming with a changed config: %s", "; ".join(diffs))
   if write:
-    with open(path, "w") as f:
-      f.write(config_lib.to_json(config))
+    storage.write_text(path, config_lib.to_json(config))
+
+
+def ensure_writable(workdir: str) -> None:
+  """Creates the workdir; one error line when it cannot be written."""
+  try:
+    storage.makedirs(workdir)
+    probe = storage.join(workdir, f".write_test.{os.getpid()}")  # one per process
+    storage.write_text(probe, "ok")
+    storage.remove(probe)
+  except OSError as e:
+    raise HiertxError(f"workdir {workdir!r} is not writable: {e.strerror or e}") from e
 
 
 def has_checkpoints(workdir: str) -> bool:
-  root = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root))
+  return any(d.isdigit() for d in storage.listdir(storage.join(workdir, "checkpoints")))
 
 
 def load_config(workdir: str):
-  path = config_path(workdir)
-  if not os.path.exists(path):
+  path = config_path(storage.check(workdir, "--workdir"))
+  if not storage.exists(path):
     raise CheckpointError(f"{workdir!r} has no config.json: is it a hiertx workdir?")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  return config_lib.from_json(storage.read_text(path))
 
 
 # ----------------------------------------------------------------------------
@@ -134,6 +147,27 @@ def wait(mngr: ocp.CheckpointManager) -> None:
                           "checkpoints are intact. Free disk space, then rerun to resume.") from e
 
 
+def write_manifests(mngr: ocp.CheckpointManager, below: int | None = None) -> None:
+  """Writes the manifest (each file's size and CRC32C) of every checkpoint
+  that has none, of steps below `below` (all with None). Orbax starts a save
+  only once the previous one is finalized, so after `save(mngr, step)` every
+  step below `step` is complete, and after `wait` every step is (process 0
+  calls this at both places)."""
+  for step in mngr.all_steps():
+    if below is not None and step >= below:
+      continue
+    step_dir = _step_dir(mngr, step)
+    path = storage.join(step_dir, MANIFEST)
+    try:
+      if storage.exists(path) or not storage.isdir(step_dir):
+        continue
+      files = storage.file_checksums(step_dir)
+      files.pop(MANIFEST, None)
+      storage.write_text(path, json.dumps({"step": int(step), "files": files}, indent=1))
+    except FileNotFoundError:  # deleted by Orbax (max_to_keep) while being read
+      continue
+
+
 # ----------------------------------------------------------------------------
 # Restoring.
 
@@ -143,12 +177,12 @@ class Unreadable(CheckpointError):
 
 
 def _step_dir(mngr, step: int) -> str:
-  return os.path.join(str(mngr.directory), str(step))
+  return storage.join(str(mngr.directory), str(step))
 
 
 def _legacy(mngr, step: int) -> bool:
   """Checkpoints of earlier versions hold the whole train state as one item."""
-  return os.path.isdir(os.path.join(_step_dir(mngr, step), "default"))
+  return storage.isdir(storage.join(_step_dir(mngr, step), "default"))
 
 
 def _is_transient(e: BaseException) -> bool:
@@ -234,22 +268,41 @@ def _first_line(e: BaseException) -> str:
 
 
 def damaged_files(step_dir: str) -> list[str]:
-  """Files of a checkpoint that are positively damaged: empty, or JSON that
-  does not parse (paths relative to `step_dir`). Empty means none were found,
-  not that the checkpoint is whole."""
-  out = []
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      path = os.path.join(root, name)
+  """Files of a checkpoint that are positively damaged, each with what is
+  wrong ('params/d/ab12: 20 bytes, 1972 when saved'). With a manifest: files
+  missing, or whose size or CRC32C differ from it. Without one (older
+  checkpoints): empty files, and JSON that does not parse. Empty means none
+  were found, not that the checkpoint is whole."""
+  notes = []
+  try:
+    manifest = json.loads(storage.read_text(storage.join(step_dir, MANIFEST)))["files"]
+  except FileNotFoundError:
+    manifest = None
+  except (OSError, ValueError, KeyError, TypeError):
+    manifest, notes = None, [f"{MANIFEST}: unreadable"]
+  found = storage.file_checksums(step_dir)
+  found.pop(MANIFEST, None)
+  if manifest is not None:
+    out = []
+    for rel, want in sorted(manifest.items()):
+      have = found.get(rel)
+      if have is None:
+        out.append(f"{rel}: missing")
+      elif have["size"] != want["size"]:
+        out.append(f"{rel}: {have['size']} bytes, {want['size']} when saved")
+      elif want.get("crc32c") and have.get("crc32c") and have["crc32c"] != want["crc32c"]:
+        out.append(f"{rel}: CRC32C {have['crc32c']}, {want['crc32c']} when saved")
+    return out
+  out = notes
+  for rel, info in sorted(found.items()):
+    if info["size"] == 0:
+      out.append(f"{rel}: empty")
+    elif rel.endswith(("METADATA", ".json")) and info["size"] < 1 << 24:
       try:
-        if os.path.getsize(path) == 0:
-          out.append(os.path.relpath(path, step_dir))
-        elif name.endswith(("METADATA", ".json")) and os.path.getsize(path) < 1 << 24:
-          with open(path) as f:
-            json.load(f)
+        json.loads(storage.read_text(storage.join(step_dir, rel)))
       except (OSError, ValueError):
-        out.append(os.path.relpath(path, step_dir))
-  return sorted(out)
+        out.append(f"{rel}: does not decode")
+  return out
 
 
 def _with_retries(fn, what: str):
@@ -317,10 +370,7 @@ def restore_params(mngr: ocp.CheckpointManager, step: int, abstract_state):
 
 def set_aside_dirs(mngr: ocp.CheckpointManager) -> list[str]:
   """Checkpoints earlier runs set aside as unreadable (`<step>.corrupt`)."""
-  root = str(mngr.directory)
-  if not os.path.isdir(root):
-    return []
-  return sorted((d for d in os.listdir(root) if d.endswith(".corrupt")),
+  return sorted((d for d in storage.listdir(str(mngr.directory)) if d.endswith(".corrupt")),
                 key=lambda d: int(d.split(".")[0]) if d.split(".")[0].isdigit() else -1)
 
 
@@ -348,32 +398,36 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool,
     return None, None
   failed = []  # (step, Unreadable), newest first
 
-  def put_aside(step, e, why):
+  def put_aside(step, text):
     path = _step_dir(mngr, step)
-    logging.warning("%s (%s)", e, why)
-    print(f"warning: {e} ({why}); set aside as {step}.corrupt", flush=True)
-    if set_aside and os.path.isdir(path):
-      os.rename(path, path + ".corrupt")
+    logging.info("%s; set aside as %s.corrupt", text, step)
+    print(f"warning: {text}; set aside as {step}.corrupt", flush=True)
+    if set_aside and storage.isdir(path):
+      storage.rename(path, path + ".corrupt")
 
   for step in steps:
     try:
       state = restore(mngr, step, abstract_state)
     except Unreadable as e:
       bad = damaged_files(_step_dir(mngr, step))
+      logging.info("restoring step %d failed; damaged files: %s", step, bad or "none found",
+                   exc_info=e.__cause__ or e)
       if bad:
-        put_aside(step, e, f"damaged: {', '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""))
+        put_aside(step, f"the checkpoint at step {step} is damaged: {'; '.join(bad[:3])}"
+                  + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
         mngr.reload()
       else:
         failed.append((step, e))
       continue
     for s, e in failed:  # failed where an older one restores: their own files
-      put_aside(s, e, f"the checkpoint at step {step} restores")
+      put_aside(s, f"{e} (the checkpoint at step {step} restores)")
     if failed:
       mngr.reload()
     return step, state
   if failed:
     step, e = failed[0]
-    logging.error("restoring failed for steps %s: %r", [s for s, _ in failed], e.__cause__)
+    # The library's own account (tensorstore specs and all) goes to the log file.
+    logging.info("restoring failed for steps %s", [s for s, _ in failed], exc_info=e.__cause__)
     raise CheckpointError(
         f"{e}; {'every checkpoint fails' if len(failed) > 1 else 'it fails'} without any "
         "damaged file, so the cause is likely the code or the environment (library versions, "
@@ -391,16 +445,12 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool,
 def read_status(workdir: str) -> dict:
   """{'state': 'finished'|'failed'|'interrupted'|'running', ...}, or 'not started'."""
   try:
-    with open(os.path.join(workdir, "status.json")) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(storage.join(workdir, "status.json")))
   except FileNotFoundError:
     return {"state": "not started"}
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, ValueError) as e:
     return {"state": "unknown", "error": str(e)}
 
 
 def write_status(workdir: str, state: str, **info) -> None:
-  tmp = os.path.join(workdir, "status.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump({"state": state, **info}, f)
-  os.replace(tmp, os.path.join(workdir, "status.json"))
+  storage.write_text(storage.join(workdir, "status.json"), json.dumps({"state": state, **info}))

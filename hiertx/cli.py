@@ -5,19 +5,94 @@ data) printed as one line instead of a traceback.
   app.run(main, flags_parser=cli.parse_flags)
 """
 
+import logging as std_logging
 import os
+import socket
 import sys
+import time
 
 from absl import app, flags, logging
 
 from hiertx import config as config_lib
+from hiertx import storage
 from hiertx.errors import FlagError, HiertxError
+
+# The exit status of a trainer stopped by SIGUSR1 once it has saved: "try
+# again later" (sysexits' EX_TEMPFAIL). launch/slurm.py's script requeues the
+# job on it.
+EXIT_REQUEUE = 75
 
 
 def quiet_library_logs() -> None:
   """Library INFO logs (Orbax, JAX) drown the progress lines; --verbosity restores them."""
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+
+
+class _FileHandler(std_logging.Handler):
+  """Log records to a file of the workdir (hiertx.storage.Appender): at once
+  on a local disk, at most every `every_s` seconds on object storage, and at
+  exit (logging's shutdown flushes every handler)."""
+
+  def __init__(self, path: str, every_s: float = 30.0):
+    super().__init__(std_logging.INFO)
+    self.setFormatter(std_logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] %(message)s"))
+    self.file = storage.Appender(path, keep_existing=False)
+    self.every_s, self.last = every_s, 0.0
+
+  def emit(self, record) -> None:  # called with the handler's lock held
+    try:
+      self.file.write(self.format(record) + "\n")
+      if not self.file.remote or time.time() - self.last > self.every_s:
+        self.file.flush()
+        self.last = time.time()
+    except Exception:  # noqa: BLE001  (logging must never stop a run)
+      self.handleError(record)
+
+  def flush(self) -> None:
+    with self.lock:
+      try:
+        self.file.flush()
+      except Exception:  # noqa: BLE001  (at exit, nothing more can be done)
+        pass
+
+
+def log_to_workdir(workdir: str | None, command: str) -> str | None:
+  """Sends library logs (INFO and up, with their tracebacks) to
+  `<workdir>/logs/<command>.<host>.<pid>.log` instead of the terminal, which
+  keeps the progress lines, warnings and the one `error:` line of a failure.
+  Tracebacks Python can only print as 'unraisable' (callbacks from
+  tensorstore's threads into an event loop that has closed) and asyncio's
+  reports of failed tasks go to the file alone. Returns the file's path;
+  None (nothing changed) when the workdir cannot hold it."""
+  try:
+    workdir = storage.check(workdir or "", "--workdir")
+    storage.makedirs(storage.join(workdir, "logs"))
+    path = storage.join(workdir, "logs", f"{command}.{socket.gethostname()}.{os.getpid()}.log")
+    handler = _FileHandler(path)
+  except (HiertxError, OSError, ValueError):
+    return None  # the command itself reports a workdir it cannot use
+  std_logging.getLogger().addHandler(handler)
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)  # into the file; the terminal keeps WARNING
+    logging.get_absl_handler().setLevel(std_logging.WARNING)
+  unraisable = std_logging.getLogger("hiertx.unraisable")
+  # Failed futures of Orbax's event loop that nobody awaited ('Task exception
+  # was never retrieved', logged by asyncio), and tracebacks Python can only
+  # print as unraisable: the file gets them, the terminal does not.
+  for name in ("hiertx.unraisable", "asyncio"):
+    logger = std_logging.getLogger(name)
+    logger.setLevel(std_logging.INFO)
+    logger.propagate = False
+    logger.addHandler(handler)
+
+  def hook(args):
+    unraisable.info("%s: %s", args.err_msg or "unraisable exception", args.object,
+                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+  sys.unraisablehook = hook
+  return path
 
 
 def command(define_flags, main) -> None:

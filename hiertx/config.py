@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_nonfinite_skips=0,  # >0: skip up to this many steps with a NaN/Inf loss
       profile_steps="",  # "N,M": trace steps N..M into <workdir>/profile (hiertx.profiling)
       stop_check_every=10,  # multi-process: steps between agreeing on a stop (SIGTERM)
+      # The workdir's lease (hiertx.lease): renewed every quarter of this; a
+      # holder silent for this long is taken to be dead and is taken over.
+      lease_timeout_s=300.0,
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every=200,  # also evaluated at the last step
@@ -192,7 +195,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     v = config.train[name]
     if not isinstance(v, int) or isinstance(v, bool) or v < 0:
       raise ConfigError(f"train.{name}", f"must be a non-negative integer, got {v!r}")
-  for name in ("learning_rate", "grad_clip"):
+  for name in ("learning_rate", "grad_clip", "lease_timeout_s"):
     if not config.train[name] > 0:
       raise ConfigError(f"train.{name}", f"must be positive, got {config.train[name]!r}")
   if not 0 <= config.train.end_learning_rate_fraction <= 1:

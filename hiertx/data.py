@@ -37,9 +37,11 @@ builds (or checks) a split's cache ahead of a run, with progress.
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import queue
+import tempfile
 import threading
 import time
 from typing import Iterator
@@ -48,6 +50,7 @@ import numpy as np
 
 from hiertx import corpora
 from hiertx import exported
+from hiertx import storage
 from hiertx import vocab as vocab_lib
 from hiertx.errors import ConfigError, DataError
 
@@ -102,8 +105,11 @@ def alignment(data_cfg, pooling_multiple: int) -> int:
 
 
 def cache_root(data_cfg) -> str:
-  return os.path.expanduser(data_cfg.cache_dir or os.environ.get(
-      "HIERTX_DATA_CACHE", os.path.join("~", ".cache", "hiertx", "data")))
+  """The cache directory: a local path or a URL (`gs://bucket/cache`)."""
+  root = data_cfg.cache_dir or os.environ.get(
+      "HIERTX_DATA_CACHE", os.path.join("~", ".cache", "hiertx", "data"))
+  return storage.check(root if storage.is_url(root) else os.path.expanduser(root),
+                       "config.data.cache_dir")
 
 
 def _key(*parts) -> str:
@@ -120,7 +126,14 @@ def _source_key(data_cfg, split: str, shard: Shard) -> list:
 
 def _write_atomically(directory: str, arrays: dict, meta: dict) -> None:
   """Writes a cache entry to a temporary directory and renames it: readers
-  never see a half-written entry; of two concurrent builders one wins."""
+  never see a half-written entry; of two concurrent builders one wins. On
+  object storage the arrays are uploaded first and meta.json, which readers
+  look for, last."""
+  if storage.is_url(directory):
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_atomically(os.path.join(tmp, "entry"), arrays, meta)
+      storage.upload_tree(os.path.join(tmp, "entry"), directory, last=("meta.json",))
+    return
   tmp = f"{directory}.tmp-{os.getpid()}-{threading.get_ident()}"
   os.makedirs(tmp, exist_ok=True)
   for name, array in arrays.items():
@@ -136,8 +149,12 @@ def _write_atomically(directory: str, arrays: dict, meta: dict) -> None:
 
 
 def _load(directory: str, names) -> tuple[dict, dict]:
-  with open(os.path.join(directory, "meta.json")) as f:
-    meta = json.load(f)
+  """A cache entry's arrays (memory-mapped locally, read into memory from
+  object storage) and its meta.json."""
+  meta = json.loads(storage.read_text(storage.join(directory, "meta.json")))
+  if storage.is_url(directory):
+    return {n: np.load(io.BytesIO(storage.read_bytes(storage.join(directory, f"{n}.npy"))))
+            for n in names}, meta
   return {n: np.load(os.path.join(directory, f"{n}.npy"), mmap_mode="r") for n in names}, meta
 
 
@@ -147,9 +164,9 @@ def pieces(data_cfg, split: str, shard: Shard = Shard()) -> tuple[np.ndarray, np
   exported cache, hiertx.exported)."""
   if exported.is_export(cache_root(data_cfg)):
     return exported.pieces(cache_root(data_cfg), data_cfg, split)
-  directory = os.path.join(cache_root(data_cfg), "pieces-" + _key(
+  directory = storage.join(cache_root(data_cfg), "pieces-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab))
-  if not os.path.exists(os.path.join(directory, "meta.json")):
+  if not storage.exists(storage.join(directory, "meta.json")):
     tokens, offsets, docs = _read_pieces(data_cfg, split, shard)
     _write_atomically(directory, {"tokens": tokens, "offsets": offsets},
                       {"pieces": len(offsets) - 1, "tokens": int(offsets[-1]), "documents": docs})
@@ -239,10 +256,10 @@ def packed_rows(data_cfg, split: str, align: int, shard: Shard = Shard()):
 
   if exported.is_export(cache_root(data_cfg)):  # read-only: packed here, in memory
     return _nonempty(*packed(), data_cfg, split)
-  directory = os.path.join(cache_root(data_cfg), "rows-" + _key(
+  directory = storage.join(cache_root(data_cfg), "rows-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab, align, bool(data_cfg.pack),
       order_seed(data_cfg) if shuffled else None))
-  if not os.path.exists(os.path.join(directory, "meta.json")):
+  if not storage.exists(storage.join(directory, "meta.json")):
     targets, segments, stats = packed()
     _write_atomically(directory, {"targets": targets, "segments": segments}, stats)
   arrays, stats = _load(directory, ("targets", "segments"))

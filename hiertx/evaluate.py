@@ -21,7 +21,6 @@ the number is the row-based one on unpacked rows.
 """
 
 import json
-import os
 import sys
 import time
 
@@ -37,13 +36,13 @@ from hiertx import distributed
 from hiertx import metrics
 from hiertx import sharding
 from hiertx import steps
+from hiertx import storage
 from hiertx.errors import FlagError
 
 
 def _write(workdir: str, name: str, result: dict) -> None:
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, name), "w") as f:
-      json.dump(result, f, indent=2)
+    storage.write_text(storage.join(workdir, name), json.dumps(result, indent=2))
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None = None,
@@ -56,7 +55,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
     config.eval.batches = batches
     config_lib.validate(config)  # batches < 1 would score nothing and report 0 bits
   split = split or config.eval.split
-  shard = data.Shard(jax.process_index(), jax.process_count())
+  shard = run.data_shard
   eval_data = data.eval_batches(config.data, split, config.eval.batch_size,
                                 config.eval.batches, shard, run.align)
   result = {"step": step, "split": split, **run.evaluate(params, eval_data),
@@ -92,7 +91,7 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
                     f"parallelism (data x fsdp), got {global_batch}")
   docs = list(data.documents(config.data, split))
   plan = windows([len(d) for d in docs], context, stride)
-  shard = data.Shard(jax.process_index(), jax.process_count())
+  shard = run.data_shard
   local = global_batch // shard.count
   sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
   scored = bytearray()
@@ -156,6 +155,7 @@ def main(argv):
   cli.start(argv)
   distributed.initialize_from_flags()
   f = flags.FLAGS
+  cli.log_to_workdir(f.workdir, "evaluate")
   if f.context is None and f.stride is None:
     r = cli.run(evaluate_checkpoint, f.workdir, f.step, f.split, f.batches, f.mesh)
     print(f"step {r['step']} ({r['split']}): loss {r['eval/loss']:.4f} | perplexity "

@@ -23,13 +23,16 @@ line, as is a file whose checksum does not match.
 
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
 from hiertx import corpora
+from hiertx import storage
 from hiertx import vocab as vocab_lib
 from hiertx.errors import ConfigError, DataError
 
@@ -39,7 +42,7 @@ _ARRAYS = ("tokens", "lengths", "eos")
 
 
 def is_export(root: str) -> bool:
-  return os.path.isfile(os.path.join(root, MANIFEST))
+  return storage.isfile(storage.join(root, MANIFEST))
 
 
 def _sha256(path: str) -> str:
@@ -65,10 +68,18 @@ def _token_dtype(vocab_entry: dict):
 
 def write(directory: str, data_cfg, split_pieces: dict) -> dict:
   """Writes `split_pieces` ({split: (tokens int32 [N], offsets int64 [P + 1])})
-  of `data_cfg`'s corpus to a new `directory`; returns the manifest."""
-  if os.path.exists(directory) and os.listdir(directory):
+  of `data_cfg`'s corpus to a new `directory` (a local path or a URL);
+  returns the manifest. Object storage gets the files of a local export,
+  the manifest last: a cache is complete once its manifest is there."""
+  directory = storage.check(directory, "--export")
+  if storage.listdir(directory):
     raise DataError(f"--export={directory!r} exists and is not empty; export to a new "
                     "directory")
+  if storage.is_url(directory):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = write(os.path.join(tmp, "export"), data_cfg, split_pieces)
+      storage.upload_tree(os.path.join(tmp, "export"), directory, last=(MANIFEST,))
+    return out
   vocab = vocab_lib.vocabulary(data_cfg.vocab)
   entry = _vocab_entry(data_cfg.vocab)
   manifest = {"format": FORMAT, **corpora.corpus_identity(data_cfg), "vocab": entry,
@@ -118,8 +129,7 @@ def write(directory: str, data_cfg, split_pieces: dict) -> dict:
 
 def manifest(root: str) -> dict:
   try:
-    with open(os.path.join(root, MANIFEST)) as f:
-      out = json.load(f)
+    out = json.loads(storage.read_text(storage.join(root, MANIFEST)))
   except (OSError, ValueError) as e:
     raise DataError(f"{root}: cannot read {MANIFEST} of the exported cache: {e}") from None
   if out.get("format") != FORMAT:
@@ -155,15 +165,21 @@ def check(root: str, data_cfg) -> dict:
   return m
 
 
-@functools.lru_cache(maxsize=None)  # each file hashed once per process
-def _verified(root: str, name: str, digest: str, mtime: float) -> str:
-  path = os.path.join(root, name)
-  if not os.path.isfile(path):
-    raise DataError(f"{path} is missing from the exported cache")
-  if _sha256(path) != digest:
+@functools.lru_cache(maxsize=None)  # each file read and hashed once per process
+def _verified(root: str, name: str, digest: str, stamp: str) -> np.ndarray:
+  """The array in `root/name` once its SHA-256 matches the manifest's."""
+  del stamp  # part of the cache key: a rewritten file is read again
+  path = storage.join(root, name)
+  try:
+    raw = storage.read_bytes(path)
+  except FileNotFoundError:
+    raise DataError(f"{path} is missing from the exported cache") from None
+  if hashlib.sha256(raw).hexdigest() != digest:
     raise DataError(f"{path} does not match its checksum in {MANIFEST} (a partial or "
                     "damaged copy?): copy the exported cache again")
-  return path
+  array = np.load(io.BytesIO(raw))
+  array.setflags(write=False)  # shared by every caller in this process
+  return array
 
 
 def pieces(root: str, data_cfg, split: str):
@@ -176,10 +192,9 @@ def pieces(root: str, data_cfg, split: str):
   arrays = {}
   for name in _ARRAYS:
     file = f"{split}.{name}.npy"
-    full = os.path.join(root, file)
-    path = _verified(root, file, m["sha256"].get(file, "?"),
-                     os.path.getmtime(full) if os.path.exists(full) else 0.0)
-    arrays[name] = np.load(path)
+    full = storage.join(root, file)
+    arrays[name] = _verified(root, file, m["sha256"].get(file, "?"),
+                             storage.stamp(full) if storage.exists(full) else "")
   stripped, eos = arrays["tokens"], arrays["eos"]
   offsets = np.concatenate([[0], np.cumsum(arrays["lengths"], dtype=np.int64)])
   vocab = vocab_lib.vocabulary(data_cfg.vocab)

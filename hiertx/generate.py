@@ -65,6 +65,7 @@ def define_flags() -> None:
 def main(argv):
   cli.start(argv)
   f = flags.FLAGS
+  cli.log_to_workdir(f.workdir, "generate")
   text, step = cli.run(from_checkpoint, f.workdir, f.prompt, f.max_new_tokens, f.temperature,
                        f.top_k, f.top_p, f.seed, f.step)
   print(f"# checkpoint step {step}", file=sys.stderr)

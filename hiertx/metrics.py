@@ -20,43 +20,42 @@ import orbax.checkpoint
 from absl import logging
 
 import hiertx
+from hiertx import storage
 
 
-class _LocalEventFile:
-  """An event file on a local disk: TensorBoard's record framing over a plain
-  file. (`EventFileWriter` opens files through `tensorboard.compat.tf`, which
-  imports TensorFlow wherever it is installed: 5 s of every run's start-up.)"""
+class _EventFile:
+  """A TensorBoard event file: the `tensorboard` package's record framing
+  over a hiertx.storage.Appender, so it works on a local disk and on object
+  storage alike. (`EventFileWriter` opens files through
+  `tensorboard.compat.tf`, which imports TensorFlow wherever it is installed:
+  5 s of every run's start-up.)"""
 
   def __init__(self, logdir: str, event_cls):
     from tensorboard.summary.writer.record_writer import RecordWriter
-    os.makedirs(logdir, exist_ok=True)
+    storage.makedirs(logdir)
     name = f"events.out.tfevents.{time.time():010.0f}.{platform.node()}.{os.getpid()}.hiertx"
-    self._records = RecordWriter(open(os.path.join(logdir, name), "wb"))
+    self._file = storage.Appender(storage.join(logdir, name), keep_existing=False)
+    self._records = RecordWriter(self._file)
     self.add_event(event_cls(wall_time=time.time(), file_version="brain.Event:2"))
 
   def add_event(self, event) -> None:
     self._records.write(event.SerializeToString())
 
   def flush(self):
-    self._records.flush()
+    self._file.flush()
 
   def close(self):
-    self._records.close()
+    self._file.close()
 
 
 class _EventWriter:
   """Scalars as TensorBoard events, through the `tensorboard` package's own
-  record writer and protos: no TensorFlow needed. Remote logdirs (`gs://`)
-  go through its `EventFileWriter` and the file systems TensorFlow provides."""
+  record writer and protos: no TensorFlow needed."""
 
   def __init__(self, logdir: str):
     from tensorboard.compat.proto import event_pb2, summary_pb2
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
-    if "://" in logdir:
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
-      self._file = EventFileWriter(logdir)
-    else:
-      self._file = _LocalEventFile(logdir, event_pb2.Event)
+    self._file = _EventFile(logdir, event_pb2.Event)
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     values = [self._summary.Value(tag=k, simple_value=v) for k, v in scalars.items()]
@@ -82,35 +81,49 @@ def event_writer(logdir: str):
 
 
 class Writer:
-  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; no-op off process 0."""
+  """Scalars to `<workdir>/metrics.jsonl` and TensorBoard; no-op off process 0.
 
-  def __init__(self, workdir: str, active: bool = True):
+  On a local disk every line is written at once; on object storage, which
+  cannot append, the files are uploaded again on `flush()` (the trainer
+  flushes at evaluations, checkpoints and the end) and at least every
+  `upload_every_s` seconds."""
+
+  def __init__(self, workdir: str, active: bool = True, upload_every_s: float = 60.0):
     self.active = active
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = event_writer(os.path.join(workdir, "tensorboard")) if active else None
+    self.path = storage.join(workdir, "metrics.jsonl")
+    self._lines = storage.Appender(self.path) if active else None
+    self._tb = event_writer(storage.join(workdir, "tensorboard")) if active else None
+    self._upload_every_s, self._uploaded = upload_every_s, time.time()
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.active:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
+    self._lines.write(json.dumps({"step": int(step), "time": time.time(), **clean}) + "\n")
     finite = {k: v for k, v in clean.items() if math.isfinite(v)}
     if self._tb:
       self._tb.write_scalars(int(step), finite)
+    if not self._lines.remote:
+      self._lines.flush()
+    elif time.time() - self._uploaded > self._upload_every_s:
+      self.flush()
 
   def flush(self):
+    if self._lines:
+      self._lines.flush()
+      self._uploaded = time.time()
     if self._tb:
       self._tb.flush()
 
   def close(self):
+    if self._lines:
+      self._lines.close()
     if self._tb:
       self._tb.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def groups_text(result: dict) -> str:

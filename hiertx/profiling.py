@@ -14,31 +14,38 @@ by YNNPACK, `loop_fusion` an elementwise loop, `copy_*` a layout change).
 """
 
 import collections
-import glob
 import gzip
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import jax
 from absl import flags
 
 from hiertx import cli
 from hiertx import config as config_lib
+from hiertx import storage
 from hiertx.errors import HiertxError
 
 
 class StepTrace:
-  """Starts a trace before step N and stops it after step M has finished."""
+  """Starts a trace before step N and stops it after step M has finished. A
+  workdir on object storage gets the trace files once the trace stops (the
+  profiler writes them to a local directory)."""
 
   def __init__(self, spec, workdir: str, active: bool = True):
     self.steps = config_lib.profile_steps(spec) if active else None
-    self.dir = os.path.join(workdir, "profile")
+    self.dir = storage.join(workdir, "profile")
     self.on = False
+    self._local = None
 
   def before(self, step: int) -> None:
     if self.steps and step == self.steps[0] and not self.on:
-      jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+      self._local = tempfile.mkdtemp(prefix="hiertx-profile-") if storage.is_url(
+          self.dir) else self.dir
+      jax.profiler.start_trace(self._local, create_perfetto_trace=True)
       self.on = True
 
   def after(self, step: int, outputs) -> None:
@@ -52,15 +59,20 @@ class StepTrace:
     if self.on:
       jax.profiler.stop_trace()
       self.on = False
+      if self._local != self.dir:
+        storage.upload_tree(self._local, self.dir)
+        shutil.rmtree(self._local, ignore_errors=True)
 
 
 def newest_trace(workdir: str) -> str:
-  paths = glob.glob(os.path.join(workdir, "profile", "**", "*perfetto_trace.json.gz"),
-                    recursive=True)
+  """The newest Perfetto trace under `<workdir>/profile` (the profiler names
+  its runs by start time, so the name orders them)."""
+  paths = storage.glob(storage.join(storage.check(workdir, "--workdir"), "profile", "**",
+                                    "*perfetto_trace.json.gz"))
   if not paths:
     raise HiertxError(f"no profile under {workdir}/profile; train with "
                       "--config.train.profile_steps=N,M first")
-  return max(paths, key=os.path.getmtime)
+  return max(paths, key=lambda p: (p.split("/profile/", 1)[-1], p))
 
 
 def top_ops(path: str, top: int = 5, group: bool = True
@@ -71,8 +83,7 @@ def top_ops(path: str, top: int = 5, group: bool = True
   executor's own wrappers; Python and runtime bookkeeping do not. With
   `group`, instances of one kind (`loop_fusion.12`, `loop_fusion.40`) are
   summed under the kind's name."""
-  with gzip.open(path, "rt") as f:
-    trace = json.load(f)
+  trace = json.loads(gzip.decompress(storage.read_bytes(path)))
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   process = {e["pid"]: e["args"].get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}

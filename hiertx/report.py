@@ -3,11 +3,12 @@ experiments and sweeps share), seed groups, markdown tables, Pareto fronts."""
 
 import json
 import math
-import os
 import statistics
 
 from hiertx import checkpoint
+from hiertx import lease as lease_lib
 from hiertx import metrics
+from hiertx import storage
 from hiertx.errors import HiertxError
 
 
@@ -18,23 +19,41 @@ class ReportError(HiertxError):
   """A directory to report on is not what the report needs."""
 
 
+def run_state(workdir: str) -> dict:
+  """A run's status.json, corrected by its lease: a run whose status says
+  running but whose lease nobody holds any more (killed before it could say
+  so) is 'stopped'; one whose status is older than its live lease (a second
+  start, still compiling) is 'running'. Adds 'holder' (hiertx.lease.describe)
+  while a process holds the run."""
+  status = dict(checkpoint.read_status(workdir))
+  record = lease_lib.current(workdir)
+  held = lease_lib.state(record) == "held"
+  if held:
+    status["holder"] = lease_lib.describe(record)
+    if status["state"] != "running":
+      status["state"] = "running"
+  elif status["state"] == "running":
+    status["state"] = "stopped"
+  return status
+
+
 def read_run(workdir: str, name: str | None = None, overrides: dict | None = None) -> dict:
   """One run's state, headline numbers and curves from its directory
   (status.json, run_info.json, metrics.jsonl); what is missing reads as NaN,
   None or empty, so a run that failed or never started still has a row."""
-  status = checkpoint.read_status(workdir)
-  row = {"name": name or os.path.basename(workdir.rstrip(os.sep)), "workdir": workdir,
+  status = run_state(workdir)
+  row = {"name": name or storage.name(workdir), "workdir": workdir,
          "overrides": dict(overrides or {}), "state": status["state"],
+         "holder": status.get("holder", ""),
          "error": status.get("error", ""), "model": "", "config": {}, "seed": None,
          "steps": None, "params": None, "xla_peak_bytes": NAN, "analytic_peak_bytes": NAN,
          "device_peak_bytes": None, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,
          "best_bpb": NAN, "final_perplexity": NAN, "gzip_bpb": NAN, "xz_bpb": NAN,
          "final_tokens": NAN, "final_source": "", "mean_group_length": NAN,
          "dropped_closes": NAN, "train_curve": [], "eval_curve": []}
-  info_path = os.path.join(workdir, "run_info.json")
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      info = json.load(f)
+  info_path = storage.join(workdir, "run_info.json")
+  if storage.exists(info_path):
+    info = json.loads(storage.read_text(info_path))
     facts, config = info.get("facts", {}), info.get("config", {})
     row.update(config=config, model=config.get("model", {}).get("name", ""),
                seed=config.get("train", {}).get("seed"),
@@ -42,8 +61,8 @@ def read_run(workdir: str, name: str | None = None, overrides: dict | None = Non
                params=int(facts["params/total"]) if "params/total" in facts else None,
                xla_peak_bytes=facts.get("memory/xla_peak_bytes", NAN),
                analytic_peak_bytes=facts.get("memory/analytic_peak_bytes", NAN))
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = storage.join(workdir, "metrics.jsonl")
+  if not storage.exists(path):
     return row
   rows = metrics.read_jsonl(path)
   speeds = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]
@@ -79,25 +98,23 @@ def _prefer_later_evaluation(row: dict, workdir: str, step: int) -> None:
   checkpoint (`eval_<split>_<step>.json`, usually scored on more text than
   the trainer's periodic evaluation) where there is one."""
   split = row["config"].get("eval", {}).get("split", "validation")
-  path = os.path.join(workdir, f"eval_{split}_{step}.json")
-  if not os.path.exists(path):
+  path = storage.join(workdir, f"eval_{split}_{step}.json")
+  if not storage.exists(path):
     return
-  with open(path) as f:
-    result = json.load(f)
+  result = json.loads(storage.read_text(path))
   row.update(final_bpb=result["eval/bits_per_byte"], final_perplexity=result["eval/perplexity"],
-             final_tokens=result["eval/tokens"], final_source=os.path.basename(path),
+             final_tokens=result["eval/tokens"], final_source=storage.name(path),
              gzip_bpb=result.get("gzip_bits_per_byte", row["gzip_bpb"]),
              xz_bpb=result.get("xz_bits_per_byte", row["xz_bpb"]))
 
 
 def read_sweep(sweep_dir: str) -> tuple[dict, list[dict]]:
   """(sweep.json, a read_run row per run) of a directory launch/sweep.py ran in."""
-  path = os.path.join(sweep_dir, "sweep.json")
-  if not os.path.exists(path):
+  path = storage.join(storage.check(sweep_dir, "--sweep_dir"), "sweep.json")
+  if not storage.exists(path):
     raise ReportError(f"{sweep_dir} has no sweep.json: run launch/sweep.py there first "
                       "(or give the directory it ran in)")
-  with open(path) as f:
-    spec = json.load(f)
+  spec = json.loads(storage.read_text(path))
   return spec, [read_run(r["workdir"], r["name"], r.get("overrides")) for r in spec["runs"]]
 
 

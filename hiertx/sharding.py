@@ -51,6 +51,27 @@ def batch_parallelism(mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def process_batch_slice(mesh, process_index: int | None = None) -> tuple[int, int]:
+  """(index, count): this process's devices hold block `index` of the global
+  batch cut into `count` equal blocks of rows. Processes whose devices sit
+  at the same place along the batch axes (data, fsdp) hold the same block,
+  and must feed the same rows: with the `tensor` axis across processes,
+  `count` is smaller than the process count."""
+  process_index = jax.process_index() if process_index is None else process_index
+  par = batch_parallelism(mesh)
+  where = batch_sharding(mesh).devices_indices_map((par, 1))  # device -> (rows, cols)
+  rows = sorted({where[d][0].start or 0 for d in mesh.devices.flat
+                 if d.process_index == process_index})
+  if not rows:
+    raise ConfigError("mesh", f"process {process_index} has no device in the mesh")
+  first, n = rows[0], len(rows)
+  if rows != list(range(first, first + n)) or first % n or par % n:
+    raise ConfigError("mesh", f"process {process_index}'s devices hold batch shards {rows} of "
+                      f"{par}, not one aligned block: order the mesh so that each process "
+                      "holds consecutive shards along (data, fsdp)")
+  return first // n, par // n
+
+
 def logical_shardings(abstract_boxed_tree, mesh, logical_rules):
   """Shardings of a pytree whose leaves may be logically partitioned boxes."""
   specs = nn.get_partition_spec(abstract_boxed_tree)

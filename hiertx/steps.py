@@ -161,9 +161,19 @@ class Run:
     """Where pieces start in packed rows (hiertx.data): the model's pooling factor."""
     return data.alignment(self.config.data, self.model.pooling_multiple())
 
+  @functools.cached_property
+  def data_shard(self) -> data.Shard:
+    """The rows of each global batch this process reads (hiertx.data): by
+    where its devices sit along the batch axes, so processes that the mesh
+    makes replicas of each other read the same rows."""
+    return data.Shard(*sharding.process_batch_slice(self.mesh))
+
   def put_batch(self, batch: dict) -> dict:
+    """This process's rows [B / count, T] as global arrays [B, T] on the mesh."""
     s = sharding.batch_sharding(self.mesh)
-    return {k: jax.make_array_from_process_local_data(s, v) for k, v in batch.items()}
+    count = self.data_shard.count
+    return {k: jax.make_array_from_process_local_data(s, v, (v.shape[0] * count, *v.shape[1:]))
+            for k, v in batch.items()}
 
   def evaluate(self, params, batches) -> dict:
     sums = {}

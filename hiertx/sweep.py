@@ -11,7 +11,10 @@ for the config file's own argument (`"arg.model"` -> `--config=x.py:model=...`):
 
 Every run gets a directory named from its overrides, so re-running a sweep
 finds its earlier runs; a run's state lives in its own `status.json`, written
-by the trainer (`hiertx.checkpoint.read_status`).
+by the trainer (`hiertx.checkpoint.read_status`). A name, once given, is
+kept: `sweep.json` records each run's name, and when the sweep grows (an arm
+that varies a key the others held constant) the runs it already had keep
+their names and directories; only new runs get names from what now varies.
 """
 
 import dataclasses
@@ -116,14 +119,26 @@ def load(config_file: str, name: str) -> list[Overrides]:
   return [dict(r) for r in runs]
 
 
-def expand(config_file: str, runs: Iterable[Overrides]) -> list[Run]:
-  """Named runs: `arg.*` keys join the config argument, the rest become flags."""
+def _identity(config: str, flags) -> tuple:
+  """What makes two runs the same run: the config argument and the flags."""
+  return config, tuple(sorted(flags))
+
+
+def expand(config_file: str, runs: Iterable[Overrides], known: Iterable[dict] = ()) -> list[Run]:
+  """Named runs: `arg.*` keys join the config argument, the rest become flags.
+
+  `known`: the runs of an earlier expansion (sweep.json's 'runs', each with
+  name, config and flags): a run among them keeps its name; a new run is
+  named by the keys that vary across the whole sweep, and by all of its
+  overrides if that name is taken."""
   path, _, base_arg = config_file.partition(":")
   runs = list(runs)
+  named = {_identity(k["config"], k["flags"]): k["name"] for k in known}
   # Names show what varies: a value every run shares says nothing about the run.
   keys = list(dict.fromkeys(k for r in runs for k in r))
   varying = [k for k in keys if len({repr(r.get(k)) for r in runs}) > 1]
   out, seen = [], {}
+  taken = set(named.values())
   for overrides in runs:
     args = [a for a in base_arg.split(",") if a]
     flags = []
@@ -135,10 +150,16 @@ def expand(config_file: str, runs: Iterable[Overrides]) -> list[Run]:
       else:
         raise ConfigError(f"sweep[{key!r}]", "keys are dotted config paths (model.d_model) "
                           "or arg.<name> for the config file's argument")
-    name = run_name({k: overrides[k] for k in varying if k in overrides})
+    config = path + (":" + ",".join(args) if args else "")
+    name = named.get(_identity(config, flags))
+    if name is None:
+      name = run_name({k: overrides[k] for k in varying if k in overrides})
+      if name in taken:  # an earlier run's name: spell out every override
+        name = run_name(overrides)
+      if name in taken:
+        name += "." + hashlib.sha1(repr(_identity(config, flags)).encode()).hexdigest()[:8]
     if name in seen:
       raise ConfigError("sweep", f"runs {seen[name]} and {overrides} get the same name {name!r}")
     seen[name] = overrides
-    config = path + (":" + ",".join(args) if args else "")
     out.append(Run(name, config, overrides, tuple(flags)))
   return out

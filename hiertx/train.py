@@ -1,17 +1,42 @@
+# ruff: noqa: E402  (the signal handler below comes before the imports, which take seconds)
 r"""Trains a hiertx model: `python -m hiertx.train --config=... --workdir=...`.
 
   python -m hiertx.train --config=configs/vanilla.py --workdir=/tmp/run
   python -m hiertx.train --config=configs/bottom_up.py:size=tiny \
       --config.train.steps=200 --workdir=/tmp/bu
 
+The workdir may be a local path or a URL (`--workdir=gs://bucket/run`).
 Re-running the same command resumes from the newest checkpoint in the
-workdir. SIGTERM / Ctrl-C finish the current step, save, and exit.
+workdir. SIGTERM / Ctrl-C finish the current step, save, and exit (0);
+SIGUSR1 does the same and exits with 75 (EX_TEMPFAIL), which the SLURM
+scripts of `launch/` ask for before a job's time limit and answer by
+requeueing the job. While it runs the trainer holds the workdir's lease
+(hiertx.lease): a second trainer on the same workdir stops with one line.
 """
+
+import signal
+import threading
+
+# SIGUSR1 asks for a save and a requeue (SLURM sends it before a job's time
+# limit, up to a minute early), and may come while this process is still
+# importing or compiling, which it would otherwise not survive: remembered
+# from the first moment, and acted on after the first step.
+_EARLY_SIGNALS: list[str] = []
+
+
+def _remember(signum, frame) -> None:
+  del frame
+  _EARLY_SIGNALS.append(signal.Signals(signum).name)
+
+
+if (threading.current_thread() is threading.main_thread()
+    and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL):
+  signal.signal(signal.SIGUSR1, _remember)
 
 import json
 import math
 import os
-import signal
+import sys
 import time
 
 import jax
@@ -25,10 +50,12 @@ from hiertx import cli
 from hiertx import config as config_lib
 from hiertx import data
 from hiertx import distributed
+from hiertx import lease as lease_lib
 from hiertx import metrics
 from hiertx import optimizer
 from hiertx import profiling
 from hiertx import steps
+from hiertx import storage
 from hiertx.errors import HiertxError
 
 
@@ -38,44 +65,78 @@ class TrainingError(HiertxError):
 
 def train_and_evaluate(config, workdir: str, allow_config_change: bool = False,
                        restart_from_scratch: bool = False) -> dict:
-  """Trains to `config.train.steps`, resuming from `workdir`; returns last metrics.
-  `restart_from_scratch`: start from step 0 where every checkpoint of the
-  workdir was set aside as unreadable (otherwise such a workdir is refused).
+  """Trains to `config.train.steps`, resuming from `workdir` (a local path or
+  a URL); returns the last metrics, with 'step', 'wall_time_s' and
+  'requeue' (stopped by SIGUSR1). `restart_from_scratch`: start from step 0
+  where every checkpoint of the workdir was set aside as unreadable
+  (otherwise such a workdir is refused).
 
-  The run's state goes to `<workdir>/status.json` (running, finished,
-  interrupted or failed with the error), which sweeps read to skip or resume.
+  The trainer holds the workdir's lease while it runs (hiertx.lease): a
+  workdir another live process holds is refused before anything is
+  written. The run's state goes to `<workdir>/status.json` (running,
+  finished, interrupted or failed with the error), which sweeps and
+  reports read.
   """
   lead = jax.process_index() == 0
   config = config_lib.resolved(config)
+  workdir = storage.check(workdir, "--workdir")
+  checkpoint.ensure_writable(workdir)
+  lease = _take_lease(workdir, config.train.lease_timeout_s, lead)
   try:
-    out = _train(config, workdir, allow_config_change, restart_from_scratch)
-  except BaseException as e:
-    if lead and os.path.isdir(workdir) and os.access(workdir, os.W_OK):
-      checkpoint.write_status(workdir, "failed", error=f"{type(e).__name__}: {e}"[:2000],
-                              time=time.time())
-    raise
-  if lead:
-    state = "finished" if out["step"] >= config.train.steps else "interrupted"
-    checkpoint.write_status(workdir, state, step=out["step"], time=time.time(),
-                            wall_time_s=out["wall_time_s"])
+    try:
+      # Build and check everything before touching the workdir's checkpoints.
+      run = steps.build_run(config)
+      out = _train(run, config, workdir, allow_config_change, restart_from_scratch, lease)
+    except BaseException as e:
+      if lead and not isinstance(e, lease_lib.LeaseLost):
+        checkpoint.write_status(workdir, "failed", error=f"{type(e).__name__}: {e}"[:2000],
+                                time=time.time())
+      raise
+    if lead:
+      state = "finished" if out["step"] >= config.train.steps else "interrupted"
+      checkpoint.write_status(workdir, state, step=out["step"], time=time.time(),
+                              wall_time_s=out["wall_time_s"])
+  finally:
+    if lease is not None:
+      lease.release()
   return out
 
 
-def _train(config, workdir: str, allow_config_change: bool, restart_from_scratch: bool) -> dict:
-  # Build and check everything before touching the workdir's checkpoints.
-  run = steps.build_run(config)
+def _take_lease(workdir: str, timeout_s: float, lead: bool):
+  """Process 0 takes the workdir's lease (None elsewhere); every process
+  stops when it could not."""
+  lease, error = None, None
+  if lead:
+    try:
+      lease = lease_lib.acquire(workdir, timeout_s)
+    except (HiertxError, OSError) as e:  # the others wait to hear, so none may escape
+      error = e
+  if jax.process_count() > 1:
+    ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if not ok and error is None:
+      error = lease_lib.WorkdirHeld(f"process 0 could not take the lease of {workdir} "
+                                    "(its output says why)")
+  if error is not None:
+    raise error
+  return lease
+
+
+def _train(run, config, workdir: str, allow_config_change: bool, restart_from_scratch: bool,
+           lease) -> dict:
   lead = jax.process_index() == 0
   checkpoint.prepare_workdir(workdir, config, allow_config_change, write=lead)
   if lead:
-    checkpoint.write_status(workdir, "running", pid=os.getpid(), time=time.time())
+    checkpoint.write_status(workdir, "running", pid=os.getpid(), time=time.time(),
+                            lease_epoch=lease.epoch)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints)
   try:
-    return _train_in(run, config, workdir, mngr, lead, restart_from_scratch)
+    return _train_in(run, config, workdir, mngr, lead, restart_from_scratch, lease)
   finally:
     mngr.close()  # also when restoring or a step fails: no save may be left dangling
 
 
-def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch: bool) -> dict:
+def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch: bool,
+              lease) -> dict:
   writer = metrics.Writer(workdir, active=lead)
   total = config.train.steps
 
@@ -106,7 +167,7 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
   print("attention sites:\n  " + facts["attention/sites"].replace("\n", "\n  "), flush=True)
 
   # Data from the batch of the step we resume at: computed, not replayed.
-  shard = data.Shard(jax.process_index(), jax.process_count())
+  shard = run.data_shard
   batches = data.train_batches(config.data, config.data.batch_size, start, shard, run.align)
   eval_data = data.eval_batches(config.data, config.eval.split, config.eval.batch_size,
                                 config.eval.batches, shard, run.align)
@@ -117,12 +178,17 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
 
   def save(step):
     progress.flush()  # a non-finite step must be caught before it is saved
+    if lease is not None:
+      lease.check()  # a workdir taken over by another process is not written to
     if mngr.latest_step() != step:
       checkpoint.save(mngr, step, state)
+      if lead:
+        checkpoint.write_manifests(mngr, below=step)
+    writer.flush()
 
-  step = start
+  step, requeue = start, False
   try:
-    with _StopRequest(config.train.stop_check_every) as stop:
+    with _StopRequest(config.train.stop_check_every, lease) as stop:
       while step < total:
         profiler.before(step + 1)
         state, step_metrics = step_fn(state, run.put_batch(next(batches)))
@@ -137,10 +203,18 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
           progress.evaluated(step, result, seconds=time.time() - t_eval)
         if step % config.train.checkpoint_every == 0 or is_last:
           save(step)
-        if not is_last and stop.agreed(step):  # every process stops at this same step
+        kind = stop.agreed(step)  # every process stops at this same step
+        if kind == _StopRequest.LEASE_LOST:
+          if lease is not None:
+            lease.check()  # raises, naming the process that took over
+          raise lease_lib.LeaseLost(f"process 0 lost the lease of {workdir}; stopped "
+                                    "without saving")
+        if kind and not is_last:
           save(step)
+          requeue = kind == _StopRequest.REQUEUE
           print(f"{stop.signal or 'a stop request on another process'}: saved a checkpoint "
-                f"at step {step}; run the same command to resume", flush=True)
+                f"at step {step}; run the same command to resume"
+                + (f" (exit {cli.EXIT_REQUEUE}: requeue)" if requeue else ""), flush=True)
           break
       progress.flush()
   finally:
@@ -148,11 +222,14 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
     profiler.close()
     checkpoint.wait(mngr)
     writer.flush()
+  if lead:
+    checkpoint.write_manifests(mngr)
   peak = metrics.device_peak_bytes()
   if peak is not None:
     writer.write(step, {"memory/device_peak_bytes": peak})
   writer.close()
-  return {**progress.last, "step": step, "wall_time_s": time.time() - progress.t_start}
+  return {**progress.last, "step": step, "wall_time_s": time.time() - progress.t_start,
+          "requeue": requeue}
 
 
 # ----------------------------------------------------------------------------
@@ -160,19 +237,26 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into 'finish this step, save, exit', agreed by every
-  process: a signal may reach one host of a job, or reach hosts at different
-  steps, and a checkpoint is saved by all processes together. So every
-  `check_every` steps the processes share their flags (a tiny all-gather), and
-  all stop at the first such step after any of them was signalled."""
+  """Turns SIGTERM/SIGINT into 'finish this step, save, exit' (SIGUSR1: the
+  same, then exit for a requeue), agreed by every process: a signal may reach
+  one host of a job, or reach hosts at different steps, and a checkpoint is
+  saved by all processes together. So every `check_every` steps the
+  processes share what they know (a tiny all-gather), and all stop at the
+  first such step after any of them was signalled, or after process 0 lost
+  the workdir's lease (then without saving)."""
 
-  def __init__(self, check_every: int):
+  STOP, REQUEUE, LEASE_LOST = 1, 2, 3  # the largest of the processes' wins
+
+  def __init__(self, check_every: int, lease=None):
     self.signal = None
     self.check_every = check_every
+    self.lease = lease
     self._old = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    if _EARLY_SIGNALS:
+      self.signal = _EARLY_SIGNALS[0]
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
       try:
         self._old[sig] = signal.signal(sig, self._handle)
       except ValueError:  # not the main thread: signals stay as they were
@@ -181,18 +265,32 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    if self.signal is not None:  # second signal: stop now
-      raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if self.signal is not None:
+      # A second Ctrl-C stops now. A scheduler's SIGTERM may come twice at
+      # once (SLURM signals the step's processes and srun passes it on too):
+      # the save under way goes on.
+      if name == "SIGINT":
+        raise KeyboardInterrupt
+      return
+    self.signal = name
 
-  def agreed(self, step: int) -> bool:
-    """Whether every process stops after `step` (called by all at every step)."""
+  def _mine(self) -> int:
+    if self.lease is not None and self.lease.lost_to is not None:
+      return self.LEASE_LOST
+    if self.signal is None:
+      return 0
+    return self.REQUEUE if self.signal == "SIGUSR1" else self.STOP
+
+  def agreed(self, step: int) -> int:
+    """0, or why every process stops after `step` (STOP, REQUEUE or
+    LEASE_LOST); called by all processes at every step."""
     if jax.process_count() == 1:
-      return self.signal is not None
+      return self._mine()
     if step % self.check_every:
-      return False
-    flags_P = multihost_utils.process_allgather(np.int32(self.signal is not None))
-    return bool(np.asarray(flags_P).max())
+      return 0
+    kinds_P = multihost_utils.process_allgather(np.int32(self._mine()))
+    return int(np.asarray(kinds_P).max())
 
   def __exit__(self, *exc):
     for sig, handler in self._old.items():
@@ -296,8 +394,8 @@ def _write_run_info(workdir, config, run: steps.Run, facts: dict) -> None:
           "git_sha": metrics.git_sha(), "mesh": dict(run.mesh.shape),
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
           "tokens_per_step": config.data.batch_size * config.data.seq_len}
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
-    json.dump(info, f, indent=2, default=str)
+  storage.write_text(storage.join(workdir, "run_info.json"),
+                     json.dumps(info, indent=2, default=str))
 
 
 # ----------------------------------------------------------------------------
@@ -320,9 +418,12 @@ def main(argv):
   cli.start(argv)
   distributed.initialize_from_flags()
   f = flags.FLAGS
+  cli.log_to_workdir(f.workdir, "train")
   out = cli.run(train_and_evaluate, f.config, f.workdir, f.allow_config_change,
                 f.restart_from_scratch)
   print(f"done: step {out['step']} in {_fmt_time(out['wall_time_s'])}", flush=True)
+  if out["requeue"]:
+    sys.exit(cli.EXIT_REQUEUE)
 
 
 def run() -> None:

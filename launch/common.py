@@ -1,14 +1,18 @@
 """Shared by the launchers: the trainer command line and printing a dry run."""
 
+import os
 import re
 import shlex
 import shutil
 import sys
+import tempfile
 
 from absl import flags
 
 from hiertx import cli
 from hiertx import config as config_lib
+from hiertx import storage
+from hiertx.errors import FlagError
 
 
 def train_command(config: str, workdir: str, overrides: list[str], python: str = "python3",
@@ -69,3 +73,28 @@ def require(program: str, hint: str) -> None:
   if shutil.which(program) is None:
     sys.exit(f"error: {program} not found on this machine; {hint} "
              "(--dry_run prints what would be run)")
+
+
+# Directories every machine has its own copy of: a cluster job that writes
+# there writes where no other node (nor the login node's report) can read.
+NODE_LOCAL_ROOTS = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+
+
+def check_shared_dir(path: str | None, flag: str, target: str) -> str:
+  """`path` for runs on other machines (--target=slurm|tpu): given, and
+  not node-local (a URL, or a path outside the node-local roots); one
+  FlagError line otherwise."""
+  if not path:
+    raise FlagError(flag, f"--target={target} needs a directory every node and the login node "
+                    "share (a shared filesystem path, or gs://bucket/...)")
+  path = storage.check(path, flag)
+  if storage.is_url(path):
+    return path
+  real = os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+  local = {*NODE_LOCAL_ROOTS, os.path.realpath(tempfile.gettempdir())}
+  for root in sorted(local):
+    if real == root or real.startswith(root.rstrip("/") + "/"):
+      raise FlagError(flag, f"{path!r} is under {root}, which each node keeps for itself: the "
+                      f"runs of --target={target} would write where launch/report.py never "
+                      "looks. Use a shared filesystem path or gs://bucket/...")
+  return real

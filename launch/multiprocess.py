@@ -7,17 +7,20 @@ multi-host code path, on CPU devices): for testing multi-process runs.
 
 Process 0 is the coordinator on localhost:--port; each process gets
 JAX_PLATFORMS=cpu and --xla_force_host_platform_device_count. Output of
-process i goes to <workdir>/process_<i>.log (process 0 also to the console).
+process i goes to <workdir>/process_<i>.log (process 0 also to the console;
+for a gs:// workdir, to a local directory it names).
 """
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 from absl import app, flags
 
 import common
+from hiertx import storage
 
 
 def define_flags() -> None:
@@ -52,20 +55,21 @@ def commands(config, workdir, overrides, n, devices, port, module="hiertx.train"
 
 
 def run(procs, workdir) -> int:
-  os.makedirs(workdir, exist_ok=True)
+  logs = tempfile.mkdtemp(prefix="hiertx-multiprocess-") if storage.is_url(workdir) else workdir
+  os.makedirs(logs, exist_ok=True)
   running = []
   for i, (env, args) in enumerate(procs):
-    log = open(os.path.join(workdir, f"process_{i}.log"), "w")
+    log = open(os.path.join(logs, f"process_{i}.log"), "w")  # noqa: SIM115
     running.append((subprocess.Popen(args, env={**os.environ, **env}, stdout=log,
                                      stderr=subprocess.STDOUT), log))
   codes = [p.wait() for p, _ in running]
   for _, log in running:
     log.close()
-  with open(os.path.join(workdir, "process_0.log")) as f:
+  with open(os.path.join(logs, "process_0.log")) as f:
     sys.stdout.write(f.read())
   for i, c in enumerate(codes):
     if c:
-      print(f"process {i} exited with {c}; see {workdir}/process_{i}.log", file=sys.stderr)
+      print(f"process {i} exited with {c}; see {logs}/process_{i}.log", file=sys.stderr)
   return max(codes, key=abs)
 
 

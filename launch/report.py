@@ -16,14 +16,15 @@ Writes <sweep_dir>/report.md, loss_curves.png and bpb_vs_memory.png.
 Works while a sweep is still running, and on sweeps run by any target.
 """
 
+import io
 import math
-import os
 import statistics
 
 from absl import app, flags
 
 from hiertx import cli
 from hiertx import report as report_lib
+from hiertx import storage
 from hiertx import sweep
 
 NAN = report_lib.NAN
@@ -44,7 +45,8 @@ def _status_text(r: dict) -> str:
   if r["state"] == "failed":
     first = r["error"].strip().splitlines()[0][:80] if r["error"] else ""
     return f"**FAILED** {first}".strip()
-  return f"**{r['state'].upper()}** (step {r['step']})"
+  held = f"; {r['holder']}" if r.get("holder") else ""
+  return f"**{r['state'].upper()}** (step {r['step']}{held})"
 
 
 def vanilla_memory(rows: list[dict]) -> float:
@@ -145,9 +147,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
   if any(r["eval_curve"] for r in rows):  # a legend needs a curve
     ax_eval.legend(fontsize=7)
   fig.tight_layout()
-  curves = os.path.join(out_dir, "loss_curves.png")
-  fig.savefig(curves, dpi=110)
-  plt.close(fig)
+  curves = _save(fig, storage.join(out_dir, "loss_curves.png"))
 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   done = [r for r in rows if math.isfinite(r["final_bpb"]) and math.isfinite(r["xla_peak_bytes"])]
@@ -166,10 +166,19 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
   axes[0].set_title("bits/byte vs memory (* Pareto front, x unfinished)")
   axes[1].set_title("bits/byte vs speed")
   fig.tight_layout()
-  scatter = os.path.join(out_dir, "bpb_vs_memory.png")
-  fig.savefig(scatter, dpi=110)
-  plt.close(fig)
+  scatter = _save(fig, storage.join(out_dir, "bpb_vs_memory.png"))
   return [curves, scatter]
+
+
+def _save(fig, path: str) -> str:
+  """Writes a figure as PNG to a local path or a URL."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=110)
+  plt.close(fig)
+  storage.write_bytes(path, png.getvalue())
+  return path
 
 
 def write(sweep_dir: str) -> tuple[str, list[dict]]:
@@ -196,8 +205,7 @@ def write(sweep_dir: str) -> tuple[str, list[dict]]:
            "(bpb_vs_memory.png)", ""]
   plot(rows, sweep_dir)
   md = "\n".join(text)
-  with open(os.path.join(sweep_dir, "report.md"), "w") as f:
-    f.write(md)
+  storage.write_text(storage.join(sweep_dir, "report.md"), md)
   return md, rows
 
 
@@ -205,7 +213,7 @@ def main(argv):
   cli.start(argv)
   md, _ = cli.run(write, flags.FLAGS.sweep_dir)
   print(md)
-  print(f"written: {os.path.join(flags.FLAGS.sweep_dir, 'report.md')} and its plots")
+  print(f"written: {storage.join(flags.FLAGS.sweep_dir, 'report.md')} and its plots")
 
 
 if __name__ == "__main__":

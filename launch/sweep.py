@@ -7,18 +7,28 @@ on this machine, as one SLURM job array, or on a TPU VM.
   python launch/sweep.py ... --target=tpu --tpu=my-v4-8 --zone=us-central2-b --dry_run
   python launch/sweep.py ... -- --config.data.text_files=corpus/*.txt   # to every run
 
-Each run trains in `<sweep_dir>/<name>`, its name made from its overrides.
-Running the same command again skips finished runs and resumes the others
-from their checkpoints. `<sweep_dir>/sweep.json` lists the runs for
-`launch/report.py`.
+Each run trains in `<sweep_dir>/<name>`, its name made from its overrides
+and kept once given (`sweep.json` records it: a sweep that grows renames
+nothing). Running the same command again skips finished runs and runs that
+a live process holds (hiertx.lease), and resumes the others from their
+checkpoints; with --target=slurm it also skips runs whose array task this
+sweep submitted is still queued or running. `<sweep_dir>/sweep.json` lists
+the runs for `launch/report.py`.
+
+The sweep directory may be `gs://bucket/...`. For --target=slurm|tpu it
+must be given, and be a directory every node shares (a node-local path such
+as /tmp is refused): the jobs write their runs there and the report reads
+them. docs/clusters.md walks through both.
 """
 
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -28,6 +38,8 @@ import slurm
 import tpu
 from hiertx import checkpoint
 from hiertx import config as config_lib
+from hiertx import report
+from hiertx import storage
 from hiertx import sweep
 from hiertx.errors import HiertxError
 
@@ -38,8 +50,9 @@ def define_flags() -> None:
   flags.DEFINE_string("config", None, "Config file[:arg] defining sweep_<name>().",
                       required=True)
   flags.DEFINE_string("sweep", None, "Sweep name (the config's sweep_<name>).", required=True)
-  flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs (default: "
-                      "/tmp/hiertx_sweeps/<config>-<sweep>).")
+  flags.DEFINE_string("sweep_dir", None, "Directory of the sweep's runs, or gs://... "
+                      "(--target=local default: /tmp/hiertx_sweeps/<config>-<sweep>; "
+                      "slurm and tpu: required, on storage every node shares).")
   flags.DEFINE_enum("target", "local", TARGETS, "Where the runs go.")
   flags.DEFINE_integer("parallel", 1, "local: runs at a time.", lower_bound=1)
   flags.DEFINE_bool("pin_cpus", False, "local: each of the --parallel runs on its own share "
@@ -51,8 +64,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per host (0 for CPU-only).", lower_bound=0)
   flags.DEFINE_string("partition", None, "slurm: partition.")
   flags.DEFINE_string("account", None, "slurm: account.")
-  flags.DEFINE_string("time", "24:00:00", "slurm: time limit per run.")
-  common.check_slurm_time()
+  slurm.define_time_flags()
+  flags.DEFINE_integer("cpus_per_task", 16, "slurm: CPU cores per task.", lower_bound=1)
+  flags.DEFINE_string("job_output_dir", None, "slurm: directory of the jobs' output files "
+                      "(default: the sweep directory; for a gs:// one, ./slurm_logs).")
   flags.DEFINE_integer("max_running", 0, "slurm: at most this many array tasks at once.",
                        lower_bound=0)
   # tpu
@@ -68,9 +83,21 @@ def default_dir(config: str, name: str) -> str:
   return os.path.join("/tmp/hiertx_sweeps", f"{stem}-{name}")
 
 
-def plan(config: str, name: str, sweep_dir: str, extra: list[str]) -> list[dict]:
-  """The runs with their workdirs, commands and current state; writes sweep.json."""
-  runs = sweep.expand(config, sweep.load(config, name))
+def read_spec(sweep_dir: str) -> dict:
+  """The sweep's sweep.json, or {} before its first launch."""
+  path = storage.join(sweep_dir, "sweep.json")
+  return json.loads(storage.read_text(path)) if storage.exists(path) else {}
+
+
+def plan(config: str, name: str, sweep_dir: str, extra: list[str], write: bool = True
+         ) -> list[dict]:
+  """The runs with their workdirs, commands and current state ('state', and
+  'holder' while a process holds the run); writes sweep.json unless
+  `write` is False (a dry run writes nothing). Runs sweep.json already
+  names keep their names."""
+  spec = read_spec(sweep_dir)
+  known = spec.get("named", spec.get("runs", []))
+  runs = sweep.expand(config, sweep.load(config, name), known)
   for r in runs:  # a misspelt field or argument fails here, not in every run
     resolved = config_lib.load(r.config)
     for flag in (*r.flags, *extra):
@@ -78,15 +105,31 @@ def plan(config: str, name: str, sweep_dir: str, extra: list[str]) -> list[dict]
         config_lib.apply_override(resolved, flag[len("--config."):])
   out = []
   for r in runs:
-    workdir = os.path.join(sweep_dir, r.name)
+    workdir = storage.join(sweep_dir, r.name)
     cmd = common.train_command(r.config, workdir, [*r.flags, *extra], python=sys.executable)
-    out.append({**r.to_dict(), "workdir": workdir, "command": cmd,
-                "state": checkpoint.read_status(workdir)["state"]})
-  os.makedirs(sweep_dir, exist_ok=True)
-  with open(os.path.join(sweep_dir, "sweep.json"), "w") as f:
-    json.dump({"config": config, "sweep": name, "extra_flags": extra,
-               "runs": [{k: v for k, v in r.items() if k != "state"} for r in out]}, f, indent=2)
+    status = report.run_state(workdir)
+    out.append({**r.to_dict(), "workdir": workdir, "command": cmd, "state": status["state"],
+                **({"holder": status["holder"]} if "holder" in status else {})})
+  if write:
+    storage.makedirs(sweep_dir)
+    # Every name ever given, so that runs a sweep drops and adds back keep theirs.
+    current = [{k: r[k] for k in ("name", "config", "flags")} for r in out]
+    names = {r["name"] for r in current}
+    named = current + [k for k in known if k["name"] not in names]
+    storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(
+        {"config": config, "sweep": name, "extra_flags": extra,
+         "runs": [{k: v for k, v in r.items() if k not in ("state", "holder")} for r in out],
+         "named": named, "submissions": spec.get("submissions", [])}, indent=2))
   return out
+
+
+def skip_reason(r: dict) -> str | None:
+  """Why a run is not launched: finished, or held by a live process."""
+  if r["state"] == "finished":
+    return "finished"
+  if "holder" in r:
+    return f"running ({r['holder']})"
+  return None
 
 
 def cpu_slots(parallel: int, cpus) -> list[set[int]]:
@@ -110,12 +153,13 @@ def _ids(cpus) -> str:
 
 
 def run_local(runs: list[dict], parallel: int, slots=None) -> dict[str, int]:
-  """Runs every unfinished run, `parallel` at a time (with `slots`, each on
-  one of those CPU sets, one run per set); returns exit codes by name."""
-  todo = [r for r in runs if r["state"] != "finished"]
+  """Runs every run that is neither finished nor held, `parallel` at a time
+  (with `slots`, each on one of those CPU sets, one run per set); returns
+  exit codes by name."""
+  todo = [r for r in runs if skip_reason(r) is None]
   for r in runs:
-    if r["state"] == "finished":
-      print(f"skip {r['name']}: finished", flush=True)
+    if skip_reason(r):
+      print(f"skip {r['name']}: {skip_reason(r)}", flush=True)
   codes, active = {}, []
   # SIGTERM (e.g. a preempted login node) stops the sweep like Ctrl-C: every
   # running trainer gets SIGTERM, saves a checkpoint and exits; rerun to resume.
@@ -145,9 +189,8 @@ def _loop(runs, todo, active, codes, parallel, slots) -> None:
   while todo or active:
     while todo and len(active) < parallel:
       r = todo.pop(0)
-      os.makedirs(r["workdir"], exist_ok=True)
-      log = open(os.path.join(r["workdir"], "train.log"), "a")  # noqa: SIM115
-      verb = "resume" if r["state"] in ("interrupted", "running", "failed") else "start"
+      log = _RunLog(r["workdir"])
+      verb = "resume" if r["state"] in ("interrupted", "stopped", "failed") else "start"
       cpus = free.pop(0)
       where = f"; CPUs {_ids(cpus)}" if cpus else ""
       number = len(runs) - len(todo)  # finished before, done or running here, this one
@@ -166,13 +209,42 @@ def _loop(runs, todo, active, codes, parallel, slots) -> None:
         free.append(cpus)
         codes[r["name"]] = proc.returncode
         if proc.returncode:
-          status = checkpoint.read_status(r["workdir"])
-          if status["state"] not in ("failed", "interrupted"):  # killed before it could say
+          # Killed before it could say (not a run some other process holds).
+          if report.run_state(r["workdir"])["state"] in ("stopped", "not started"):
             checkpoint.write_status(r["workdir"], "failed", returncode=proc.returncode,
-                               time=time.time())
+                                    time=time.time())
           print(f"FAILED {r['name']} (exit {proc.returncode}); see {log.name}", flush=True)
         else:
           print(f"done {r['name']}", flush=True)
+
+
+class _RunLog:
+  """A local run's output file, `<workdir>/train.log`, appended to. For a
+  workdir on object storage the trainer's output goes to a local file
+  while it runs (a child process writes to a file descriptor), which is
+  appended to the workdir's train.log when the run ends."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    if storage.is_url(workdir):
+      fd, self.name = tempfile.mkstemp(prefix=f"hiertx-{storage.name(workdir)}-", suffix=".log")
+      self._file = os.fdopen(fd, "w")
+    else:
+      os.makedirs(workdir, exist_ok=True)
+      self.name = os.path.join(workdir, "train.log")
+      self._file = open(self.name, "a")  # noqa: SIM115
+
+  def fileno(self) -> int:
+    return self._file.fileno()
+
+  def close(self) -> None:
+    self._file.close()
+    if storage.is_url(self.workdir):
+      log = storage.Appender(storage.join(self.workdir, "train.log"))
+      with open(self.name, "rb") as f:
+        log.write(f.read())
+      log.close()
+      os.remove(self.name)
 
 
 def _usable_cpus() -> set[int]:
@@ -190,48 +262,109 @@ def _repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def slurm_script(runs: list[dict], sweep_dir: str, f) -> str:
-  """One job array over the unfinished runs; task i runs the i-th command."""
-  todo = [r for r in runs if r["state"] != "finished"]
+def slurm_script(todo: list[dict], sweep_dir: str, f) -> str:
+  """One job array over `todo`; task i runs the i-th command."""
   lines = ["RUNS=("]
   lines += [f"  {shlex.quote(common.show(_remote(r['command'])))}" for r in todo]
   lines.append(")")
   body = "\n".join(lines) + "\nsrun bash -c \"${RUNS[$SLURM_ARRAY_TASK_ID]}\""
   array = f"0-{len(todo) - 1}" + (f"%{f.max_running}" if f.max_running else "")
-  return slurm.render(None, sweep_dir, [], f.nodes, f.gpus_per_node, partition=f.partition,
-                      account=f.account, time=f.time, job_name=f"sweep-{f.sweep}",
-                      setup=f.setup, array=array, body=body)
+  return slurm.render(None, sweep_dir, [], f.nodes, f.gpus_per_node, f.cpus_per_task,
+                      partition=f.partition, account=f.account, time=f.time,
+                      job_name=f"sweep-{f.sweep}", setup=f.setup, array=array, body=body,
+                      logs=slurm.output_dir(f.job_output_dir, sweep_dir),
+                      signal_before=f.signal_before)
+
+
+def queued_runs(sweep_dir: str) -> dict[str, str]:
+  """{run name: 'job_task STATE'} of the array tasks this sweep submitted
+  that SLURM still has pending or running (squeue); {} without squeue."""
+  submissions = read_spec(sweep_dir).get("submissions", [])
+  if not submissions or shutil.which("squeue") is None:
+    return {}
+  # All of this user's jobs, one line per array task: naming the sweep's jobs
+  # instead fails as a whole once SLURM has forgotten one of them.
+  r = subprocess.run(["squeue", "--me", "--noheader", "--array", "--format=%i %T"],
+                     capture_output=True, text=True)
+  out = {}
+  for line in r.stdout.splitlines():
+    task, _, state = line.strip().partition(" ")
+    job, _, index = task.partition("_")
+    for s in submissions:
+      if s["job"] == job and index.isdigit() and int(index) < len(s["runs"]):
+        out[s["runs"][int(index)]] = f"{task} {state}"
+  return out
+
+
+def submit_slurm(runs: list[dict], sweep_dir: str, f) -> None:
+  """Submits the runs that are neither finished, held nor queued as one job
+  array, and records the job in sweep.json."""
+  queued = queued_runs(sweep_dir)
+  todo = []
+  for r in runs:
+    why = skip_reason(r) or (f"queued as SLURM job {queued[r['name']]}" if r["name"] in queued
+                             else None)
+    if why:
+      print(f"skip {r['name']}: {why}", flush=True)
+    else:
+      todo.append(r)
+  if not todo:
+    print("every run is finished, running or queued; nothing to submit", flush=True)
+    return
+  script = slurm_script(todo, sweep_dir, f)
+  if f.dry_run:
+    print(script, end="")
+    return
+  os.makedirs(slurm.output_dir(f.job_output_dir, sweep_dir), exist_ok=True)
+  job = slurm.submit(script, storage.join(sweep_dir, "sweep.sbatch"))
+  spec = read_spec(sweep_dir)
+  spec["submissions"] = [*spec.get("submissions", []),
+                         {"job": job, "runs": [r["name"] for r in todo], "time": time.time()}]
+  storage.write_text(storage.join(sweep_dir, "sweep.json"), json.dumps(spec, indent=2))
+  print(f"submitted job array {job} ({len(todo)} runs); report: python launch/report.py "
+        f"--sweep_dir={sweep_dir}", flush=True)
 
 
 def tpu_commands(runs: list[dict], f) -> list[str]:
-  """One `gcloud ... ssh --worker=all` per unfinished run, in order."""
+  """One `gcloud ... ssh --worker=all` per run neither finished nor held, in order."""
   out = []
   for r in runs:
-    if r["state"] == "finished":
+    if skip_reason(r):
       continue
     remote = f"cd {f.repo_dir} && {f.setup} && {common.show(_remote(r['command']))}"
     out.append(common.show(tpu.render(f.tpu, f.zone, None, None, [], f.project, remote=remote)))
   return out
 
 
+def sweep_dir_of(f) -> str:
+  """--sweep_dir, checked for the target; local sweeps have a default."""
+  if f.target == "local":
+    return storage.absolute(storage.check(f.sweep_dir or default_dir(f.config, f.sweep),
+                                          "--sweep_dir"))
+  return common.check_shared_dir(f.sweep_dir, "--sweep_dir", f.target)
+
+
 def main(argv, extra):
   del argv
   f = flags.FLAGS
-  sweep_dir = f.sweep_dir or default_dir(f.config, f.sweep)
   try:
     if f.pin_cpus and f.target != "local":
       raise HiertxError(f"--pin_cpus: only for --target=local (got --target={f.target}), "
                         "where this machine's CPUs are shared between runs")
+    sweep_dir = sweep_dir_of(f)
     slots = cpu_slots(max(1, f.parallel), _usable_cpus()) if f.pin_cpus else None
-    runs = plan(f.config, f.sweep, sweep_dir, extra)
+    runs = plan(f.config, f.sweep, sweep_dir, extra, write=not f.dry_run)
   except HiertxError as e:
     sys.exit(f"error: {e}")
   finished = sum(r["state"] == "finished" for r in runs)
-  print(f"sweep {f.sweep}: {len(runs)} runs in {sweep_dir} ({finished} finished)", flush=True)
+  held = sum("holder" in r for r in runs)
+  print(f"sweep {f.sweep}: {len(runs)} runs in {sweep_dir} ({finished} finished, {held} "
+        "running)", flush=True)
   if f.target == "local":
     if f.dry_run:
       for r in runs:
-        print(("# finished: " if r["state"] == "finished" else "") + common.show(r["command"]))
+        why = skip_reason(r)
+        print((f"# {why}: " if why else "") + common.show(r["command"]))
       return
     codes = run_local(runs, max(1, f.parallel), slots)
     failed = sorted(n for n, c in codes.items() if c)
@@ -240,22 +373,15 @@ def main(argv, extra):
     if failed:
       sys.exit(f"failed: {', '.join(failed)}")
     return
-  if finished == len(runs):
-    print("every run is finished; nothing to submit")
-    return
   if f.target == "slurm":
-    script = slurm_script(runs, sweep_dir, f)
-    if f.dry_run:
-      print(script, end="")
-      return
-    common.require("sbatch", "run this on a SLURM login node")
-    path = os.path.join(sweep_dir, "sweep.sbatch")
-    with open(path, "w") as out:
-      out.write(script)
-    sys.exit(subprocess.call(["sbatch", path]))
+    submit_slurm(runs, sweep_dir, f)
+    return
   if not (f.tpu and f.zone):
     sys.exit("error: --target=tpu needs --tpu and --zone")
   commands = tpu_commands(runs, f)
+  if not commands:
+    print("every run is finished or running; nothing to start")
+    return
   print("\n".join(commands), flush=True)
   if not f.dry_run:
     common.require("gcloud", "install the Google Cloud CLI")

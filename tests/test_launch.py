@@ -1,5 +1,6 @@
 """The launchers render the commands they would run (dry runs)."""
 
+import os
 import subprocess
 import sys
 
@@ -29,14 +30,24 @@ def test_slurm_script_for_two_hosts():
   assert "#SBATCH --gpus-per-node=8" in out and "#SBATCH --partition=gpu" in out
   srun = [line for line in out.splitlines() if line.startswith("srun ")]
   assert srun == ["srun python3 -m hiertx.train --config=configs/bottom_up.py:size=base "
-                  "--workdir=/shared/bu --config.train.steps=1000"]
+                  "--workdir=/shared/bu --config.train.steps=1000 && status=0 || status=$?"]
+  # Before the time limit the trainers get SIGUSR1, save, and exit with 75,
+  # on which the script requeues the job; output is appended across restarts.
+  for line in ("#SBATCH --signal=USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+               "#SBATCH --output=/shared/bu/slurm-%j.out", 'if [ "$status" -eq 75 ]; then',
+               '  scontrol requeue "$SLURM_JOB_ID"', 'exit "$status"'):
+    assert line in out.splitlines(), line
+  # A gs:// workdir: SLURM writes the output to a directory of this machine.
+  assert slurm.output_dir(None, "gs://b/run") == os.path.abspath("slurm_logs")
+  assert slurm.output_dir(None, "/shared/bu") == "/shared/bu"
+  assert slurm.output_dir("logs", "gs://b/run") == os.path.abspath("logs")
 
 
 def test_slurm_array_body():
   script = slurm.render("c.py", "/w", [], nodes=1, gpus_per_node=0, array="0-2",
                         body="srun run_one $SLURM_ARRAY_TASK_ID")
   assert "#SBATCH --array=0-2" in script and "gpus-per-node" not in script
-  assert script.rstrip().endswith("srun run_one $SLURM_ARRAY_TASK_ID")
+  assert "srun run_one $SLURM_ARRAY_TASK_ID && status=0 || status=$?" in script.splitlines()
 
 
 def test_tpu_command_for_all_workers():

@@ -118,7 +118,8 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(straight, tmp_pa
   _truncate_all_files(newest)
   r = _train_cli(workdir)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "the checkpoint at step 40 cannot be read" in r.stdout and "resumed at step 30" in r.stdout
+  assert "the checkpoint at step 40 is damaged: hiertx_files.json: unreadable; " in r.stdout
+  assert "resumed at step 30" in r.stdout
   assert os.path.isdir(newest + ".corrupt") and "Traceback" not in r.stdout + r.stderr
   assert _losses(workdir)[40] == pytest.approx(_losses(straight)[40], rel=1e-6)
 
@@ -139,6 +140,35 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_not_corruption(straight, tmp
   assert "Traceback" not in r.stdout + r.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
   assert max(_losses(workdir)) == 40  # nothing trained from step 0
+
+
+def test_truncated_array_files_are_named_as_damage_in_one_line(straight, tmp_path):
+  """Every array file of every checkpoint's parameters cut to 20 bytes: the
+  manifests written at saving name each damaged file and its size, the
+  checkpoints are set aside, and the terminal shows warnings and one error
+  line; the library's tracebacks are in the run's log file."""
+  workdir = _copy(straight, tmp_path, "truncated")
+  shutil.rmtree(os.path.join(workdir, "logs"), ignore_errors=True)
+  cut = {}
+  for step in ("20", "30", "40"):
+    d = os.path.join(workdir, "checkpoints", step, "params", "d")
+    for name in os.listdir(d):
+      cut[(step, name)] = os.path.getsize(os.path.join(d, name))
+      with open(os.path.join(d, name), "r+b") as f:
+        f.truncate(20)
+  r = _train_cli(workdir)
+  assert r.returncode == 1
+  for (step, name), size in cut.items():
+    assert (f"warning: the checkpoint at step {step} is damaged: params/d/{name}: 20 bytes, "
+            f"{size} when saved; set aside as {step}.corrupt") in r.stdout
+  assert r.stderr.strip().splitlines() == [
+      f"error: none of the checkpoints in {workdir}/checkpoints can be read (set aside: "
+      "20.corrupt, 30.corrupt, 40.corrupt). The run does not start over on its own: pass "
+      "--restart_from_scratch to train from step 0 (they are kept), or move them away."]
+  assert "Traceback" not in r.stdout + r.stderr
+  log = "".join(open(os.path.join(workdir, "logs", n)).read()
+                for n in os.listdir(os.path.join(workdir, "logs")))
+  assert "is not valid for value of size 20" in log and "Traceback" in log
 
 
 def test_no_readable_checkpoint_stops_instead_of_starting_over(straight, tmp_path):

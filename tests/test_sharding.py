@@ -110,25 +110,32 @@ def test_mesh_shape_resolution():
 
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_config, tmp_path):
-  """Two real processes x 4 CPU devices (jax.distributed), SIGTERM to process 1
-  only: both save the same step and exit 0; the rerun resumes and ends with the
-  losses of an uninterrupted one-process run; the two-process checkpoint
-  evaluates in one process to the loss the run logged."""
+  """Two real processes of one CPU device each (jax.distributed), SIGTERM to
+  process 1 only: both save the same step and exit 0; the rerun resumes and
+  ends with the losses of an uninterrupted one-process run; the two-process
+  checkpoint evaluates in one process to the loss the run logged.
+
+  The first part runs with the `tensor` axis across the two processes (no
+  batch axis spans them, so both feed the whole global batch), the resumed
+  part with `data` across them (each feeds its half): rows follow the
+  devices' places along the batch axes, and both give the one-process
+  losses."""
   import multiprocess  # noqa: PLC0415  (a launcher script, not a package)
 
   workdir = str(tmp_path / "mp")
   os.makedirs(workdir)
-  overrides = ["--config.train.steps=16", "--config.train.log_every=1",
-               "--config.train.checkpoint_every=100", "--config.eval.every=100",
-               "--config.train.stop_check_every=4"]
-  procs = multiprocess.commands("configs/vanilla.py:size=tiny", workdir, overrides, 2, 4,
+  common = ["--config.train.steps=60", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=100", "--config.eval.every=100",
+            "--config.train.stop_check_every=4"]
+  overrides = [*common, "--config.mesh.data=1", "--config.mesh.tensor=2"]
+  procs = multiprocess.commands("configs/vanilla.py:size=tiny", workdir, overrides, 2, 1,
                                 multiprocess.free_port())
   logs = [open(os.path.join(workdir, f"process_{i}.log"), "w") for i in range(2)]
   running = [subprocess.Popen(args, env={**os.environ, **env}, cwd=ROOT, stdout=log,
                               stderr=subprocess.STDOUT) for (env, args), log in zip(procs, logs)]
   log0 = os.path.join(workdir, "process_0.log")
   deadline = time.time() + 300
-  while "step 6/16" not in open(log0).read():
+  while "step 6/60" not in open(log0).read():
     assert time.time() < deadline and running[0].poll() is None, open(log0).read()[-2000:]
     time.sleep(0.2)
   running[1].send_signal(signal.SIGTERM)
@@ -138,25 +145,33 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_confi
   texts = [open(os.path.join(workdir, f"process_{i}.log")).read() for i in range(2)]
   assert codes == [0, 0], [t[-1500:] for t in texts]
   saved = [int(t.split("saved a checkpoint at step ")[1].split(";")[0]) for t in texts]
-  assert saved[0] == saved[1] and saved[0] % 4 == 0 and 6 <= saved[0] < 16, saved
+  assert saved[0] == saved[1] and saved[0] % 4 == 0 and 6 <= saved[0] < 60, saved
   assert "SIGTERM" in texts[1] and "a stop request on another process" in texts[0]
   r = subprocess.run([sys.executable, "launch/multiprocess.py", "--num_processes=2",
-                      "--devices_per_process=4", "--config=configs/vanilla.py:size=tiny",
-                      f"--workdir={workdir}", "--", *overrides], cwd=ROOT, capture_output=True,
+                      "--devices_per_process=1", "--config=configs/vanilla.py:size=tiny",
+                      f"--workdir={workdir}", "--", *common, "--config.mesh.data=2",
+                      "--config.mesh.tensor=1"], cwd=ROOT, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0 and f"resumed at step {saved[0]}" in r.stdout, r.stdout[-2000:]
-  config = tiny_config("vanilla", train__steps=16, train__log_every=1,
+  config = tiny_config("vanilla", train__steps=60, train__log_every=1,
                        train__checkpoint_every=100, eval__every=100)
   single = str(tmp_path / "single")
   train.train_and_evaluate(config, single)
   loss = lambda wd: {r["step"]: r["train/loss"] for r in metrics.read_jsonl(  # noqa: E731
       os.path.join(wd, "metrics.jsonl")) if "train/loss" in r}
   resumed, straight = loss(workdir), loss(single)
-  assert sorted(resumed) == list(range(1, 17))
-  np.testing.assert_allclose([resumed[s] for s in range(1, 17)],
-                             [straight[s] for s in range(1, 17)], rtol=2e-5)
+  assert sorted(resumed) == list(range(1, 61))
+  np.testing.assert_allclose([resumed[s] for s in range(1, 61)],
+                             [straight[s] for s in range(1, 61)], rtol=2e-5)
   rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert rows[0]["memory/xla_peak_bytes"] > 0
   restored = evaluate.evaluate_checkpoint(workdir)
   assert restored["eval/loss"] == pytest.approx(
       [r["eval/loss"] for r in rows if "eval/loss" in r][-1], rel=1e-5)
+
+
+def test_row_blocks_follow_the_devices_place_along_the_batch_axes():
+  mesh = sharding.make_mesh(dict(data=4, fsdp=1, tensor=2))
+  assert sharding.process_batch_slice(mesh) == (0, 1)  # this process holds every row
+  with pytest.raises(ConfigError, match="process 3 has no device in the mesh"):
+    sharding.process_batch_slice(mesh, process_index=3)

@@ -203,7 +203,9 @@ def test_rerun_resumes_an_interrupted_run(tmp_path):
   config.write_text(SWEEP_CONFIG.format(root=ROOT))
   sweep_dir = tmp_path / "sweep"
   out = _sweep(f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}", "--dry_run")
-  assert out.returncode == 0
+  assert out.returncode == 0 and not sweep_dir.exists()  # a dry run writes nothing
+  import sweep as launcher  # launch/sweep.py
+  launcher.plan(str(config), "three", str(sweep_dir), [])
   plan = json.loads((sweep_dir / "sweep.json").read_text())
   for run, state in zip(plan["runs"], ("interrupted", "finished")):
     os.makedirs(run["workdir"])
@@ -222,11 +224,17 @@ def test_rerun_resumes_an_interrupted_run(tmp_path):
 
 
 def test_slurm_array_and_tpu_renderings(tmp_path):
+  shared = "/shared/hiertx/sweeps/claim"  # a dry run writes nothing, so it need not exist
   base = ["--config=configs/compare.py:size=tiny", "--sweep=paper_claim",
-          f"--sweep_dir={tmp_path}", "--dry_run"]
+          f"--sweep_dir={shared}", "--dry_run"]
   out = _sweep(*base, "--target=slurm", "--partition=gpu", "--gpus_per_node=1",
-               "--max_running=4").stdout
+               "--max_running=4", "--time=2-00", "--signal_before=600").stdout
   assert "#SBATCH --array=0-9%4" in out and "#SBATCH --partition=gpu" in out
+  for line in ("#SBATCH --time=2-00", "#SBATCH --signal=USR1@600", "#SBATCH --requeue",
+               "#SBATCH --open-mode=append", f"#SBATCH --output={shared}/slurm-%A_%a.out",
+               'if [ "$status" -eq 75 ]; then', '  scontrol requeue "$SLURM_JOB_ID"'):
+    assert line in out.splitlines(), line
+  tmp_path = shared
   runs = [line.strip() for line in out.splitlines() if line.startswith("  'python3 ")]
   assert len(runs) == 10
   assert runs[0] == ("'python3 -m hiertx.train --config=configs/compare.py:size=tiny,"
@@ -239,6 +247,22 @@ def test_slurm_array_and_tpu_renderings(tmp_path):
   assert len(cmds) == 10 and all("--worker=all" in c for c in cmds)
   assert "model=hourglass --workdir=" in cmds[-1] and "seed-1" in cmds[-1]
   assert _sweep(*base, "--target=tpu").returncode != 0  # no --tpu/--zone: a clear error
+  # Cluster targets need a sweep directory every node shares.
+  base[2] = "--sweep_dir=/tmp/hiertx_sweeps/claim"
+  r = _sweep(*base, "--target=slurm")
+  assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+      "error: --sweep_dir: '/tmp/hiertx_sweeps/claim' is under /tmp, which each node keeps "
+      "for itself: the runs of --target=slurm would write where launch/report.py never "
+      "looks. Use a shared filesystem path or gs://bucket/..."]
+  import common  # launch/common.py
+  for path in ("/var/tmp/s", "/dev/shm/s", "/run/user/0/s", "/tmp"):
+    with pytest.raises(HiertxError, match=r"--sweep_dir: .* which each node keeps for itself"):
+      common.check_shared_dir(path, "--sweep_dir", "tpu")
+  with pytest.raises(HiertxError, match="--target=tpu needs a directory every node and the "
+                     "login node share"):
+    common.check_shared_dir(None, "--sweep_dir", "tpu")
+  assert common.check_shared_dir("/shared/s", "--sweep_dir", "tpu") == "/shared/s"
+  assert common.check_shared_dir("gs://b/s", "--sweep_dir", "tpu") == "gs://b/s"
 
 
 def test_sigterm_stops_the_sweep_and_its_runs_resume(tmp_path):
@@ -267,3 +291,46 @@ def test_sigterm_stops_the_sweep_and_its_runs_resume(tmp_path):
   assert again.returncode == 0 and "resume base" in again.stdout
   assert f"resumed at step {status['step']}" in log.read_text()
   assert checkpoint.read_status(str(sweep_dir / "base"))["state"] == "finished"
+
+
+GROWING = '''
+import os
+from hiertx import config as config_lib
+from hiertx import sweep
+
+def get_config(arg=None):
+  return config_lib.load(os.path.join({root!r}, "configs", "compare.py") + ":" + (arg or ""))
+
+def sweep_grow():
+  first = sweep.product({{"arg.model": ["vanilla"], "train.learning_rate": [1e-3, 2e-3]}})
+  return first + sweep.product({{"arg.model": ["hourglass"], "train.learning_rate": [1e-3]}}){more}
+'''
+
+
+def test_a_sweep_that_grows_renames_no_run(tmp_path):
+  """Runs keep the names sweep.json gave them when an arm that varies a new
+  key joins the sweep: the finished ones are still found finished."""
+  import sweep as launcher  # launch/sweep.py
+  config = tmp_path / "grow.py"
+  config.write_text(GROWING.format(root=ROOT, more="[:0]"))
+  sweep_dir = str(tmp_path / "s")
+  before = launcher.plan(f"{config}:size=tiny", "grow", sweep_dir, [])
+  assert [r["name"] for r in before] == ["learning_rate-0.001", "learning_rate-0.002"]
+  for r in before:
+    os.makedirs(r["workdir"])
+    checkpoint.write_status(r["workdir"], "finished", step=300)
+  # A new arm varies model, which every run above shared, and the seed.
+  config.write_text(GROWING.format(root=ROOT, more=' + [{"arg.model": "hourglass", '
+                                   '"train.learning_rate": 1e-3, "train.seed": 1}]'))
+  after = launcher.plan(f"{config}:size=tiny", "grow", sweep_dir, [])
+  assert [r["name"] for r in after] == [
+      "learning_rate-0.001", "learning_rate-0.002", "model-hourglass.learning_rate-0.001",
+      "model-hourglass.learning_rate-0.001.seed-1"]
+  assert [r["state"] for r in after] == ["finished", "finished", "not started", "not started"]
+  r = _sweep(f"--config={config}:size=tiny", "--sweep=grow", f"--sweep_dir={sweep_dir}",
+             "--dry_run")
+  lines = r.stdout.splitlines()
+  assert sum(line.startswith("# finished: ") for line in lines) == 2, r.stdout
+  # Without sweep.json the names would follow what varies now.
+  fresh = launcher.plan(f"{config}:size=tiny", "grow", str(tmp_path / "fresh"), [], write=False)
+  assert fresh[0]["name"] == "model-vanilla.learning_rate-0.001"
