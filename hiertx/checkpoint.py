@@ -280,7 +280,8 @@ def damaged_files(step_dir: str) -> list[str]:
     manifest = None
   except (OSError, ValueError, KeyError, TypeError):
     manifest, notes = None, [f"{MANIFEST}: unreadable"]
-  found = storage.file_checksums(step_dir)
+  # Without a manifest only sizes and JSON are judged: no checksums to read.
+  found = storage.file_checksums(step_dir, checksums=manifest is not None)
   found.pop(MANIFEST, None)
   if manifest is not None:
     out = []

@@ -174,7 +174,7 @@ class Lease:
     """Marks the lease released (unless it was lost); stops the heartbeat."""
     self._stop.set()
     self._thread.join(timeout=30)
-    if self.lost_to is None and not (_epochs(self.workdir)[-1:] > [self.epoch]):
+    if self.lost_to is None and max(_epochs(self.workdir), default=-1) <= self.epoch:
       self.record.update(released=True, heartbeat=time.time())
       storage.write_text(_epoch_path(self.workdir, self.epoch), json.dumps(self.record))
 

@@ -333,10 +333,11 @@ def _crc32c_of_object(info: dict) -> str | None:
   return base64.b64decode(value).hex() if value else None
 
 
-def file_checksums(root: str) -> dict[str, dict]:
+def file_checksums(root: str, checksums: bool = True) -> dict[str, dict]:
   """{relative path: {'size': bytes, 'crc32c': hex}} of every file under
   `root`. On GCS the CRC32C comes from the objects' metadata (nothing is
-  downloaded); locally it is computed."""
+  downloaded); locally it is computed, unless `checksums` is False (sizes
+  only, 'crc32c' None)."""
   out = {}
   if is_url(root):
     fs, base = _fs(root), _strip(root).rstrip("/")
@@ -349,5 +350,6 @@ def file_checksums(root: str) -> dict[str, dict]:
     for n in names:
       path = os.path.join(dirpath, n)
       rel = os.path.relpath(path, root).replace(os.sep, "/")
-      out[rel] = {"size": os.path.getsize(path), "crc32c": _crc32c_local(path)}
+      out[rel] = {"size": os.path.getsize(path),
+                  "crc32c": _crc32c_local(path) if checksums else None}
   return out
