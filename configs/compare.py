@@ -35,6 +35,23 @@ order as well as initialisation:
                1/8), two seeds, sequence 256, batch 8, 1,000 steps; 14 runs of
                about 8 minutes each on 2 CPU cores.
                experiments/boundaries.py tabulates it per corpus.
+  hourglass_pairs
+               the Hourglass paper's equal-memory pairs (Nawrot et al. 2021,
+               Table 1, enwik8: '2@1 4@4 2@1' 1.143 bpc at 4.41 GB against 6
+               vanilla layers' 1.182 at 4.53 GB; '5@1 8@2 5@1' 1.079 at 9.57 GB
+               against 14 layers' 1.102 at 9.35 GB) at the claim's recipe and
+               rates, two seeds; launch/report.py gives each at equal memory
+               and at equal training FLOPs per byte.
+  claim_subword
+               the claim's vanilla/hourglass pair once on subword tokens: an
+               8,192-piece SentencePiece vocabulary trained on the stdlib
+               train split (about 2.7 bytes a token at 4,096 pieces), at the
+               claim's recipe in tokens (so each step reads about 2.7x the
+               bytes), seed 0; bits per byte stay comparable with the byte
+               runs. Make the vocabulary first, where $HIERTX_VOCAB (default
+               ~/.cache/hiertx/stdlib_8k.model) points:
+                 python -m hiertx.prepare_data --config=configs/vanilla.py \
+                     --train_vocab=$HIERTX_VOCAB --vocab_size=8192
   depth        vanilla at 2, 4 and 8 layers against top_down at 1, 2 and 4
                blocks per scale (the paper's "more layers for less memory").
 """
@@ -78,6 +95,30 @@ def sweep_claim():
   return sweep.product({"train.seed": [0, 1]}, rated, [{
       **_CLAIM_SHAPE, "eval.batches": 16, "train.steps": 3000,
       "eval.every": 250, "train.checkpoint_every": 500}])
+
+
+def sweep_hourglass_pairs():
+  pairs = sweep.zipped({"arg.model": ["vanilla", "hourglass", "vanilla", "hourglass"],
+                        "model.num_layers": [6, None, 14, None],
+                        "model.hierarchy": [None, "2@1 4@4 2@1", None, "5@1 8@2 5@1"],
+                        "train.learning_rate": [2e-3, 4e-3, 2e-3, 4e-3]})
+  # A None leaves the field to the model (vanilla has no hierarchy, hourglass
+  # no num_layers).
+  pairs = [{k: v for k, v in arm.items() if v is not None} for arm in pairs]
+  # The final evaluation scores the whole validation split (its ~67 batches;
+  # eval.batches is a cap), as the claim's final numbers do.
+  return sweep.product({"train.seed": [0, 1]}, pairs, [{
+      **_CLAIM_SHAPE, "eval.batches": 1000, "train.steps": 3000,
+      "eval.every": 1000, "train.checkpoint_every": 500}])
+
+
+def sweep_claim_subword():
+  vocab = os.environ.get("HIERTX_VOCAB", os.path.expanduser("~/.cache/hiertx/stdlib_8k.model"))
+  pair = [{**m, "train.learning_rate": lr} for m, lr in zip(_CLAIM_MODELS, _CLAIM_RATES)
+          if m["arg.model"] in ("vanilla", "hourglass")]
+  return sweep.product({"train.seed": [0], "data.vocab": [vocab]}, pair, [{
+      **_CLAIM_SHAPE, "eval.batches": 1000, "train.steps": 3000,
+      "eval.every": 1000, "train.checkpoint_every": 500}])
 
 
 def sweep_claim_lr():

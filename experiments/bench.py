@@ -22,6 +22,7 @@ between them means the machine was busy). Each run prints which
 implementation every attention site got.
 """
 
+import json
 import sys
 
 from absl import app, flags
@@ -39,6 +40,8 @@ def define_flags() -> None:
   flags.DEFINE_list("shapes", ["8x256"], "Batch x sequence length of every run, e.g. 8x1024.")
   flags.DEFINE_integer("steps", 5, "Timed steps per run (after one warm-up step).", lower_bound=1)
   flags.DEFINE_multi_string("set", [], "dotted.field=value applied to every run.")
+  flags.DEFINE_string("json_out", None, "Also write the rows (with each run's attention "
+                      "sites) to this JSON file, e.g. for experiments/gpu_summary.py.")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -68,7 +71,8 @@ def measure(runs, shapes, steps, sets) -> list[dict]:
                    "hfu": hardware / step_s / peak,
                    "mfu_dense": facts["flops/step_analytic_dense"] / step_s / peak,
                    "peak_mib": facts["memory/xla_peak_bytes"] / 2**20,
-                   "while_loops": facts["xla/while_loops"]})
+                   "while_loops": facts["xla/while_loops"],
+                   "sites": facts["attention/sites"]})
       print(f"{spec} {batch}x{seq_len}: {step_s:.3f} s/step, "
             f"{rows[-1]['tokens_per_s']:,.0f} tokens/s", flush=True)
   return rows
@@ -113,6 +117,9 @@ def main(argv):
   print()
   print(by_shape(rows))
   sys.stdout.flush()
+  if f.json_out:
+    with open(f.json_out, "w") as out:
+      json.dump(rows, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ KINDS = ("dense", "blockwise", "cudnn", "splash", "pallas")
 # runs the configured fallback.
 KERNELS = ("cudnn", "splash", "pallas")
 FALLBACKS = ("error", "blockwise", "dense", "pallas")
+# What packed rows (several documents, masked from each other) run under
+# `cudnn`: the kernel that takes segment ids, or cuDNN with a document bias.
+CUDNN_PACKED = ("pallas", "mask")
 _F32 = jnp.float32
 # The end position of padding keys: larger than any query's end, so never used.
 FAR = 1 << 30
@@ -74,6 +77,14 @@ class AttentionConfig:
   q_chunk: int = 256
   k_chunk: int = 256
   fallback: str = "error"
+  # The Pallas kernel's launch on GPUs (0: chosen by block size and dtype,
+  # hiertx.flash.launch).
+  warps: int = 0
+  stages: int = 0
+  # "masked": documents of a packed row never see each other; "visible"
+  # (data.cross_document_attention): a row is one causal sequence.
+  documents: str = "masked"
+  cudnn_packed: str = "pallas"  # CUDNN_PACKED
 
 
 # ----------------------------------------------------------------------------
@@ -386,6 +397,9 @@ def _blockwise_fn(p: Plan):
     b, h = q.shape[0], q.shape[2]
     # d lse / d s = softmax, so a log-sum-exp cotangent enters like D below.
     d_BxQxH = (do.astype(_F32) * o.astype(_F32)).sum(-1) - dlse.astype(_F32)
+    # No keys: probabilities 0, and D finite (a merge of two empty key sets
+    # hands such a row a NaN lse cotangent; p * (dp - D) must stay 0).
+    d_BxQxH = jnp.where(jnp.isfinite(lse), d_BxQxH, 0.0)
     # The scores are recomputed from q and k, both known since the forward
     # pass: a scheduler may recompute them (or share the forward's per-pair
     # copies of k and v) early and keep them until this backward runs, for
@@ -438,29 +452,70 @@ def same_scale(q_end, k_end) -> bool:
 
 
 def cudnn_refusal(q_end, k_end, dtype, head_dim: int, with_lse: bool = False,
-                  backend: str | None = None) -> str:
+                  backend: str | None = None, masked_form: bool = True) -> str:
   """Why cuDNN flash attention cannot take a site ('' if it can): it runs
-  same-scale causal self-attention (`same_scale`) in half precision on GPU."""
+  same-scale causal self-attention (`same_scale`) in half precision on GPU,
+  at head widths and lengths jax's cuDNN binding accepts (checked here, at
+  trace time, instead of failing to compile)."""
   if (backend or _backend()) != "gpu":
     return f"cuDNN runs on GPUs, this is {backend or _backend()}"
   if not same_scale(q_end, k_end):
     return "keys are not the queries' own scale"
   if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return f"{jnp.dtype(dtype).name} (cuDNN takes bfloat16 or float16)"
-  if head_dim > 128:
-    return f"head width {head_dim} > 128"
+  if head_dim > 128 or head_dim % 8:
+    return f"head width {head_dim} (cuDNN takes multiples of 8 up to 128)"
+  if masked_form and len(q_end) % 2:
+    # Documents reach cuDNN as a bias, whose training kernels take even lengths only.
+    return f"{len(q_end)} queries (cuDNN's masked form takes even lengths)"
   if with_lse:
     return "the caller merges the log-sum-exp"
   return ""
 
 
-def fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, implementation=None):
-  """Fine-scale causal self-attention with documents through
-  `jax.nn.dot_product_attention` (`implementation="cudnn"` on GPU; tests run
-  its XLA implementation on CPU). Returns the output only."""
-  same_doc_Bx1xQxS = (q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :])[:, None]
-  return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask=same_doc_Bx1xQxS,
+def fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ=None, k_seg_BxS=None,
+                 implementation=None):
+  """Causal self-attention of one scale through `jax.nn.dot_product_attention`
+  (`implementation="cudnn"` on GPU; tests run its XLA implementation on CPU),
+  with documents as a [B, 1, Q, S] mask (which jax hands cuDNN as a bias, and
+  whose gradient the backward pass writes too), or none without segment
+  ids. Returns the output only."""
+  mask = None if q_seg_BxQ is None else (q_seg_BxQ[:, :, None] == k_seg_BxS[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask,
                                       is_causal=True, implementation=implementation)
+
+
+def one_document_rows(seg_BxL) -> jax.Array:
+  """bool []: every row holds one document, then only padding (segment 0),
+  so causal attention without any mask is the end rule for its real
+  queries (padding queries' outputs are never used)."""
+  live = seg_BxL != 0
+  same = jnp.all(jnp.where(live, seg_BxL == seg_BxL[:, :1], True))
+  return same & jnp.all(live[:, 1:] <= live[:, :-1])
+
+
+def cudnn_route(q_len: int, head_dim: int, dtype, cfg: AttentionConfig,
+                backend: str | None = None) -> tuple[str, str]:
+  """(route, site note) of a same-scale site under `cudnn`: "visible" (no
+  mask: documents see each other), or, with documents masked, what packed
+  rows run ("pallas": segment ids in the kernel; "mask": cuDNN with a
+  document bias) while rows holding one document run cuDNN without a mask."""
+  if cfg.documents == "visible":
+    return "visible", "no mask: documents see each other"
+  route, forced = cfg.cudnn_packed, ""
+  if route == "pallas":
+    forced = pallas_refusal(head_dim, backend, dtype, q_len, q_len, cfg)
+    route = "mask" if forced else route
+  packed = ("pallas (segment ids)" if route == "pallas" else
+            f"cuDNN with a [B, 1, {q_len}, {q_len}] document bias"
+            + (f", pallas cannot: {forced}" if forced else ""))
+  return route, f"no mask for one-document rows; packed rows -> {packed}"
+
+
+def _cudnn_implementation():
+  # Off a GPU (tests), jax's XLA implementation of the same call, as the
+  # Pallas kernel runs in its interpreter there.
+  return None if _pallas_interpret() else "cudnn"
 
 
 def _backend() -> str:
@@ -611,13 +666,44 @@ def _pallas_interpret() -> bool:
   return jax.devices()[0].platform != "gpu"
 
 
-def pallas_refusal(head_dim: int, backend: str | None = None) -> str:
+def gpu_capability() -> str | None:
+  """The first device's compute capability ("9.0"), where it has one."""
+  return getattr(jax.devices()[0], "compute_capability", None)
+
+
+def pallas_launch(q_len: int, k_len: int, head_dim: int, dtype, cfg: AttentionConfig,
+                  capability: str | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+  """((block_q, block_k), (num_warps, num_stages)) of one Pallas site."""
+  blocks = flash.block_sizes(q_len, k_len, cfg.q_chunk, cfg.k_chunk)
+  return blocks, flash.launch(*blocks, head_dim, dtype, capability or gpu_capability(),
+                              cfg.warps, cfg.stages)
+
+
+def pallas_refusal(head_dim: int, backend: str | None = None, dtype=jnp.bfloat16,
+                   q_len: int = 0, k_len: int = 0, cfg: AttentionConfig | None = None,
+                   capability: str | None = None) -> str:
   """Why the Pallas end-rule kernel cannot run here ('' if it can): it lowers
-  to Triton, for GPUs, at head widths Triton's matmuls take."""
+  to Triton, for GPUs, at head widths Triton's matmuls take, with blocks
+  whose tiles fit the GPU's shared memory (checked at trace time, so a site
+  that cannot run falls back or errs with this reason, never fails to
+  compile). In Pallas's interpreter (tests off GPUs) nothing is lowered,
+  so no GPU limit applies."""
   backend = backend or _backend()
   if backend != "gpu":
     return f"the Pallas end-rule kernel runs on GPUs, this is {backend}"
-  return "" if _pallas_interpret() else flash.gpu_refusal(head_dim)
+  if _pallas_interpret():
+    return ""
+  cfg = cfg or AttentionConfig("pallas")
+  capability = capability or gpu_capability()
+  (bq, bk), (_, stages) = pallas_launch(q_len, k_len, head_dim, dtype, cfg, capability)
+  return flash.gpu_refusal(head_dim, dtype, bq, bk, capability, stages if cfg.stages else 0)
+
+
+def pallas_note(dtype) -> str:
+  """What a site line says of a Pallas site in `dtype`."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return "float32: IEEE matmuls, no tensor cores; model.dtype=bfloat16 uses them"
+  return ""
 
 
 def pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
@@ -630,10 +716,13 @@ def pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_se
   ends = () if static else tuple(jnp.broadcast_to(jnp.asarray(e), s.shape) for e, s in
                                  zip((q_end, k_end), (q_seg_BxQ, k_seg_BxS)))
 
+  _, launch_ws = pallas_launch(q_seg_BxQ.shape[1], k_seg_BxS.shape[1], q_BxQxHxK.shape[-1],
+                               q_BxQxHxK.dtype, cfg)
+
   def local(q, k, v, q_seg, k_seg, *row_ends):
     qe, ke = row_ends if row_ends else (q_end, k_end)
     return flash.attend(q, k, v, qe, ke, q_seg, k_seg, cfg.q_chunk, cfg.k_chunk,
-                        interpret=_pallas_interpret(), q_lo=q_lo)
+                        interpret=_pallas_interpret(), q_lo=q_lo, launch_ws=launch_ws)
 
   return per_device(local, q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, *ends,
                     out_ranks=(4, 3))
@@ -679,25 +768,27 @@ def choose(site: str, q_end, k_end, dtype, head_dim: int, cfg: AttentionConfig,
   a ConfigError naming the site. Ends that are not static (per-row content
   groups, a decoding step) run `dense`."""
   static = isinstance(q_end, np.ndarray) and isinstance(k_end, np.ndarray)
-  why = ""
-  if cfg.kind == "cudnn":
-    why = cudnn_refusal(q_end, k_end, dtype, head_dim, with_lse, backend) if static else ""
+  why, note = "", ""
+  if cfg.kind == "cudnn" and static:
+    route, note = cudnn_route(len(q_end), head_dim, dtype, cfg, backend)
+    why = cudnn_refusal(q_end, k_end, dtype, head_dim, with_lse, backend, route == "mask")
   elif cfg.kind == "splash":
     why = splash_refusal(q_end, k_end, with_lse, backend) if static else ""
   elif cfg.kind == "pallas":
-    why = pallas_refusal(head_dim, backend)
+    why = pallas_refusal(head_dim, backend, dtype, np.shape(q_end)[-1], np.shape(k_end)[-1], cfg)
   if not static and cfg.kind not in ("dense", "pallas"):
     why = why or "per-row ends"
   queries, keys = np.shape(q_end)[-1], np.shape(k_end)[-1]
-  kind = fallback(cfg, site, queries, keys, why, head_dim, backend) if why else cfg.kind
+  kind = fallback(cfg, site, queries, keys, why, head_dim, backend, dtype) if why else cfg.kind
   if kind == "blockwise" and not static:
     kind = "dense"  # the blockwise plan needs static ends
-  note_site(site, queries, keys, kind, why)
+  note = pallas_note(dtype) if kind == "pallas" else (note if kind == "cudnn" else "")
+  note_site(site, queries, keys, kind, "; ".join(filter(None, (why, note))))
   return kind
 
 
 def fallback(cfg: AttentionConfig, site: str, queries: int, keys: int, why: str,
-             head_dim: int, backend: str | None = None) -> str:
+             head_dim: int, backend: str | None = None, dtype=jnp.bfloat16) -> str:
   """What a site that `cfg.kind` cannot run (`why`) runs instead: the
   configured fallback, or (`error`, or a `pallas` fallback that cannot run
   here either) a ConfigError naming the site."""
@@ -708,7 +799,8 @@ def fallback(cfg: AttentionConfig, site: str, queries: int, keys: int, why: str,
                       f"({queries} queries x {keys} keys): {why}; set "
                       "model.attention_fallback=pallas (or blockwise, dense) to run such "
                       "sites so")
-  refusal = pallas_refusal(head_dim, backend) if cfg.fallback == "pallas" else ""
+  refusal = (pallas_refusal(head_dim, backend, dtype, queries, keys, cfg)
+             if cfg.fallback == "pallas" else "")
   if refusal:
     raise ConfigError("model.attention_fallback", f"pallas cannot run {site or 'a site'} "
                       f"({queries} queries x {keys} keys) either: {refusal}")
@@ -751,7 +843,8 @@ def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
   `blockwise` and `dense` anywhere (dense wherever the ends are not static)."""
   kind = choose(site, q_end, k_end, q_BxQxHxK.dtype, q_BxQxHxK.shape[-1], cfg, with_lse)
   if kind == "cudnn":
-    return fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ, k_seg_BxS, "cudnn")
+    return cudnn_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
+                        cfg)
   if kind == "splash":
     return splash_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS)
   if kind == "pallas":
@@ -764,6 +857,27 @@ def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
     out = blockwise(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
                     cfg.q_chunk, cfg.k_chunk)
   return out if with_lse else out[0]
+
+
+def cudnn_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
+                 cfg: AttentionConfig):
+  """A same-scale site on cuDNN by its `cudnn_route`: without a mask where
+  documents see each other or every row holds one document; packed rows
+  otherwise through the Pallas kernel or cuDNN's masked form."""
+  q_len, head_dim = q_BxQxHxK.shape[1], q_BxQxHxK.shape[-1]
+  route, _ = cudnn_route(q_len, head_dim, q_BxQxHxK.dtype, cfg)
+  impl = _cudnn_implementation()
+  plain = lambda: fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, implementation=impl)  # noqa: E731
+  if route == "visible":
+    return plain()
+  if route == "mask":
+    packed = lambda: fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ,  # noqa: E731
+                                  k_seg_BxS, impl)
+  else:
+    packed = lambda: pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end,  # noqa: E731
+                                   q_seg_BxQ, k_seg_BxS, cfg)[0]
+  # Decided per batch on the device: only the branch taken runs.
+  return jax.lax.cond(one_document_rows(q_seg_BxQ), plain, packed)
 
 
 def merge(*parts):

@@ -266,11 +266,9 @@ class Source(nn.Module):
     elif self.kind == "learned":
       self.ln = layers.layer_norm(c.jnp_dtype)
       self.hidden = nn.Dense(c.d_model, dtype=c.jnp_dtype,
-                             kernel_init=nn.with_logical_partitioning(
-                                 nn.initializers.lecun_normal(), ("embed", "mlp")))
+                             kernel_init=layers.kernel_init(c, ("embed", "mlp")))
       self.out = nn.Dense(1, dtype=jnp.float32,
-                          kernel_init=nn.with_logical_partitioning(
-                              nn.initializers.lecun_normal(), ("mlp", None)))
+                          kernel_init=layers.kernel_init(c, ("mlp", None)))
 
   def _entropy_bits(self, x_BxLxD):
     logits = self.head(x_BxLxD)[..., :self.vocab_size].astype(jnp.float32)

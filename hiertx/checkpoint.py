@@ -56,7 +56,10 @@ ITEMS = ("params", "opt_state", "meta")
 _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.EBUSY,
                      errno.ECONNREFUSED, errno.ENETUNREACH}
 _TRANSIENT_WORDS = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "Connection reset",
-                    "timed out", "Temporary failure", "503", "429")
+                    "timed out", "Temporary failure")
+# HTTP's "try again" statuses, as numbers of their own: a file name such as
+# Orbax's hashes (c01bc2503756...) must not read as one.
+_TRANSIENT_STATUS = re.compile(r"(?<![\w.])(429|503)(?![\w.])")
 RETRIES = 3
 MANIFEST = "hiertx_files.json"
 
@@ -190,7 +193,7 @@ def _is_transient(e: BaseException) -> bool:
     return True
   if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
     return True
-  return any(w in str(e) for w in _TRANSIENT_WORDS)
+  return any(w in str(e) for w in _TRANSIENT_WORDS) or bool(_TRANSIENT_STATUS.search(str(e)))
 
 
 def _first_mismatch(saved, wanted, path="") -> str | None:

@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16,  # global batch, in rows of seq_len tokens
       pack=True,
       align=-1,  # pieces start at multiples of this in a row; -1: the model's pooling factor
+      # Documents in a packed row see each other (GPT-2/3 style): one causal
+      # sequence per row, packed back to back; false: they never do.
+      cross_document_attention=False,
       seed=-1,  # packing and epoch order; -1: train.seed's (resolved(): seeds vary both)
       process_sharding="rows",  # rows | source (see hiertx.data)
       cache_dir="",  # packed-data cache; "" = $HIERTX_DATA_CACHE or ~/.cache/hiertx/data
@@ -210,6 +213,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.split not in ("train", "validation", "test"):
     raise ConfigError("eval.split", f"{config.eval.split!r} is not train/validation/test")
   models.check(config.model, config.data.seq_len)
+  if not isinstance(config.data.cross_document_attention, bool):
+    raise ConfigError("data.cross_document_attention", "must be True or False, got "
+                      f"{config.data.cross_document_attention!r}")
+  if config.data.cross_document_attention and config.data.align not in (-1, 1):
+    raise ConfigError("data.align", f"{config.data.align}: with "
+                      "data.cross_document_attention=True documents are packed back to back "
+                      "(a row is one sequence); leave data.align at -1")
   if config.model.get("boundaries") == "whitespace" and config.data.vocab != "byte":
     raise ConfigError("model.boundaries", "whitespace finds space-like bytes and needs "
                       f"data.vocab='byte', got {config.data.vocab!r}")

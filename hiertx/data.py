@@ -96,7 +96,10 @@ def check_data(data_cfg) -> None:
 
 
 def alignment(data_cfg, pooling_multiple: int) -> int:
-  """Where pieces may start in a row: data.align, or (-1) the model's pooling factor."""
+  """Where pieces may start in a row: data.align, or (-1) the model's pooling
+  factor; anywhere when documents see each other (a row is one sequence)."""
+  if data_cfg.get("cross_document_attention", False):
+    return 1
   return pooling_multiple if data_cfg.align == -1 else data_cfg.align
 
 
@@ -277,11 +280,17 @@ def _nonempty(targets, segments, stats, data_cfg, split):
 # Batches.
 
 
-def batch_of(targets_BxT: np.ndarray, segments_BxT: np.ndarray) -> dict:
+def batch_of(targets_BxT: np.ndarray, segments_BxT: np.ndarray,
+             cross_document: bool = False) -> dict:
   """The model's inputs for packed rows: positions restart and inputs are the
-  targets shifted right (0 first) within each piece."""
+  targets shifted right (0 first) within each piece. `cross_document`
+  (data.cross_document_attention): a row is one sequence, its pieces back to
+  back: one segment (padding stays 0), positions and the shift run on across
+  pieces, so a piece's first token is predicted from the previous EOS."""
   targets = np.asarray(targets_BxT, np.int32)
   segments = np.asarray(segments_BxT, np.int32)
+  if cross_document:
+    segments = (segments != 0).astype(np.int32)
   b, t = targets.shape
   idx = np.broadcast_to(np.arange(t), (b, t))
   start = np.ones((b, t), bool)
@@ -358,7 +367,7 @@ def train_batches(data_cfg, global_batch: int, start_step: int = 0, shard: Shard
     t = np.empty((len(rows), data_cfg.seq_len), np.int32)
     s = np.empty_like(t)
     t[order], s[order] = targets[rows[order]], segments[rows[order]]
-    return batch_of(t, s)
+    return batch_of(t, s, data_cfg.get("cross_document_attention", False))
 
   return _read_ahead(read, start_step)
 
@@ -415,7 +424,7 @@ def eval_batches(data_cfg, split: str, global_batch: int, max_batches: int,
     s = np.zeros_like(t)
     got = targets[lo:lo + local]
     t[:len(got)], s[:len(got)] = got, segments[lo:lo + local]
-    out.append(batch_of(t, s))
+    out.append(batch_of(t, s, data_cfg.get("cross_document_attention", False)))
   return out
 
 

@@ -42,12 +42,65 @@ MAX_BLOCK = 128
 MIN_BLOCK = 16
 
 
-def gpu_refusal(head_dim: int) -> str:
-  """Why the kernel cannot take a head width on GPU ('' if it can)."""
+# Shared memory one block may use (bytes), by compute capability: what the
+# launch must fit its pipelined tiles into. Unknown GPUs get the smallest.
+SHARED_MEMORY = {"9.0": 227 << 10, "8.0": 163 << 10, "8.7": 163 << 10, "8.6": 99 << 10,
+                 "8.9": 99 << 10}
+MIN_SHARED_MEMORY = 99 << 10
+
+
+def shared_memory(capability: str | None) -> int:
+  return SHARED_MEMORY.get(capability or "", MIN_SHARED_MEMORY)
+
+
+def shared_memory_need(block_q: int, block_k: int, head_dim: int, dtype, stages: int) -> int:
+  """Bytes of shared memory the largest of the three kernels asks for: its
+  resident tiles, plus `stages` buffers of the tiles its loop loads (Triton
+  pipelines each loop-carried load that many deep), plus the probability
+  tile the second matmul reads."""
+  size = jnp.dtype(dtype).itemsize
+  fwd = block_q * head_dim + stages * 2 * block_k * head_dim  # q; k, v per step
+  dq = 2 * block_q * head_dim + stages * 2 * block_k * head_dim  # q, do; k, v
+  dkv = 2 * block_k * head_dim + stages * 2 * block_q * head_dim  # k, v; q, do
+  return size * (max(fwd, dq, dkv) + block_q * block_k)
+
+
+def launch(block_q: int, block_k: int, head_dim: int, dtype, capability: str | None = None,
+           warps: int = 0, stages: int = 0) -> tuple[int, int]:
+  """(num_warps, num_stages) of the kernels; 0 picks by shape:
+  * warps: 8 where a step's tiles are large (128 x 64 scores or more at head
+    width >= 64), so each warp holds a manageable slice of the accumulator;
+    4 below, where 8 would leave warps idle.
+  * stages: 3 for half precision (tensor-core matmuls finish fast, so loads
+    need the deeper pipeline to keep up), 2 for float32; then fewer while
+    the tiles would not fit the GPU's shared memory (`gpu_refusal` refuses
+    blocks that do not fit even with 1)."""
+  if not warps:
+    warps = 8 if block_q * block_k >= 128 * 64 and head_dim >= 64 else 4
+  if not stages:
+    stages = 3 if jnp.dtype(dtype).itemsize == 2 else 2
+    budget = shared_memory(capability)
+    while stages > 1 and shared_memory_need(block_q, block_k, head_dim, dtype, stages) > budget:
+      stages -= 1
+  return warps, stages
+
+
+def gpu_refusal(head_dim: int, dtype=jnp.bfloat16, block_q: int = MIN_BLOCK,
+                block_k: int = MIN_BLOCK, capability: str | None = None, stages: int = 0) -> str:
+  """Why the kernel cannot take a site on GPU ('' if it can): a head width
+  Triton's matmuls cannot tile, or blocks whose tiles do not fit the GPU's
+  shared memory at `stages` (0: as few as `launch` would go, one)."""
   if head_dim < MIN_BLOCK or head_dim & (head_dim - 1):
     return f"head width {head_dim} is not a power of two >= {MIN_BLOCK}"
   if head_dim > MAX_BLOCK:
     return f"head width {head_dim} > {MAX_BLOCK}"
+  need = shared_memory_need(block_q, block_k, head_dim, dtype, stages or 1)
+  have = shared_memory(capability)
+  if need > have:
+    return (f"{block_q} x {block_k} blocks at head width {head_dim} in "
+            f"{jnp.dtype(dtype).name} with {stages or 1} stage(s) need {need >> 10} KiB of "
+            f"shared memory, this GPU ({capability or 'unknown'}) has {have >> 10} KiB: lower "
+            "model.attention_q_chunk / attention_k_chunk (or attention_stages)")
   return ""
 
 
@@ -205,11 +258,13 @@ def _dkv_kernel(qidx_ref, qcount_ref, qe_ref, lo_ref, qs_ref, ke_ref, ks_ref, q_
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, **static):
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret: bool, launch_ws, **static):
   from jax.experimental.pallas import triton as plgpu  # only where the kernel is built
+  warps, stages = launch_ws
   return pl.pallas_call(functools.partial(kernel, **static), grid=grid, in_specs=in_specs,
                         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-                        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
+                        compiler_params=plgpu.CompilerParams(num_warps=warps,
+                                                             num_stages=stages))
 
 
 def _specs(bq: int, bk: int, q_len: int, k_len: int, dim: int, by_key: bool):
@@ -249,17 +304,18 @@ def _in_specs(sp, bound: int, backward: bool):
   return specs + ([sp["tensor_q"], sp["stat_q"], sp["stat_q"]] if backward else [])
 
 
-def _forward(plan, ends, q, k, v, block_q, block_k, interpret):
+def _forward(plan, ends, q, k, v, block_q, block_k, interpret, launch_ws):
   kidx, kcount = plan[:2]
   b, q_len, h, dim = q.shape
   sp = _specs(block_q, block_k, q_len, k.shape[1], dim, by_key=False)
   out_shape = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, q_len), _F32))
   return _call(_forward_kernel, (b, h, q_len // block_q), _in_specs(sp, kidx.shape[-1], False),
-               (sp["tensor_q"], sp["stat_q"]), out_shape, interpret, block_k=block_k,
+               (sp["tensor_q"], sp["stat_q"]), out_shape, interpret, launch_ws, block_k=block_k,
                scale=dim ** -0.5)(kidx, kcount[..., None], *ends, q, k, v)
 
 
-def _backward(plan, ends, q, k, v, do, lse_BxHxQ, d_BxHxQ, block_q, block_k, interpret):
+def _backward(plan, ends, q, k, v, do, lse_BxHxQ, d_BxHxQ, block_q, block_k, interpret,
+              launch_ws):
   kidx, kcount, qidx, qcount = plan
   b, q_len, h, dim = q.shape
   k_len = k.shape[1]
@@ -267,35 +323,39 @@ def _backward(plan, ends, q, k, v, do, lse_BxHxQ, d_BxHxQ, block_q, block_k, int
   tensors = (q, k, v, do, lse_BxHxQ, d_BxHxQ)
   sp = _specs(block_q, block_k, q_len, k_len, dim, by_key=False)
   dq = _call(_dq_kernel, (b, h, q_len // block_q), _in_specs(sp, kidx.shape[-1], True),
-             sp["tensor_q"], jax.ShapeDtypeStruct(q.shape, q.dtype), interpret,
+             sp["tensor_q"], jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, launch_ws,
              block_k=block_k, scale=scale)(kidx, kcount[..., None], *ends, *tensors)
   sk = _specs(block_q, block_k, q_len, k_len, dim, by_key=True)
   dk, dv = _call(_dkv_kernel, (b, h, k_len // block_k), _in_specs(sk, qidx.shape[-1], True),
                  (sk["tensor_k"], sk["tensor_k"]),
                  (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-                 interpret, block_q=block_q, scale=scale)(qidx, qcount[..., None], *ends, *tensors)
+                 interpret, launch_ws, block_q=block_q, scale=scale)(
+                     qidx, qcount[..., None], *ends, *tensors)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attend_padded(plan, ends, q, k, v, block_q, block_k, interpret):
-  return _forward(plan, ends, q, k, v, block_q, block_k, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attend_padded(plan, ends, q, k, v, block_q, block_k, interpret, launch_ws):
+  return _forward(plan, ends, q, k, v, block_q, block_k, interpret, launch_ws)
 
 
-def _attend_fwd(plan, ends, q, k, v, block_q, block_k, interpret):
-  o, lse = _forward(plan, ends, q, k, v, block_q, block_k, interpret)
+def _attend_fwd(plan, ends, q, k, v, block_q, block_k, interpret, launch_ws):
+  o, lse = _forward(plan, ends, q, k, v, block_q, block_k, interpret, launch_ws)
   return (o, lse), (plan, ends, q, k, v, o, lse)
 
 
-def _attend_bwd(block_q, block_k, interpret, res, cotangents):
+def _attend_bwd(block_q, block_k, interpret, launch_ws, res, cotangents):
   plan, ends, q, k, v, o, lse = res
   do, dlse = cotangents
   # d lse / d s is the softmax, so an lse cotangent enters with the row's D.
   d = (do.astype(_F32) * o.astype(_F32)).sum(-1).transpose(0, 2, 1) - dlse.astype(_F32)
-  # A query with no allowed key: every probability 0 (exp(s - inf)).
-  lse_safe = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+  # A query with no allowed key: every probability 0 (exp(s - inf)), and its
+  # D must be finite too, since the kernels form p * (dp - D) and a merge of
+  # two empty key sets hands such a row a NaN lse cotangent.
+  none = lse == -jnp.inf
+  lse_safe, d = jnp.where(none, jnp.inf, lse), jnp.where(none, 0.0, d)
   dq, dk, dv = _backward(plan, ends, q, k, v, do.astype(q.dtype), lse_safe, d, block_q, block_k,
-                         interpret)
+                         interpret, launch_ws)
   # Integer inputs (the block lists, ends and documents) have no cotangent.
   return None, None, dq, dk, dv
 
@@ -310,16 +370,19 @@ def pad_length(x, n: int, value=0):
 
 
 def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
-           q_chunk: int = 64, k_chunk: int = 64, interpret: bool = False, q_lo=None):
+           q_chunk: int = 64, k_chunk: int = 64, interpret: bool = False, q_lo=None,
+           launch_ws: tuple[int, int] | None = None):
   """(output [B, Q, H, K], log-sum-exp [B, Q, H] float32) of end-rule attention.
 
   `q_end` [Q] and `k_end` [S] are static (numpy) or per row ([B, Q], [B, S]
   arrays); `q_lo` (like `q_end`; default none) also requires key.end > q_lo.
-  Blocks are `block_sizes` of the chunks. `interpret` runs Pallas's
+  Blocks are `block_sizes` of the chunks; `launch_ws` is (num_warps,
+  num_stages), default `launch`'s for the shape. `interpret` runs Pallas's
   interpreter (CPU)."""
   b, q_len, h, dim = q_BxQxHxK.shape
   k_len = k_BxSxHxK.shape[1]
   block_q, block_k = block_sizes(q_len, k_len, q_chunk, k_chunk)
+  launch_ws = launch_ws or launch(block_q, block_k, dim, q_BxQxHxK.dtype)
   q_pad, k_pad = -(-q_len // block_q) * block_q, -(-k_len // block_k) * block_k
   if q_lo is None:
     q_lo = np.full(q_len, _NO_LO) if isinstance(q_end, np.ndarray) else jnp.full_like(q_end, _NO_LO)
@@ -339,5 +402,5 @@ def attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg_BxS,
   q = pad_length(q_BxQxHxK, q_pad)
   k, v = pad_length(k_BxSxHxK, k_pad), pad_length(v_BxSxHxK, k_pad)
   o, lse_BxHxQ = _attend_padded(plan, (qe, lo, qs, ke, ks), q, k, v, block_q, block_k,
-                                interpret)
+                                interpret, tuple(launch_ws))
   return o[:, :q_len], lse_BxHxQ.transpose(0, 2, 1)[:, :q_len]

@@ -14,6 +14,8 @@ key/value cache with the same submodules its `__call__` uses, and the forward
 pass `remember`s what a decoder's caches are built from.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Optional
 
@@ -42,6 +44,8 @@ class BlockConfig:
   remat: str = "none"  # see REMAT_POLICIES
   scan: bool = False  # repeated blocks as one lax.scan (see scan_blocks)
   attention: attention_lib.AttentionConfig = attention_lib.AttentionConfig()
+  weight_init: str = "lecun"  # matrices' initialisation (INITS)
+  position_init: float = 0.02  # standard deviation of learned positions
 
   @property
   def head_dim(self) -> int:
@@ -52,8 +56,28 @@ class BlockConfig:
     return jnp.dtype(self.dtype)
 
 
+# While `recorded_constraints` is active: (shape, logical axes) of every
+# activation `constrain` names, so a mesh can be checked against them before
+# anything compiles (hiertx.sharding.check_fits).
+_RECORDED: contextvars.ContextVar = contextvars.ContextVar("recorded_constraints", default=None)
+
+
+@contextlib.contextmanager
+def recorded_constraints():
+  """Collects [(shape, logical axes)] of the activations constrained while active."""
+  seen = []
+  token = _RECORDED.set(seen)
+  try:
+    yield seen
+  finally:
+    _RECORDED.reset(token)
+
+
 def constrain(x: jax.Array, *axes: Optional[str]) -> jax.Array:
   """Names the logical axes of an activation for the partitioner."""
+  seen = _RECORDED.get()
+  if seen is not None:
+    seen.append((tuple(x.shape), axes))
   return nn.with_logical_constraint(x, axes)
 
 
@@ -73,6 +97,19 @@ def over_tokens(fn, x_NxD: jax.Array) -> jax.Array:
 
 def _init(axes, init=nn.initializers.lecun_normal()):
   return nn.with_logical_partitioning(init, axes)
+
+
+# Matrices' initialisation, each variance 1/fan_in times the scale: LeCun's
+# truncated normal (flax's default), or the uniform distribution on
+# +-1/sqrt(fan_in) of PyTorch's nn.Linear (variance 1/(3 fan_in)).
+INITS = {"lecun": (1.0, "truncated_normal"), "torch": (1 / 3, "uniform")}
+
+
+def kernel_init(cfg: "BlockConfig", axes, in_axis=-2, out_axis=-1):
+  """The initialiser of a matrix with logical `axes` under `cfg.weight_init`."""
+  scale, distribution = INITS[cfg.weight_init]
+  return _init(axes, nn.initializers.variance_scaling(scale, "fan_in", distribution,
+                                                      in_axis=in_axis, out_axis=out_axis))
 
 
 def remember(module: nn.Module, name: str, value) -> None:
@@ -186,8 +223,8 @@ class Attention(nn.Module):
   def setup(self):
     c = self.cfg
     shape_in, shape_out = (c.d_model, c.num_heads, c.head_dim), (c.num_heads, c.head_dim, c.d_model)
-    init_in = _init(("embed", "heads", "kv"), nn.initializers.lecun_normal(0, (1, 2)))
-    init_out = _init(("heads", "kv", "embed"), nn.initializers.lecun_normal((0, 1), 2))
+    init_in = kernel_init(c, ("embed", "heads", "kv"), 0, (1, 2))
+    init_out = kernel_init(c, ("heads", "kv", "embed"), (0, 1), 2)
     self.wq = self.param("query", init_in, shape_in)
     self.wk = self.param("key", init_in, shape_in)
     self.wv = self.param("value", init_in, shape_in)
@@ -244,9 +281,9 @@ class Mlp(nn.Module):
   def setup(self):
     c = self.cfg
     self.wi = nn.Dense(c.mlp_dim, use_bias=False, dtype=c.jnp_dtype,
-                       kernel_init=_init(("embed", "mlp")))
+                       kernel_init=kernel_init(c, ("embed", "mlp")))
     self.wo = nn.Dense(c.d_model, use_bias=False, dtype=c.jnp_dtype,
-                       kernel_init=_init(("mlp", "embed")))
+                       kernel_init=kernel_init(c, ("mlp", "embed")))
     self.drop = nn.Dropout(c.dropout)
 
   def __call__(self, x_BxTxD, deterministic: bool = True):
@@ -502,8 +539,9 @@ class Embed(nn.Module):
     self.token = self.param("token", _init(("vocab", "embed"), nn.initializers.normal(1.0)),
                             (self.vocab_size, c.d_model))
     if c.positions == "learned":
-      self.position = self.param("position", _init((None, "embed"), nn.initializers.normal(0.02)),
-                                 (self.max_len, c.d_model))
+      self.position = self.param(
+          "position", _init((None, "embed"), nn.initializers.normal(c.position_init)),
+          (self.max_len, c.d_model))
     self.drop = nn.Dropout(c.dropout)
 
   def __call__(self, tokens_BxT, positions_BxT, deterministic: bool = True):
@@ -530,7 +568,7 @@ class Head(nn.Module):
   def setup(self):
     self.ln_final = layer_norm(self.cfg.jnp_dtype)
     self.logits = nn.Dense(self.vocab_size, use_bias=False, dtype=jnp.float32,
-                           kernel_init=_init(("embed", "vocab")))
+                           kernel_init=kernel_init(self.cfg, ("embed", "vocab")))
 
   def __call__(self, x_BxTxD):
     logits_BxTxV = over_tokens(self.logits, self.ln_final(x_BxTxD))

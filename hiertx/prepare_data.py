@@ -4,6 +4,8 @@ r"""Builds a data cache ahead of a run, or exports one to carry elsewhere.
   python -m hiertx.prepare_data --config=configs/vanilla.py --split=train,validation
   # every split's pieces in one new directory (hiertx.exported)
   python -m hiertx.prepare_data --config=configs/vanilla.py --export=/tmp/stdlib_256
+  # a SentencePiece vocabulary trained on the train split (then data.vocab=it)
+  python -m hiertx.prepare_data --config=configs/vanilla.py --train_vocab=/tmp/stdlib_8k.model
 
 Reading a corpus needs seqio and TensorFlow (the `[data]` extra).
 """
@@ -18,6 +20,8 @@ from hiertx import config as config_lib
 from hiertx import corpora
 from hiertx import data
 from hiertx import models
+from hiertx import vocab as vocab_lib
+from hiertx.errors import ConfigError
 
 
 def define_flags() -> None:
@@ -28,6 +32,10 @@ def define_flags() -> None:
   flags.DEFINE_string("export", None, "Write the splits' pieces to this new directory, an "
                       "exported cache to carry to other machines (hiertx.exported); "
                       "--split defaults to all three then.")
+  flags.DEFINE_string("train_vocab", None, "Train a SentencePiece vocabulary on the config's "
+                      "train split and write it here (a .model file; then "
+                      "--config.data.vocab=<it>).")
+  flags.DEFINE_integer("vocab_size", 8192, "Pieces of the --train_vocab vocabulary.")
   flags.mark_flags_as_required(["config"])
 
 
@@ -36,13 +44,17 @@ def main(argv):
   cli.quiet_library_logs()
   config = config_lib.resolved(flags.FLAGS.config)
   cli.run(data.check_data, config.data)
+  if flags.FLAGS.train_vocab:
+    cli.run(train_vocab, config.data, flags.FLAGS.train_vocab, flags.FLAGS.vocab_size)
+    return
   if flags.FLAGS.export:
     cli.run(export, config.data, flags.FLAGS.export, flags.FLAGS.split
             if flags.FLAGS["split"].present else list(corpora.SPLITS))
     return
   align = flags.FLAGS.align or config.data.align
-  if align == -1:
-    align = models.build(config.model, 1, config.data.seq_len).pooling_multiple()
+  if align == -1:  # as a run would pack them
+    align = data.alignment(config.data, models.build(config.model, 1,
+                                                     config.data.seq_len).pooling_multiple())
   for split in flags.FLAGS.split:
     _, _, stats = cli.run(data.packed_rows, config.data, split, align)
     pad = stats["alignment_padding"] + stats["end_padding"]
@@ -52,6 +64,27 @@ def main(argv):
           f"between pieces, {stats['end_padding'] / total:.1%} at row ends "
           f"(cache: {data.cache_root(config.data)})", flush=True)
   sys.stdout.flush()
+
+
+def train_vocab(data_cfg, path: str, vocab_size: int) -> None:
+  if data_cfg.vocab != "byte":
+    raise ConfigError("data.vocab", f"{data_cfg.vocab!r}: a vocabulary is trained on the "
+                      "corpus's text, read with data.vocab='byte'")
+  byte_vocab = vocab_lib.vocabulary("byte")
+  seen = {"bytes": 0}
+
+  def texts():
+    for doc in data.documents(data_cfg, "train"):
+      text = byte_vocab.decode_bytes(doc).decode("utf-8", errors="replace")
+      seen["bytes"] += len(text)
+      yield text
+
+  print(f"training a {vocab_size}-piece SentencePiece vocabulary on the train split ...",
+        flush=True)
+  vocab_lib.train_sentencepiece(texts(), path, vocab_size)
+  vocab = vocab_lib.SentencePieceVocabulary(path)
+  print(f"wrote {path}: {vocab.vocab_size} pieces from {seen['bytes']:,} characters (train "
+        f"with --config.data.vocab={path})", flush=True)
 
 
 def export(data_cfg, directory: str, splits) -> None:

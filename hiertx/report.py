@@ -50,7 +50,7 @@ def read_run(workdir: str, name: str | None = None, overrides: dict | None = Non
          "device_peak_bytes": None, "tokens_per_s": NAN, "step": 0, "final_bpb": NAN,
          "best_bpb": NAN, "final_perplexity": NAN, "gzip_bpb": NAN, "xz_bpb": NAN,
          "final_tokens": NAN, "final_source": "", "mean_group_length": NAN,
-         "dropped_closes": NAN, "train_curve": [], "eval_curve": []}
+         "dropped_closes": NAN, "flops_per_byte": NAN, "train_curve": [], "eval_curve": []}
   info_path = storage.join(workdir, "run_info.json")
   if storage.exists(info_path):
     info = json.loads(storage.read_text(info_path))
@@ -60,7 +60,11 @@ def read_run(workdir: str, name: str | None = None, overrides: dict | None = Non
                steps=config.get("train", {}).get("steps"),
                params=int(facts["params/total"]) if "params/total" in facts else None,
                xla_peak_bytes=facts.get("memory/xla_peak_bytes", NAN),
-               analytic_peak_bytes=facts.get("memory/analytic_peak_bytes", NAN))
+               analytic_peak_bytes=facts.get("memory/analytic_peak_bytes", NAN),
+               # Model FLOPs of a step per token; per byte once the bytes a
+               # token stands for are known (below).
+               flops_per_byte=facts.get("flops/step_model", NAN) / info.get(
+                   "tokens_per_step", NAN))
   path = storage.join(workdir, "metrics.jsonl")
   if not storage.exists(path):
     return row
@@ -87,6 +91,11 @@ def read_run(workdir: str, name: str | None = None, overrides: dict | None = Non
       dropped_closes=last.get("eval/dropped_closes", NAN),
       train_curve=[(r["step"], r["train/loss"]) for r in rows if "train/loss" in r],
       eval_curve=[(r["step"], r["eval/bits_per_byte"]) for r in evals])
+  # Bytes per token from the last evaluation (loss / (bits per byte x ln 2));
+  # 1 for bytes but for EOS, about 4 for a SentencePiece vocabulary.
+  bytes_per_token = (last["eval/loss"] / (last["eval/bits_per_byte"] * math.log(2))
+                     if last.get("eval/bits_per_byte") and "eval/loss" in last else NAN)
+  row["flops_per_byte"] = row["flops_per_byte"] / bytes_per_token
   if last:
     row.update(final_tokens=last.get("eval/tokens", NAN), final_source="training")
     _prefer_later_evaluation(row, workdir, last["step"])

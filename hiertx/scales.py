@@ -178,8 +178,7 @@ class Pool(nn.Module):
   def setup(self):
     if self.kind == "linear":
       self.proj = nn.Dense(self.cfg.d_model, use_bias=False, dtype=self.cfg.jnp_dtype,
-                           kernel_init=nn.with_logical_partitioning(
-                               nn.initializers.lecun_normal(), ("mlp", "embed")))
+                           kernel_init=layers.kernel_init(self.cfg, ("mlp", "embed")))
     elif self.kind == "attention":
       self.block = layers.Block(self.cfg, cross=True)
     elif self.kind != "mean":
@@ -227,8 +226,7 @@ class Upsample(nn.Module):
   def setup(self):
     if self.kind == "linear":
       self.proj = nn.Dense(self.k * self.cfg.d_model, use_bias=False, dtype=self.cfg.jnp_dtype,
-                           kernel_init=nn.with_logical_partitioning(
-                               nn.initializers.lecun_normal(), ("embed", "mlp")))
+                           kernel_init=layers.kernel_init(self.cfg, ("embed", "mlp")))
     elif self.kind == "attention":
       self.block = layers.Block(self.cfg, cross=True)
     elif self.kind != "repeat":

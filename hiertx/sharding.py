@@ -76,3 +76,91 @@ def logical_shardings(abstract_boxed_tree, mesh, logical_rules):
   """Shardings of a pytree whose leaves may be logically partitioned boxes."""
   specs = nn.get_partition_spec(abstract_boxed_tree)
   return nn.logical_to_mesh_sharding(specs, mesh, logical_rules)
+
+
+# What a user changes to make a logically named dimension fit, by logical axis.
+_FIELD_OF = {"heads": "model.num_heads", "mlp": "model.mlp_dim", "embed": "model.d_model",
+             "kv": "the head width (model.d_model / model.num_heads)", "length": "data.seq_len",
+             "vocab": "the vocabulary (padded to a multiple of 128)",
+             "layers": "the number of scanned blocks", "batch": "the batch size"}
+
+
+def _ways(entry, shape: dict) -> tuple[tuple[str, ...], int]:
+  """The mesh axes (of more than one device) a PartitionSpec entry splits a
+  dimension over, and into how many parts."""
+  axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+  axes = tuple(a for a in axes if shape[a] > 1)
+  return axes, math.prod(shape[a] for a in axes)
+
+
+def misfit(entries, shape: dict, logical_rules):
+  """The first (what, dim size, logical name, mesh axes, parts) whose size the
+  mesh `shape` ({axis: size}) does not divide, or None. `entries` are
+  (what, shape, logical axis names) of parameters and activations."""
+  for what, dims, names in entries:
+    spec = nn.logical_to_mesh_axes(names, logical_rules)
+    for size, name, entry in zip(dims, names, spec):
+      axes, parts = _ways(entry, shape)
+      if size % parts:
+        return what, size, name, axes, parts
+  return None
+
+
+def _factorisations(n: int, k: int):
+  if k == 1:
+    yield (n,)
+    return
+  for d in range(1, n + 1):
+    if n % d == 0:
+      for rest in _factorisations(n // d, k - 1):
+        yield (d, *rest)
+
+
+def fitting_meshes(entries, shape: dict, logical_rules, limit: int = 2) -> list[dict]:
+  """Up to `limit` meshes of as many devices as `shape` that every entry fits,
+  nearest first (fewest doublings and halvings of the axes)."""
+  n = math.prod(shape.values())
+  fits = [dict(zip(AXES, f)) for f in _factorisations(n, len(AXES))]
+  fits = [m for m in fits if misfit(entries, m, logical_rules) is None]
+  far = lambda m: sum(abs(math.log2(m[a] / shape[a])) for a in AXES)  # noqa: E731
+  return sorted(fits, key=lambda m: (far(m), [-m[a] for a in AXES]))[:limit]
+
+
+def check_fits(entries, mesh, logical_rules) -> None:
+  """Refuses, in one `config.mesh.<axis>` line, a mesh that does not divide
+  a dimension some parameter or activation is sharded over by the rules."""
+  shape = dict(mesh.shape)
+  bad = misfit(entries, shape, logical_rules)
+  if bad is None:
+    return
+  what, size, name, axes, parts = bad
+  over = " x ".join(f"mesh.{a}={shape[a]}" for a in axes)
+  alternatives = [" ".join(f"--config.mesh.{a}={m[a]}" for a in AXES)
+                  for m in fitting_meshes(entries, shape, logical_rules)]
+  offer = (f"meshes of {math.prod(shape.values())} devices that fit: "
+           + "; ".join(alternatives)) if alternatives else "no mesh of these devices fits"
+  field = f"mesh.{axes[-1]}" if len(axes) == 1 else "mesh"
+  raise ConfigError(field, f"{over} splits dimension '{name}' of {what} ({size}) into {parts} "
+                    f"parts, which do not divide it; {offer}; or make "
+                    f"{_FIELD_OF.get(name, name)} a multiple of {parts}")
+
+
+def splits_beyond_batch(mesh, logical_rules) -> bool:
+  """Whether a logical axis other than the batch is split over more than one
+  device (only then can an activation's other dimensions misfit the mesh)."""
+  for name, entry in logical_rules:
+    if name != "batch" and _ways(entry, dict(mesh.shape))[1] > 1:
+      return True
+  return False
+
+
+def parameter_entries(abstract_boxed_params) -> list:
+  """(path, shape, logical names) of every logically partitioned parameter."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      abstract_boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  out = []
+  for path, leaf in leaves:
+    if isinstance(leaf, nn.LogicallyPartitioned):
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      out.append((f"parameter {name} {list(leaf.value.shape)}", leaf.value.shape, leaf.names))
+  return out

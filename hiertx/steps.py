@@ -26,6 +26,7 @@ from hiertx import checkpoint
 from hiertx import config as config_lib
 from hiertx import cost
 from hiertx import data
+from hiertx import layers
 from hiertx import metrics
 from hiertx import models
 from hiertx import optimizer
@@ -185,6 +186,27 @@ class Run:
     return metrics.summarize_eval(sums)
 
 
+def check_mesh_fits(model, abstract_boxed_params, mesh, rules, seq_len: int,
+                    batch_sizes: dict) -> None:
+  """Every dimension a parameter or activation is sharded over divides by its
+  mesh axes, or one `config.mesh.<axis>` line before anything compiles."""
+  entries = sharding.parameter_entries(abstract_boxed_params)
+  if sharding.splits_beyond_batch(mesh, rules):
+    # The activations' shapes, from a trace of the forward pass (nothing runs).
+    par = sharding.batch_parallelism(mesh)
+    ids = jax.ShapeDtypeStruct((par, seq_len), jnp.int32)
+    batch = {"inputs": ids, "segment_ids": ids, "positions": ids}
+    with layers.recorded_constraints() as seen:
+      jax.eval_shape(lambda p, b: apply_model(model, p, b), nn.unbox(abstract_boxed_params),
+                     batch)
+    # Batch dimensions are the batch sizes' (below), not this trace's.
+    entries += [(f"an activation {list(dims)[1:]} per row", dims[1:], names[1:])
+                for dims, names in dict.fromkeys(seen) if names and names[0] == "batch"]
+  entries += [(f"{section}.batch_size", (size,), ("batch",))
+              for section, size in batch_sizes.items()]
+  sharding.check_fits(entries, mesh, rules)
+
+
 def build_run(config, devices=None, check_data: bool = True) -> Run:
   """Validates the config and builds the sharded model and step functions.
 
@@ -208,7 +230,8 @@ def build_run(config, devices=None, check_data: bool = True) -> Run:
       raise ConfigError(f"model.{field}", f"{kind} runs on {needs[kind].upper()}s; these "
                         f"devices are {platform}: use blockwise")
   vocab = vocab_lib.vocabulary(config.data.vocab)
-  model = models.build(config.model, vocab.vocab_size, config.data.seq_len)
+  model = models.build(config.model, vocab.vocab_size, config.data.seq_len,
+                       config.data.get("cross_document_attention", False))
   tx = optimizer.make(config.train)
   rules = sharding.rules(config.sharding)
   seq = config.data.seq_len
@@ -219,6 +242,8 @@ def build_run(config, devices=None, check_data: bool = True) -> Run:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   abstract_boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+  check_mesh_fits(model, abstract_boxed.params, mesh, rules, seq,
+                  {s: config[s].batch_size for s in ("data", "eval")})
   state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
   abstract_state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -273,7 +298,10 @@ def compile_train_step(run: Run, config):
     compiled = run.train_step.lower(run.abstract_state, batch_spec(config, run)).compile()
   sites = sites or attention_sites(run, config)  # an earlier lowering's trace was reused
   facts = compiled_facts(compiled, run)
-  facts["attention/sites"] = "\n".join(attention.sites_text(sites))
+  lines = attention.sites_text(sites)
+  if run.model.documents == "visible":
+    lines.append("documents in a packed row see each other (data.cross_document_attention)")
+  facts["attention/sites"] = "\n".join(lines)
   return compiled, facts
 
 

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from hiertx.errors import ConfigError
+from hiertx.errors import ConfigError, FlagError
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 BYTE_OFFSET = 3  # id of byte 0 in the byte vocabulary
@@ -91,3 +91,35 @@ def vocabulary(spec: str):
     raise ConfigError("data.vocab", f"must be 'byte' or a SentencePiece model file; "
                       f"{spec!r} does not exist")
   return SentencePieceVocabulary(spec)
+
+
+def train_sentencepiece(texts, path: str, vocab_size: int, model_type: str = "unigram") -> str:
+  """Trains a SentencePiece model on `texts` (an iterable of documents) and
+  writes it to `path` (ending in .model); returns `path`. Ids as seqio's
+  SentencePiece vocabularies expect (0 pad, 1 EOS, 2 UNK, no BOS); byte
+  fallback, so every byte stays representable and bits per byte stay exact."""
+  import sentencepiece  # only for SentencePiece vocabularies
+  if not path.endswith(".model"):
+    raise FlagError("--train_vocab", f"{path!r}: a SentencePiece model path ends in .model")
+  if vocab_size < 256 + 3 + 1:
+    raise FlagError("--vocab_size", f"{vocab_size}: needs room for the 256 byte pieces, "
+                    "pad, EOS and UNK, and at least one piece more")
+
+  def lines():
+    for doc in texts:
+      # SentencePiece reads sentences; a document's lines are its sentences.
+      yield from (line for line in doc.split("\n") if line.strip())
+
+  try:
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_prefix=path[:-len(".model")], vocab_size=vocab_size,
+        model_type=model_type, byte_fallback=True, character_coverage=1.0, pad_id=0, eos_id=1,
+        unk_id=2, bos_id=-1, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        max_sentence_length=1 << 16, minloglevel=2)
+  except RuntimeError as e:
+    if "Vocabulary size too high" in str(e):  # the text has fewer distinct pieces
+      most = str(e).split("<=")[-1].strip(" .")
+      raise FlagError("--vocab_size", f"{vocab_size}: the text yields at most {most} pieces; "
+                      "ask for fewer or train on more text") from None
+    raise
+  return path

@@ -56,17 +56,26 @@ def vanilla_memory(rows: list[dict]) -> float:
   return statistics.mean(base) if base else NAN
 
 
+def vanilla_flops(rows: list[dict]) -> float:
+  """Mean training FLOPs per byte of the vanilla runs, or NaN."""
+  base = [r["flops_per_byte"] for r in rows if r["model"] == "vanilla"
+          and math.isfinite(r["flops_per_byte"])]
+  return statistics.mean(base) if base else NAN
+
+
 def run_table(rows: list[dict]) -> str:
-  base = vanilla_memory(rows)
+  base, base_flops = vanilla_memory(rows), vanilla_flops(rows)
   front = report_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in rows])
   return report_lib.markdown_table(
       ["run", "overrides", "status", "params", "XLA peak MiB", "memory / vanilla",
-       "analytic MiB", "tokens/s", "final bits/byte", "scored tokens", "scored by",
+       "analytic MiB", "train MFLOPs/byte", "FLOPs / vanilla", "tokens/s", "final bits/byte",
+       "scored tokens", "scored by",
        "best bits/byte", "final perplexity",
        "gzip -9 bits/byte", "xz -9 bits/byte", "Pareto"],
       [[r["name"], _overrides_text(r["overrides"]), _status_text(r),
         r["params"] if r["params"] is not None else "", r["xla_peak_bytes"] / 2**20,
-        r["xla_peak_bytes"] / base, r["analytic_peak_bytes"] / 2**20, r["tokens_per_s"],
+        r["xla_peak_bytes"] / base, r["analytic_peak_bytes"] / 2**20,
+        r["flops_per_byte"] / 1e6, r["flops_per_byte"] / base_flops, r["tokens_per_s"],
         r["final_bpb"], r["final_tokens"], r["final_source"], r["best_bpb"],
         r["final_perplexity"], r["gzip_bpb"], r["xz_bpb"],
         "*" if f else ""] for r, f in zip(rows, front)])
@@ -78,17 +87,18 @@ def seed_table(rows: list[dict]) -> str | None:
       {k: v for k, v in r["overrides"].items() if not k.endswith("seed")}))
   if not groups or all(len(g) == 1 for g in groups.values()):
     return None
-  base_mem = vanilla_memory(rows)
+  base_mem, base_flops = vanilla_memory(rows), vanilla_flops(rows)
   out = []
   for key, g in groups.items():
     bpb = [r["final_bpb"] for r in g]
     mem = statistics.mean(r["xla_peak_bytes"] for r in g)
-    out.append([key or "(all)", len(g), mem / 2**20, mem / base_mem,
-                statistics.mean(r["tokens_per_s"] for r in g), statistics.mean(bpb),
-                f"{min(bpb):.4f} - {max(bpb):.4f}"])
+    flops = statistics.mean(r["flops_per_byte"] for r in g)
+    out.append([key or "(all)", len(g), mem / 2**20, mem / base_mem, flops / 1e6,
+                flops / base_flops, statistics.mean(r["tokens_per_s"] for r in g),
+                statistics.mean(bpb), f"{min(bpb):.4f} - {max(bpb):.4f}"])
   return report_lib.markdown_table(
-      ["overrides", "seeds", "XLA peak MiB", "memory / vanilla", "tokens/s",
-       "mean final bits/byte", "range"], out)
+      ["overrides", "seeds", "XLA peak MiB", "memory / vanilla", "train MFLOPs/byte",
+       "FLOPs / vanilla", "tokens/s", "mean final bits/byte", "range"], out)
 
 
 def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None:

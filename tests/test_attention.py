@@ -113,6 +113,35 @@ def test_pallas_kernel_equals_dense_with_its_gradients(case):
     np.testing.assert_allclose(b, a, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["pallas", "blockwise"])
+def test_merged_parts_with_no_allowed_key_have_finite_gradients(kernel):
+  """A query with no allowed key in either of two merged key sets (both lse
+  -inf, so the merge hands each part a NaN lse cotangent): the kernels'
+  backward passes give `dense`'s gradients over the union, no NaN."""
+  q_end, k_end, q_seg, k_seg, _, _ = _pallas_case("blocks")
+  q, k, v = _inputs(37, k_end)
+  fine, coarse = slice(0, 37), slice(37, 47)
+
+  def part(q, k, v, keys):
+    if kernel == "pallas":
+      return flash.attend(q, k[:, keys], v[:, keys], q_end, k_end[keys], q_seg, k_seg[:, keys],
+                          16, 16, interpret=True)
+    return attention.blockwise(q, k[:, keys], v[:, keys], q_end, k_end[keys], q_seg,
+                               k_seg[:, keys], 16, 16)
+
+  merged = lambda q, k, v: attention.merge(part(q, k, v, fine), part(q, k, v, coarse))  # noqa: E731
+  dense = lambda q, k, v: attention.dense(  # noqa: E731
+      q, k, v, attention.end_rule_mask(q_end, k_end, q_seg, k_seg))
+  rng = np.random.default_rng(2)
+  w_o, w_l = jnp.asarray(rng.normal(size=q.shape)), jnp.asarray(rng.normal(size=q.shape[:3]))
+  assert not np.isfinite(merged(q, k, v)[1][0, 3]).any()  # the query with no key anywhere
+  gd = jax.grad(functools.partial(_loss, dense), argnums=(0, 1, 2))(q, k, v, w_o, w_l)
+  gm = jax.jit(jax.grad(functools.partial(_loss, merged), argnums=(0, 1, 2)))(q, k, v, w_o, w_l)
+  for a, b in zip(gd, gm):
+    assert np.isfinite(b).all()
+    np.testing.assert_allclose(b, a, atol=1e-4)
+
+
 def _loss_aux(fn, q, k, v, w_o, w_l):
   o, lse = fn(q, k, v)
   return (o * w_o).sum() + jnp.where(jnp.isfinite(lse), lse * w_l, 0.0).sum(), (o, lse)
@@ -248,6 +277,54 @@ def test_fused_causal_kernel_plumbing_matches_the_rule():
                          attention.end_rule_mask(coarse, coarse, cseg, cseg))[0]
   got = attention.fused_causal(q[:, :8], k[:, :8], v[:, :8], cseg, cseg, implementation=None)
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cudnn_routes_documents_without_a_mask_tensor_where_it_can(monkeypatch):
+  """Same-scale sites under `cudnn` (through its XLA implementation here):
+  documents that see each other take causal attention with no mask; with
+  documents masked, rows holding one document do too, and packed rows go to
+  the Pallas kernel's segment ids (its interpreter here) or, if asked,
+  cuDNN's masked form; each route equals `dense` under its rule on packed
+  and unpacked rows, and the site line says which route runs."""
+  monkeypatch.setattr(attention, "_backend", lambda: "gpu")
+  t = 32
+  fine = np.arange(t)
+  q, k, v = _inputs(t, fine, dtype=jnp.bfloat16)
+  packed = jnp.asarray([[1] * 9 + [2] * 20 + [0] * 3, [1] * 30 + [0] * 2])
+  single = jnp.asarray([[1] * 29 + [0] * 3, [5] * 32])
+  visible = (packed != 0).astype(jnp.int32)
+  assert not attention.one_document_rows(packed) and attention.one_document_rows(single)
+  assert attention.one_document_rows(visible)
+  assert not attention.one_document_rows(jnp.asarray([[1, 0, 1, 1]]))  # padding inside a row
+
+  def ref(seg):
+    o = attention.dense(q, k, v, attention.end_rule_mask(fine, fine, seg, seg))[0]
+    return np.asarray(jnp.where((seg != 0)[..., None, None], o, 0), np.float32)
+
+  def run(cfg, seg):
+    with attention.record_sites() as sites:
+      fn = lambda q, k, v, s: attention.attend(q, k, v, fine, fine, s, s, cfg, site="x/attn")  # noqa: E731
+      out = jax.jit(fn)(q, k, v, seg)
+      jaxpr = str(jax.make_jaxpr(fn)(q, k, v, seg))
+    live = (seg != 0)[..., None, None]
+    return np.asarray(jnp.where(live, out, 0), np.float32), sites[0].text(), jaxpr
+
+  cases = [("visible", "pallas", visible, "no mask: documents see each other"),
+           ("masked", "pallas", packed, "packed rows -> pallas (segment ids)"),
+           ("masked", "pallas", single, "packed rows -> pallas (segment ids)"),
+           ("masked", "mask", packed, f"cuDNN with a [B, 1, {t}, {t}] document bias"),
+           ("masked", "mask", single, "document bias")]
+  for documents, packed_route, seg, note in cases:
+    cfg = attention.AttentionConfig("cudnn", documents=documents, cudnn_packed=packed_route)
+    got, line, jaxpr = run(cfg, seg)
+    np.testing.assert_allclose(got, ref(seg), atol=2e-2, err_msg=f"{documents} {packed_route}")
+    assert line.startswith(f"x/attn: {t} queries x {t} keys -> cudnn (") and note in line, line
+    assert ("cond" in jaxpr) == (documents == "masked")
+    assert ("pallas_call" in jaxpr) == (documents == "masked" and packed_route == "pallas")
+  # Without the Pallas kernel at hand, packed rows take the masked form, said so.
+  monkeypatch.setattr(attention, "_pallas_interpret", lambda: False)
+  route, note = attention.cudnn_route(t, 8, jnp.bfloat16, attention.AttentionConfig("cudnn"))
+  assert route == "mask" and "pallas cannot: head width 8" in note
 
 
 def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
@@ -432,11 +509,10 @@ def test_profile_steps_write_a_trace_and_a_summary(tiny_config, tmp_path):
 
 
 def _forced_gpu(monkeypatch):
-  """`cudnn` sites traced on CPU: the backend reads as GPU and the kernel call
-  runs its XLA twin (what the fused-kernel test above checks)."""
+  """`cudnn` sites traced on CPU: the backend reads as GPU; off a GPU device
+  the kernel call runs its XLA twin (what the fused-kernel test above
+  checks), and packed rows the Pallas kernel's interpreter."""
   monkeypatch.setattr(attention, "_backend", lambda: "gpu")
-  xla_twin = attention.fused_causal
-  monkeypatch.setattr(attention, "fused_causal", lambda *a: xla_twin(*a[:5]))
 
 
 def test_sites_get_the_kernel_at_every_scale_and_nothing_falls_back_silently(monkeypatch):
@@ -470,9 +546,74 @@ def test_sites_get_the_kernel_at_every_scale_and_nothing_falls_back_silently(mon
   assert kinds == {(24, 24, "cudnn"), (8, 8, "cudnn"), (1, 3, "blockwise"),
                    (24, 8, "blockwise")}, kinds
   assert all(s.why for s in sites if s.implementation == "blockwise")
-  assert all(not s.why for s in sites if s.implementation == "cudnn")
+  route = "no mask for one-document rows; packed rows -> pallas (segment ids)"
+  assert all(s.why == route for s in sites if s.implementation == "cudnn")
   lines = attention.sites_text(sites)
-  assert len(lines) == 5 and "pre_1/block_{0..1}/attn: 8 queries x 8 keys -> cudnn [x2]" in lines, lines
+  assert len(lines) == 5, lines
+  assert f"pre_1/block_{{0..1}}/attn: 8 queries x 8 keys -> cudnn ({route}) [x2]" in lines, lines
+
+
+def test_every_gpu_kernel_limit_is_a_fallback_or_an_error_at_trace_time(monkeypatch):
+  """cuDNN's head widths (multiples of 8 up to 128) and even lengths under its
+  document mask, and the Pallas kernel's shared memory (tiles x pipeline
+  stages x dtype against the GPU's), are checked when a site is traced: the
+  site gets its fallback with the reason in its site line, or one
+  ConfigError naming it. Launches are chosen by shape; float32 sites say
+  they run without tensor cores."""
+  monkeypatch.setattr(attention, "_pallas_interpret", lambda: False)  # as on a GPU
+  monkeypatch.setattr(attention, "gpu_capability", lambda: "9.0")  # H100 / H200
+  fine, bf16, f32 = np.arange(256), jnp.bfloat16, jnp.float32
+
+  def site(cfg, q=fine, k=fine, dtype=bf16, head_dim=64):
+    with attention.record_sites() as sites:
+      kind = attention.choose("x/attn", q, k, dtype, head_dim, cfg, backend="gpu")
+    return kind, sites[0].text()
+
+  cudnn = attention.AttentionConfig("cudnn", fallback="blockwise")
+  assert site(cudnn) == ("cudnn", "x/attn: 256 queries x 256 keys -> cudnn (no mask for "
+                         "one-document rows; packed rows -> pallas (segment ids))")
+  kind, line = site(cudnn, head_dim=60)
+  assert kind == "blockwise" and "head width 60 (cuDNN takes multiples of 8 up to 128)" in line
+  # An odd length: fine without a mask, refused in cuDNN's masked form.
+  assert site(cudnn, fine[:255], fine[:255])[0] == "cudnn"
+  kind, line = site(attention.AttentionConfig("cudnn", fallback="blockwise", cudnn_packed="mask"),
+                    fine[:255], fine[:255])
+  assert kind == "blockwise" and "255 queries (cuDNN's masked form takes even lengths)" in line
+  with pytest.raises(ConfigError, match="cudnn cannot run x/attn .*head width 136"):
+    site(attention.AttentionConfig("cudnn"), head_dim=136)
+  # Pallas at 128 x 128 blocks: bfloat16 at head width 64 pipelines 3 deep
+  # with 8 warps; float32 at 128 fits no stage count in 227 KiB.
+  pallas = attention.AttentionConfig("pallas", 128, 128, fallback="blockwise")
+  assert attention.pallas_launch(256, 256, 64, bf16, pallas)[1] == (8, 3)
+  assert attention.pallas_launch(256, 256, 64, f32, pallas)[1] == (8, 1)
+  assert attention.pallas_launch(256, 256, 64, bf16, pallas, capability="8.6")[1] == (8, 1)
+  assert attention.pallas_launch(64, 64, 32, bf16, attention.AttentionConfig(
+      "pallas", 64, 64))[1] == (4, 3)
+  assert attention.pallas_launch(256, 256, 64, bf16, attention.AttentionConfig(
+      "pallas", 128, 128, warps=4, stages=2))[1] == (4, 2)  # the config's own
+  kind, line = site(pallas)
+  assert kind == "pallas" and "no tensor cores" not in line
+  kind, line = site(pallas, dtype=f32)
+  assert kind == "pallas" and "float32: IEEE matmuls, no tensor cores" in line
+  kind, line = site(pallas, dtype=f32, head_dim=128)
+  assert kind == "blockwise" and "need 320 KiB of shared memory, this GPU (9.0) has 227" in line
+  assert site(attention.AttentionConfig("pallas", 64, 64), dtype=f32, head_dim=128)[0] == "pallas"
+  # Stages asked for by the config are held to the same limit.
+  assert site(pallas, head_dim=128)[0] == "pallas"  # bfloat16 at 128: 2 stages fit
+  kind, line = site(attention.AttentionConfig("pallas", 128, 128, stages=3,
+                                              fallback="blockwise"), head_dim=128)
+  assert kind == "blockwise" and "with 3 stage(s) need 288 KiB" in line
+  with pytest.raises(ConfigError, match="attention_fallback: pallas cannot run x/attn .*shared"):
+    site(attention.AttentionConfig("cudnn", 128, 128, fallback="pallas"), fine, fine[::2] + 1,
+         f32, 128)
+  # What the kernel gets is what the site line was chosen with.
+  got = []
+  monkeypatch.setattr(attention, "_pallas_interpret", lambda: True)
+  monkeypatch.setattr(flash, "attend", lambda *a, **k: got.append(k["launch_ws"]) or (a[0], a[0]))
+  q = jnp.zeros((1, 256, 2, 64), bf16)
+  seg = jnp.ones((1, 256), jnp.int32)
+  attention.pallas_attend(q, q, q, fine, fine, seg, seg, pallas)
+  assert got == [(8, 3)]
 
 
 def test_pallas_takes_what_cudnn_and_splash_cannot_and_is_refused_off_gpus(monkeypatch):
@@ -511,3 +652,48 @@ def test_vanilla_float32_is_refused_by_cudnn_with_the_reason(monkeypatch):
   tokens = jnp.ones((1, 16), jnp.int32)
   with pytest.raises(ConfigError, match="float32 .cuDNN takes bfloat16 or float16"):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+
+
+LOWERED = {"vanilla": "paper14", "hourglass": "paper30", "top_down": "paper30",
+           "bottom_up": "paper30", "retina": "paper30"}
+
+
+@pytest.mark.parametrize("name", sorted(LOWERED))
+def test_every_site_of_the_paper_models_lowers_for_a_gpu(name, monkeypatch):
+  """Each model at its claim size, 2,048 tokens, bfloat16, head width 64,
+  under `cudnn` with the Pallas fallback: the training step (forward and
+  backward) lowers for CUDA here, as on a GPU (an abstract H200; cuDNN's
+  version check answered), every site on one of the two kernels: cuDNN
+  custom calls for the stacks, three Triton kernels per Pallas call."""
+  from jax._src.cudnn import fused_attention_stablehlo  # noqa: PLC0415  (the version check)
+  monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(attention, "_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "_pallas_interpret", lambda: False)
+  monkeypatch.setattr(attention, "gpu_capability", lambda: "9.0")
+  from hiertx import config as config_lib  # noqa: PLC0415
+  cfg = dict(config_lib.load(f"configs/{name}.py:size={LOWERED[name]}").model,
+             dtype="bfloat16", attention="cudnn", attention_fallback="pallas", max_len=2048,
+             scan_layers=True)
+  model = models.build(cfg, V, 2048)
+  assert model.d_model // model.num_heads == 64
+  tokens = jax.ShapeDtypeStruct((2, 2048), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 2048), jnp.int32))
+
+  def loss(p, tok):
+    seg, pos = jnp.ones_like(tok), jnp.broadcast_to(jnp.arange(2048), tok.shape)
+    return model.apply(p, tok, seg, pos).astype(jnp.float32).mean()
+
+  h200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+      device_kind="NVIDIA H200", num_cores=None, platform="gpu"))
+  with attention.record_sites() as sites, jax.sharding.use_abstract_mesh(h200):
+    text = jax.jit(jax.grad(loss)).trace(params, tokens).lower(
+        lowering_platforms=("cuda",)).as_text()
+  kinds = [s.implementation for s in dict.fromkeys(sites)]
+  # Retina's windows and coarsest level are not self-attention: all Pallas.
+  assert set(kinds) == ({"pallas"} if name == "retina" else {"cudnn", "pallas"}
+                        if name == "bottom_up" else {"cudnn"}), kinds
+  # Three kernels per Pallas call (forward, dq, dk/dv); every cuDNN site also
+  # carries one for packed rows; retina's windows are a call per level.
+  triton = text.count("xla.gpu.triton")
+  assert triton % 3 == 0 and triton >= 3 * len(kinds), (triton, kinds)
+  assert ("__cudnn$fmha" in text) == ("cudnn" in kinds)

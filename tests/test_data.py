@@ -210,6 +210,46 @@ def test_batches_restart_positions_and_inputs_at_each_piece():
   np.testing.assert_array_equal(b["weights"], [[1, 1, 1, 0, 1, 1, 0, 0]])
 
 
+def test_documents_that_see_each_other_make_a_row_one_sequence():
+  """data.cross_document_attention: pieces back to back (no alignment), one
+  segment per row (padding stays 0), positions and the input shift running
+  on across pieces; a model's second document then reads the first, where by
+  default it cannot; an alignment other than -1 or 1 is refused."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from hiertx import models  # noqa: PLC0415
+  b = data.batch_of(np.array([[5, 6, 7, 8, 9, 0]]), np.array([[1, 1, 1, 2, 2, 0]]), True)
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(b["inputs"], [[0, 5, 6, 7, 8, 0]])
+  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 3, 4, 0]])
+  cfg = ml_collections.ConfigDict(dict(align=-1, cross_document_attention=True))
+  assert data.alignment(cfg, 4) == 1
+  cfg.cross_document_attention = False
+  assert data.alignment(cfg, 4) == 4
+  config = config_lib.load("configs/hourglass.py:size=tiny")
+  config.data.cross_document_attention = True
+  config.data.align = 4
+  with pytest.raises(ConfigError, match="data.align: 4: with data.cross_document_attention"):
+    config_lib.validate(config)
+  rng = np.random.default_rng(0)
+  targets = rng.integers(3, 200, (1, 64)).astype(np.int32)
+  segments = np.where(np.arange(64) < 20, 1, 2)[None].astype(np.int32)
+  changed = targets.copy()
+  changed[0, :20] = rng.integers(3, 200, 20)  # only the first document differs
+  for cross, reads in ((True, True), (False, False)):
+    model = models.build(dict(config.model, attention="dense"), 259, 64, cross_document=cross)
+    logits = []
+    for t in (targets, changed):
+      b = data.batch_of(t, segments, cross)
+      if not logits:
+        params = model.init(jax.random.PRNGKey(0), jnp.asarray(b["inputs"]))
+      logits.append(model.apply(params, jnp.asarray(b["inputs"]), jnp.asarray(b["segment_ids"]),
+                                jnp.asarray(b["positions"])))
+    second = np.abs(np.asarray(logits[0] - logits[1])[0, 21:]).max()
+    assert (second > 1e-4) == reads, (cross, second)
+
+
 def test_many_files_are_split_whole_by_path_and_one_file_is_cut(tmp_path):
   for i in range(40):
     (tmp_path / f"doc{i:02d}.txt").write_text(f"file {i}\n" * 50)
@@ -252,3 +292,35 @@ def test_sentencepiece_vocabulary(tmp_path, text_file):
   docs = corpora.text_file_documents(text_file, (0.9, 0.05, 0.05), True)
   # The bytes the scored tokens stand for are the validation text's bytes.
   assert int(tb[targets].sum()) == len(docs["validation"][0])
+
+
+def test_a_vocabulary_trained_on_the_train_split_runs_with_exact_bits_per_byte(tmp_path,
+                                                                               text_file):
+  """prepare_data --train_vocab: a SentencePiece model trained on the
+  config's train split (seqio's ids: 0 pad, 1 EOS, 2 UNK; byte fallback), so
+  a run can compare tokenizations; its tokens stand for exactly the split's
+  bytes; paths and sizes that cannot work are one-line errors."""
+  from hiertx import prepare_data  # noqa: PLC0415
+  from hiertx.errors import FlagError  # noqa: PLC0415
+  path = str(tmp_path / "corpus_320.model")
+  cfg = data_cfg(text_files=text_file)
+  with pytest.raises(FlagError, match="--vocab_size: 400: the text yields at most 3"):
+    prepare_data.train_vocab(cfg, path, 400)
+  prepare_data.train_vocab(cfg, path, 320)
+  vocab = vocab_lib.vocabulary(path)
+  sp = vocab.tokenizer
+  assert vocab.vocab_size == 320 and (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (
+      0, 1, 2, -1)
+  text = "line 12: the quick brown fox \u2713"  # a character the corpus never had
+  assert vocab.decode(vocab.encode(text)) == text  # byte fallback
+  spm_cfg = data_cfg(text_files=text_file, vocab=path)
+  evals = data.eval_batches(spm_cfg, "validation", 4, 50)
+  targets = np.concatenate([b["targets"][b["weights"] > 0] for b in evals])
+  docs = corpora.text_file_documents(text_file, (0.9, 0.05, 0.05), True)
+  assert int(vocab.token_bytes()[targets].sum()) == len(docs["validation"][0])
+  with pytest.raises(FlagError, match="--train_vocab: .* ends in .model"):
+    vocab_lib.train_sentencepiece(["x"], str(tmp_path / "v.spm"), 300)
+  with pytest.raises(FlagError, match="--vocab_size: 100: needs room for the 256 byte"):
+    vocab_lib.train_sentencepiece(["x"], path, 100)
+  with pytest.raises(ConfigError, match="data.vocab: .* trained on the corpus's text"):
+    prepare_data.train_vocab(spm_cfg, str(tmp_path / "again.model"), 300)

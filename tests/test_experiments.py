@@ -166,3 +166,38 @@ def test_claim_device_trains_in_its_own_process_and_scores_the_whole_split(tmp_p
                          timeout=300)
   assert again.returncode == 0 and "finished before, not rerun" in again.stdout
   assert rows[0][4] in again.stdout
+
+
+def test_gpu_check_dry_run_ends_in_one_summary_table(tmp_path):
+  """experiments/gpu_check.sh at tiny sizes on CPU: its bench parts and the
+  profile (trained from an exported cache, so no TensorFlow is needed where
+  it runs) finish, and it ends in the summary table with tokens/s, MFU, the
+  hourglass/vanilla ratio and each site's kernel; a missing cache is named
+  with the command that makes it."""
+  from hiertx import config as config_lib  # noqa: PLC0415
+  from hiertx import data  # noqa: PLC0415
+  cache = tmp_path / "cache_64"  # what prepare_data --export writes, from the suite's cache
+  config = config_lib.resolved(config_lib.load(os.path.join(ROOT, "configs/hourglass.py")
+                                               + ":size=tiny"))
+  data.export(config.data, str(cache), ["train", "validation"])
+  env = {**one_device_env(), "SHAPE": "2x64", "WIDTH": "", "DTYPE": "", "SIZE14": "tiny",
+         "SIZE30": "tiny", "ATTENTION": "", "STEPS": "1", "CACHE": str(cache),
+         "PARTS": "vanilla hourglass profile", "PYTHON": sys.executable}
+  out = tmp_path / "out"
+  r = subprocess.run(["bash", "experiments/gpu_check.sh", str(out)], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+  summary = r.stdout.split("== summary")[1]
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+          for line in summary.splitlines() if line.startswith("| ")}
+  for part, sites in (("vanilla", "blockwise 2"), ("hourglass", "blockwise 5")):
+    assert rows[part][1:3] == ["2x64", "float32"] and rows[part][7] == sites, rows
+    assert float(rows[part][3].replace(",", "")) > 0 and rows[part][5].endswith("%")
+  ratio = float(rows["hourglass / vanilla step time"][1])
+  assert 0 < ratio < 20 and "not finished" not in summary
+  assert "ms of ops in the traced steps" in (out / "profile_top.txt").read_text()
+  r = subprocess.run(["bash", "experiments/gpu_check.sh", str(tmp_path / "again")], cwd=ROOT,
+                     env={**env, "CACHE": str(tmp_path / "none"), "PARTS": "profile"},
+                     capture_output=True, text=True, timeout=300)
+  assert f"error: no exported cache at {tmp_path / 'none'}" in r.stdout
+  assert "not finished:\n- profile: error: no exported cache" in r.stdout

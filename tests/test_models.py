@@ -295,3 +295,30 @@ def test_projections_contract_one_token_axis():
   grad_text = jax.jit(jax.grad(lambda w: jnp.sum(project(w) ** 2))).lower(w_DxF).as_text()
   contractions = re.findall(r"contracting_dims = \[([\d, ]*)\]", grad_text)
   assert contractions and all("," not in dims for dims in contractions), contractions
+
+
+def test_initialisations_are_the_configured_ones():
+  """model.weight_init: LeCun's truncated normal (variance 1/fan_in) or
+  PyTorch nn.Linear's uniform on +-1/sqrt(fan_in); model.position_init: the
+  learned positions' standard deviation (0.02, or 1.0 as nn.Embedding)."""
+  def params(**kw):
+    model = models.build(dict(name="hourglass", hierarchy="1@1 1@2 1@1", d_model=64,
+                              num_heads=4, mlp_dim=256, max_len=512, **kw), V, 64)
+    return nn.unbox(model.init(jax.random.PRNGKey(0), jnp.ones((1, 8), jnp.int32))["params"])
+
+  lecun, torch = params(), params(weight_init="torch", position_init=1.0)
+  for p, bound_std in ((lecun, None), (torch, 1 / np.sqrt(3))):
+    wi = np.asarray(p["pre_0"]["block_0"]["mlp"]["wi"]["kernel"])  # fan_in 64
+    query = np.asarray(p["pre_0"]["block_0"]["attn"]["query"])  # [D, H, K], fan_in 64
+    for w in (wi, query):
+      std = w.std() * np.sqrt(64)
+      if bound_std is None:  # cut at 2 sigma of a normal widened to keep the variance
+        assert abs(std - 1) < 0.05 and np.abs(w).max() <= 2 / (0.8796 * np.sqrt(64))
+      else:
+        assert abs(std - bound_std) < 0.03 and np.abs(w).max() <= 1 / np.sqrt(64)
+    out = np.asarray(p["pre_0"]["block_0"]["mlp"]["wo"]["kernel"])  # fan_in 256
+    assert abs(out.std() * 16 - (bound_std or 1)) < 0.03
+  assert abs(np.asarray(lecun["embed"]["position"]).std() - 0.02) < 0.002
+  assert abs(np.asarray(torch["embed"]["position"]).std() - 1.0) < 0.05
+  with pytest.raises(Exception, match="model.weight_init: 'xavier' is not one of"):
+    params(weight_init="xavier")

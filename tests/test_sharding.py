@@ -87,6 +87,54 @@ def test_bad_meshes_fail_before_compiling(tiny_config, tmp_path):
     steps.build_run(config)
 
 
+@pytest.mark.parametrize("case", ["heads", "embed", "mlp", "coarse length"])
+def test_a_mesh_that_misfits_a_dimension_is_one_config_line_before_compiling(tiny_config, case):
+  """Each kind of misfit (a parameter's heads, width under fsdp, MLP width; a
+  coarse scale's length under `length` sharding) is one `config.mesh.<axis>`
+  line naming the dimension, with meshes that fit, before anything compiles;
+  the meshes it offers build."""
+  name, mesh, model, expect = {
+      "heads": ("vanilla", dict(data=1, tensor=8), {}, r"mesh.tensor: .*'heads' .*\(2\) into 8"),
+      "embed": ("vanilla", dict(data=1, fsdp=8), dict(d_model=36, num_heads=2),
+                r"mesh.fsdp: .*'embed' .*\(36\) into 8"),
+      "mlp": ("vanilla", dict(data=4, tensor=2), dict(mlp_dim=65),
+              r"mesh.tensor: .*'mlp' .*\(65\) into 2"),
+      "coarse length": ("hourglass", dict(data=1, tensor=8), dict(d_model=64, num_heads=8),
+                        r"mesh.tensor: .*'length' of an activation \[12, 64\] per row"),
+  }[case]
+  config = tiny_config(name)
+  config.model.update(model)
+  config.mesh.update(dict(dict(data=1, fsdp=1, tensor=1), **mesh))
+  if case == "coarse length":  # hourglass tiny at 48 tokens: scales of 48, 24 and 12
+    config.data.seq_len = 48
+    config.sharding.rules = tuple((n, "tensor" if n == "length" else ax)
+                                  for n, ax in config.sharding.rules)
+  compiled = []
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax.stages.Lowered, "compile", lambda *a, **k: compiled.append(1))
+    with pytest.raises(ConfigError, match=expect) as e:
+      steps.build_run(config, check_data=False)
+  assert not compiled and "\n" not in str(e.value)
+  assert "meshes of 8 devices that fit" in str(e.value)
+  offered = str(e.value).split("that fit: ")[1].split("; or make")[0].split("; ")
+  for flags_text in offered:
+    fit = {f.split("=")[0].split(".")[-1]: int(f.split("=")[1]) for f in flags_text.split()}
+    config.mesh.update(fit)
+    steps.build_run(config, check_data=False)  # no error: the offered mesh fits
+
+
+def test_tensor_parallel_alone_matches_one_device(tiny_config):
+  """All 8 devices on the tensor axis (8 heads): the one-device losses."""
+  config = tiny_config("vanilla", model__num_heads=8, model__d_model=64, model__mlp_dim=128)
+  single, _, initial = _losses(tiny_config("vanilla", mesh__data=1, model__num_heads=8,
+                                           model__d_model=64, model__mlp_dim=128),
+                               jax.devices()[:1], n_steps=1)
+  config.mesh.update(dict(data=1, fsdp=1, tensor=8))
+  got, state, _ = _losses(config, jax.devices(), initial=initial, n_steps=1)
+  np.testing.assert_allclose(got, single, rtol=2e-5)
+  assert state.params["blocks"]["block_0"]["attn"]["query"].sharding.spec[1] == "tensor"
+
+
 def test_checkpoint_restores_onto_other_meshes(tiny_config, tmp_path):
   config = tiny_config("bottom_up", train__steps=10, eval__every=10)
   config.mesh.update(MESHES["fsdp8"])

@@ -119,6 +119,11 @@ def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
   assert 0 < rows[0]["gzip_bpb"] < 8 and 0 < rows[0]["xz_bpb"] < 8
   assert all(r["model"] == "vanilla" for r in rows[:2])
   assert rows[0]["step"] == 4 and rows[0]["final_bpb"] > 0 and rows[0]["xla_peak_bytes"] > 0
+  # Training FLOPs per byte: the step's model FLOPs over the bytes its tokens stand for.
+  info = json.loads((sweep_dir / "num_heads-2" / "run_info.json").read_text())
+  per_token = info["facts"]["flops/step_model"] / info["tokens_per_step"]
+  assert per_token <= rows[0]["flops_per_byte"] < 1.1 * per_token  # EOS: a token, no byte
+  assert "| train MFLOPs/byte | FLOPs / vanilla |" in md
   for png in ("loss_curves.png", "bpb_vs_memory.png"):
     assert os.path.getsize(sweep_dir / png) > 10_000
 

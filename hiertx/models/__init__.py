@@ -25,7 +25,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> tuple[type, dict]:
   if name not in MODELS:
     raise ConfigError("model.name", f"unknown model {name!r}; choose one of {sorted(MODELS)}")
   cls = MODELS[name]
-  fields = base.field_names(cls) - {"vocab_size"}
+  fields = base.field_names(cls) - {"vocab_size", "documents"}
   unknown = sorted(set(cfg) - fields)
   if unknown:
     raise ConfigError(f"model.{unknown[0]}", f"is not a field of the {name} model; "
@@ -40,9 +40,12 @@ def check(model_cfg: Mapping[str, Any], seq_len: int) -> None:
   cls.check_config(cfg, seq_len)
 
 
-def build(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int) -> base.LanguageModel:
-  """The model a `config.model` section describes, validated for `seq_len`."""
+def build(model_cfg: Mapping[str, Any], vocab_size: int, seq_len: int,
+          cross_document: bool = False) -> base.LanguageModel:
+  """The model a `config.model` section describes, validated for `seq_len`;
+  `cross_document` (data.cross_document_attention): documents of a packed
+  row see each other."""
   cls, cfg = resolve(model_cfg)
   cls.check_config(cfg, seq_len)
   cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-  return cls(vocab_size=vocab_size, **cfg)
+  return cls(vocab_size=vocab_size, documents="visible" if cross_document else "masked", **cfg)

@@ -72,6 +72,9 @@ class LanguageModel(nn.Module):
   positions: str = "learned"
   max_len: int = 2048
   dtype: str = "float32"
+  # Matrices' initialisation (hiertx.layers.INITS) and learned positions' std.
+  weight_init: str = "lecun"
+  position_init: float = 0.02
   remat: str = "none"  # none | block | dots (hiertx.layers.REMAT_POLICIES)
   scan_layers: bool = False  # repeated blocks as one lax.scan, parameters stacked
   attention: str = "blockwise"  # dense | blockwise | cudnn | splash | pallas (hiertx.attention)
@@ -80,6 +83,14 @@ class LanguageModel(nn.Module):
   # What a site the kernel (cudnn, splash, pallas) cannot take runs:
   # error | blockwise | dense | pallas.
   attention_fallback: str = "error"
+  # The Pallas kernel's launch on GPUs: warps and pipeline stages (0: chosen
+  # by block size and dtype, hiertx.flash.launch).
+  attention_warps: int = 0
+  attention_stages: int = 0
+  # attention=cudnn with documents masked: rows holding one document run
+  # cuDNN without a mask; packed rows run `pallas` (segment ids in the
+  # kernel) or `mask` (cuDNN with a [B, 1, T, T] document bias).
+  attention_cudnn_packed: str = "pallas"
   # Content groups for the first shortening (hiertx.boundaries), in models
   # with CONTENT_GROUPS: the source, at most `max_group` bytes per group,
   # slots per row = group_capacity * T / k (k: the model's first shortening).
@@ -94,6 +105,11 @@ class LanguageModel(nn.Module):
   entropy_trains_trunk: bool = False
   ratio_loss_weight: float = 0.03  # boundaries=dynamic: H-Net's ratio loss toward 1/k
 
+  # Not a config field: set from data.cross_document_attention by the run
+  # ("masked": documents of a packed row never see each other; "visible":
+  # a row is one causal sequence, segment ids only mark trailing padding).
+  documents: str = "masked"
+
   CONTENT_GROUPS = False  # whether the first shortening may group by content
 
   @property
@@ -102,7 +118,10 @@ class LanguageModel(nn.Module):
         self.d_model, self.num_heads, self.mlp_dim, self.dropout, self.positions, self.dtype,
         self.remat, self.scan_layers,
         attention_lib.AttentionConfig(self.attention, self.attention_q_chunk,
-                                      self.attention_k_chunk, self.attention_fallback))
+                                      self.attention_k_chunk, self.attention_fallback,
+                                      self.attention_warps, self.attention_stages,
+                                      self.documents, self.attention_cudnn_packed),
+        self.weight_init, self.position_init)
 
   @property
   def padded_vocab(self) -> int:
@@ -283,6 +302,11 @@ class LanguageModel(nn.Module):
     """Raises ConfigError naming the first field that cannot work."""
     positive(cfg, "d_model", "num_heads", "mlp_dim", "max_len", "attention_q_chunk",
               "attention_k_chunk")
+    for name, allowed in (("attention_warps", (0, 1, 2, 4, 8, 16)),
+                          ("attention_stages", (0, 1, 2, 3, 4, 5))):
+      if cfg[name] not in allowed:
+        raise ConfigError(f"model.{name}", f"must be one of {allowed} (0: chosen by shape), "
+                          f"got {cfg[name]!r}")
     if cfg["d_model"] % cfg["num_heads"]:
       raise ConfigError("model.num_heads", f"{cfg['num_heads']} does not divide "
                         f"model.d_model={cfg['d_model']}")
@@ -290,9 +314,14 @@ class LanguageModel(nn.Module):
       raise ConfigError("model.dropout", f"must be in [0, 1), got {cfg['dropout']}")
     choice(cfg, "positions", POSITIONS)
     choice(cfg, "dtype", DTYPES)
+    choice(cfg, "weight_init", tuple(layers.INITS))
+    if not isinstance(cfg["position_init"], (int, float)) or not cfg["position_init"] >= 0:
+      raise ConfigError("model.position_init", "must be a standard deviation >= 0, got "
+                        f"{cfg['position_init']!r}")
     choice(cfg, "remat", ("none", *layers.REMAT_POLICIES))
     choice(cfg, "attention", attention_lib.KINDS)
     choice(cfg, "attention_fallback", attention_lib.FALLBACKS)
+    choice(cfg, "attention_cudnn_packed", attention_lib.CUDNN_PACKED)
     for name in ("scan_layers", "entropy_trains_trunk"):
       if not isinstance(cfg[name], bool):
         raise ConfigError(f"model.{name}", f"must be True or False, got {cfg[name]!r}")

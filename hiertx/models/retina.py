@@ -143,7 +143,7 @@ class RetinaAttention(nn.Module):
     # static mask `dense` uses (its all-false blocks skipped); cuDNN cannot
     # take the windows: one key set per query chunk, gathered.
     if cfg.kind == "pallas" and chunked:
-      why = attention.pallas_refusal(q.shape[-1])
+      why = attention.pallas_refusal(q.shape[-1], None, q.dtype, fine.length, keys, cfg)
     elif cfg.kind == "splash" and chunked:
       why = attention.splash_refusal(np.arange(fine.length), np.arange(keys))
     elif cfg.kind in attention.KERNELS:
