@@ -14,7 +14,6 @@ row; each process feeds the rows of its place along the batch axes.
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -24,10 +23,9 @@ import traceback
 import numpy as np
 from absl import app, flags
 
-from hiertx import cli, report
+from hiertx import cli, report, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AXES = ("data", "fsdp", "tensor")
 MODELS = ("vanilla.py:size=tiny", "bottom_up.py:size=tiny", "top_down.py:size=tiny",
           "retina.py:size=tiny", "hourglass.py:size=tiny",
           "hourglass.py:size=tiny;model.hierarchy='1@1 1@4 1@1';model.boundaries=dynamic")
@@ -42,16 +40,6 @@ def define_flags() -> None:
   flags.DEFINE_multi_integer("processes", [1, 2], "Process counts to run the meshes on "
                              "(each must divide --devices).", lower_bound=1)
   flags.DEFINE_string("worker", None, "Internal: a JSON job for one process of a run.")
-
-
-def meshes(n: int) -> list[dict]:
-  """Every (data, fsdp, tensor) with product n, data-heavy first."""
-  out = []
-  for d in range(n, 0, -1):
-    for f in range(n // d, 0, -1):
-      if n % (d * f) == 0:
-        out.append(dict(data=d, fsdp=f, tensor=n // (d * f)))
-  return [m for m in out if math.prod(m.values()) == n]
 
 
 def load(spec: str, common: list[str]):
@@ -160,7 +148,7 @@ def main(argv):
       sys.exit(f"error: --processes={p} does not divide --devices={f.devices}")
   for spec in f.models:  # a bad model or override is one line before anything runs
     cli.run(load, spec, f.set)
-  job = {"models": f.models, "set": f.set, "meshes": meshes(f.devices)}
+  job = {"models": f.models, "set": f.set, "meshes": sharding.factorisations(f.devices)}
   print(f"{len(f.models)} models x {len(job['meshes'])} meshes of {f.devices} devices, "
         f"in {' and '.join(map(str, f.processes))} process(es) ...", flush=True)
   reference = {c["model"]: c.get("loss") for c in run_processes(
@@ -170,7 +158,7 @@ def main(argv):
     for c in run_processes(job, p, f.devices):
       v = verdict(c, reference[c["model"]])
       defects += v.startswith(("FAILED", "WRONG"))
-      rows.append([c["model"], p, " ".join(f"{a}={c['mesh'][a]}" for a in AXES), v])
+      rows.append([c["model"], p, " ".join(f"{a}={c['mesh'][a]}" for a in sharding.AXES), v])
   print(report.markdown_table(["model", "processes", "mesh", "first step"], rows))
   print(f"\n{len(rows)} cells: {sum(r[3].startswith('trains') for r in rows)} train, "
         f"{sum(r[3].startswith('refused') for r in rows)} refused in one line, {defects} defects")

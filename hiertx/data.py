@@ -95,10 +95,15 @@ def check_data(data_cfg) -> None:
                     "validation fraction in data.split_fractions")
 
 
+def cross_document(data_cfg) -> bool:
+  """data.cross_document_attention (false for configs saved before it)."""
+  return bool(data_cfg.get("cross_document_attention", False))
+
+
 def alignment(data_cfg, pooling_multiple: int) -> int:
   """Where pieces may start in a row: data.align, or (-1) the model's pooling
   factor; anywhere when documents see each other (a row is one sequence)."""
-  if data_cfg.get("cross_document_attention", False):
+  if cross_document(data_cfg):
     return 1
   return pooling_multiple if data_cfg.align == -1 else data_cfg.align
 
@@ -367,7 +372,7 @@ def train_batches(data_cfg, global_batch: int, start_step: int = 0, shard: Shard
     t = np.empty((len(rows), data_cfg.seq_len), np.int32)
     s = np.empty_like(t)
     t[order], s[order] = targets[rows[order]], segments[rows[order]]
-    return batch_of(t, s, data_cfg.get("cross_document_attention", False))
+    return batch_of(t, s, cross_document(data_cfg))
 
   return _read_ahead(read, start_step)
 
@@ -424,7 +429,7 @@ def eval_batches(data_cfg, split: str, global_batch: int, max_batches: int,
     s = np.zeros_like(t)
     got = targets[lo:lo + local]
     t[:len(got)], s[:len(got)] = got, segments[lo:lo + local]
-    out.append(batch_of(t, s, data_cfg.get("cross_document_attention", False)))
+    out.append(batch_of(t, s, cross_document(data_cfg)))
   return out
 
 

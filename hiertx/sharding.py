@@ -106,22 +106,17 @@ def misfit(entries, shape: dict, logical_rules):
   return None
 
 
-def _factorisations(n: int, k: int):
-  if k == 1:
-    yield (n,)
-    return
-  for d in range(1, n + 1):
-    if n % d == 0:
-      for rest in _factorisations(n // d, k - 1):
-        yield (d, *rest)
+def factorisations(n: int) -> list[dict]:
+  """Every mesh {data, fsdp, tensor} of `n` devices, data-heavy first."""
+  return [dict(zip(AXES, (d, f, n // (d * f)))) for d in range(n, 0, -1) if n % d == 0
+          for f in range(n // d, 0, -1) if (n // d) % f == 0]
 
 
 def fitting_meshes(entries, shape: dict, logical_rules, limit: int = 2) -> list[dict]:
   """Up to `limit` meshes of as many devices as `shape` that every entry fits,
   nearest first (fewest doublings and halvings of the axes)."""
-  n = math.prod(shape.values())
-  fits = [dict(zip(AXES, f)) for f in _factorisations(n, len(AXES))]
-  fits = [m for m in fits if misfit(entries, m, logical_rules) is None]
+  fits = [m for m in factorisations(math.prod(shape.values()))
+          if misfit(entries, m, logical_rules) is None]
   far = lambda m: sum(abs(math.log2(m[a] / shape[a])) for a in AXES)  # noqa: E731
   return sorted(fits, key=lambda m: (far(m), [-m[a] for a in AXES]))[:limit]
 

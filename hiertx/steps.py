@@ -231,7 +231,7 @@ def build_run(config, devices=None, check_data: bool = True) -> Run:
                         f"devices are {platform}: use blockwise")
   vocab = vocab_lib.vocabulary(config.data.vocab)
   model = models.build(config.model, vocab.vocab_size, config.data.seq_len,
-                       config.data.get("cross_document_attention", False))
+                       data.cross_document(config.data))
   tx = optimizer.make(config.train)
   rules = sharding.rules(config.sharding)
   seq = config.data.seq_len
