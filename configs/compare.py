@@ -30,10 +30,11 @@ order as well as initialisation:
                `-- --config.data.text_files=...` for local text instead).
   boundaries   hourglass small ('2@1 4@4 2@1', width 128) with each boundary
                source for its shortening: fixed every 4 bytes (and every 8),
-               whitespace, entropy above 4.4 bits, learned (no noise; and once
-               with Gumbel noise), dynamic (H-Net's routing; and once toward
-               1/8), two seeds, sequence 256, batch 8, 1,000 steps; 14 runs of
-               about 8 minutes each on 2 CPU cores.
+               whitespace, entropy above 4.4 bits, learned (DTP's gradient; no
+               noise, and once with Gumbel noise), dynamic (H-Net's chunking;
+               once toward 1/8) and dynamic in two stages (H-Net's 2-stage
+               model, '2@1 1@2 4@4 1@2 2@1'), two seeds, sequence 256, batch 8,
+               1,000 steps; 16 runs of about 8-15 minutes each on 2 CPU cores.
                experiments/boundaries.py tabulates it per corpus.
   hourglass_pairs
                the Hourglass paper's equal-memory pairs (Nawrot et al. 2021,
@@ -152,7 +153,9 @@ _BOUNDARY_ARMS = [
     # of a run at 3 bits (experiments/boundaries.py --calibrate), i.e. k = 4.
     {"model.boundaries": "entropy", "model.entropy_threshold": 4.4},
     {"model.boundaries": "learned", "model.boundary_temperature": 0.0},
-    {"model.boundaries": "dynamic"},  # H-Net's routing, ratio loss toward 1/k
+    {"model.boundaries": "dynamic"},  # H-Net's chunking, ratio loss toward 1/k
+    # H-Net's 2-stage model: bytes -> chunks (1/2) -> chunks of chunks (1/2).
+    {"model.boundaries": "dynamic", "model.hierarchy": "2@1 1@2 4@4 1@2 2@1"},
 ]
 
 

@@ -17,9 +17,12 @@ that closes a group at a share 1/k of them gives a mean group length near k.
   python experiments/boundaries.py --calibrate=/tmp/sweeps/bnd_stdlib/seed-0.boundaries-entropy
 
 Columns: validation bits per byte at the last step (each seed, and their
-mean), XLA peak memory of the train step, median training tokens/s, and the
+mean), XLA peak memory of the train step, median training tokens/s, the
 mean group length and share of dropped closes at the last evaluation (fixed
-groups are k bytes by construction). Writes `--plot` (PNG).
+groups are k bytes by construction), and the training step's FLOPs per byte
+(XLA's count): each source compares with the others at equal mean group
+length and at equal FLOPs per byte (H-Net's and SpaceByte's protocol). Writes
+`--plot` (PNG): bits per byte against each.
 """
 
 import math
@@ -62,8 +65,14 @@ def arm_of(model: dict) -> str:
   if source == "entropy":
     return f"entropy > {model['entropy_threshold']:g} bits"
   if source == "learned":
-    return f"learned, noise {model['boundary_temperature']:g}"
+    predictor = " (DTP predictor)" if model.get("boundary_predictor") == "dtp" else ""
+    return f"learned{predictor}, noise {model['boundary_temperature']:g}"
   if source == "dynamic":  # its ratio loss aims at 1/k of the bytes
+    factors = (hourglass.parse_hierarchy(model["hierarchy"])[2]
+               if model["name"] == "hourglass" else [1, k])
+    if len(factors) > 2:  # H-Net's 2-stage model, a target per stage
+      return "dynamic 2-stage, targets " + ", ".join(
+          f"1/{b // a}" for a, b in zip(factors, factors[1:]))
     return f"dynamic, target 1/{k}"
   return source
 
@@ -92,34 +101,42 @@ def table(rows: list[dict]) -> tuple[str, list[dict]]:
     dropped = statistics.mean(r["dropped_closes"] for r in rs)
     if source.startswith("fixed"):
       group = float(source.split("=")[1])
+    flops = statistics.mean(r["flops_per_byte"] for r in rs)
     summary.append({"corpus": corpus, "boundaries": source, "bpb": bpb, "mean": mean,
-                    "group": group})
+                    "group": group, "flops": flops})
     out.append([corpus, source, len(rs), ", ".join(f"{b:.3f}" for b in bpb), f"{mean:.3f}",
                 statistics.mean(r["xla_peak_bytes"] for r in rs) / 2**20,
                 statistics.median(r["tokens_per_s"] for r in rs), group,
-                "0" if source.startswith("fixed") or math.isnan(dropped) else f"{dropped:.2%}"])
+                "0" if source.startswith("fixed") or math.isnan(dropped) else f"{dropped:.2%}",
+                "n/a" if math.isnan(flops) else f"{flops / 1e6:.2f}"])
   header = ["corpus", "boundaries", "seeds", "bits/byte per seed", "mean bits/byte",
-            "XLA peak MiB", "tokens/s", "mean group bytes", "dropped closes"]
+            "XLA peak MiB", "tokens/s", "mean group bytes", "dropped closes",
+            "training MFLOPs/byte"]
   return report.markdown_table(header, out), summary
 
 
 def plot(summary: list[dict], path: str) -> None:
-  """Per corpus: bits per byte against mean group length, a point per seed,
-  each arm labelled (fixed arms in blue)."""
+  """Per corpus (a column each): bits per byte against mean group length
+  (top) and against training FLOPs per byte (bottom, where measured), a
+  point per seed, each arm labelled (fixed arms in blue)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   corpora = sorted({s["corpus"] for s in summary})
-  fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4), squeeze=False)
-  for ax, corpus in zip(axes[0], corpora):
-    for s in (s for s in summary if s["corpus"] == corpus):
-      color = "C0" if s["boundaries"].startswith("fixed") else "C1"
-      ax.scatter([s["group"]] * len(s["bpb"]), s["bpb"], color=color, s=16)
-      ax.annotate(s["boundaries"], (s["group"], s["mean"]), fontsize=7,
-                  xytext=(4, 0), textcoords="offset points")
-    ax.set_title(corpus)
-    ax.set_xlabel("mean group length (bytes)")
-    ax.set_ylabel("validation bits/byte (a point per seed)")
+  fig, axes = plt.subplots(2, len(corpora), figsize=(5.5 * len(corpora), 8), squeeze=False)
+  for col, corpus in enumerate(corpora):
+    for row, (key, label) in enumerate((("group", "mean group length (bytes)"),
+                                        ("flops", "training MFLOPs per byte"))):
+      ax = axes[row][col]
+      for s in (s for s in summary if s["corpus"] == corpus and not math.isnan(s[key])):
+        x = s[key] / (1e6 if key == "flops" else 1)
+        color = "C0" if s["boundaries"].startswith("fixed") else "C1"
+        ax.scatter([x] * len(s["bpb"]), s["bpb"], color=color, s=16)
+        ax.annotate(s["boundaries"], (x, s["mean"]), fontsize=7,
+                    xytext=(4, 0), textcoords="offset points")
+      ax.set_title(corpus)
+      ax.set_xlabel(label)
+      ax.set_ylabel("validation bits/byte (a point per seed)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 

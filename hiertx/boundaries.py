@@ -93,7 +93,9 @@ def budget(pos, k: int, capacity: float):
 
 def num_slots(length: int, k: int, capacity: float) -> int:
   """Coarse slots per row for `length` fine positions (the documents' budgets
-  sum to at most this)."""
+  sum to at most this; capacity 0, no budget: every position may close)."""
+  if not capacity:
+    return max(1, length)
   return max(1, int(budget(np.int64(max(length, 1) - 1), k, capacity)))
 
 
@@ -110,23 +112,26 @@ def whitespace_wants(tokens_BxT, pos_BxT):
 
 
 def close_step(carry, want_B, pos_B, seg_B, t, *, k: int, capacity: float, max_group: int):
-  """One position of the close rules. carry = (last close position, or the
+  """One position of the close rules (`max_group` 0: no forced closes;
+  `capacity` 0: no dropped closes). carry = (last close position, or the
   document's start - 1 [B]; groups of the row so far [B]; of the document so
-  far [B]); returns the new carry and (kept close [B], dropped close [B])."""
+  far [B]); returns the new carry and (kept close, dropped close, forced
+  close), each bool [B]."""
   last_B, count_B, doc_count_B = carry
   start_B = pos_B == 0
   last_B = jnp.where(start_B, t - 1, last_B)
   doc_count_B = jnp.where(start_B, 0, doc_count_B)
   real_B = seg_B > 0  # packing padding never closes a group
-  wish_B = real_B & (want_B | (t - last_B >= max_group))
-  keep_B = wish_B & (doc_count_B < budget(pos_B, k, capacity))
+  full_B = (t - last_B >= max_group) if max_group else jnp.zeros_like(want_B)
+  wish_B = real_B & (want_B | full_B)
+  keep_B = (wish_B & (doc_count_B < budget(pos_B, k, capacity))) if capacity else wish_B
   add_B = keep_B.astype(count_B.dtype)
   return ((jnp.where(keep_B, t, last_B), count_B + add_B, doc_count_B + add_B),
-          (keep_B, wish_B & ~keep_B))
+          (keep_B, wish_B & ~keep_B, keep_B & ~want_B))
 
 
 def close_groups(want_BxT, pos_BxT, seg_BxT, *, k: int, capacity: float, max_group: int):
-  """(kept closes, dropped closes), bool [B, T], for whole rows."""
+  """(kept closes, dropped closes, forced closes), bool [B, T], for whole rows."""
   b, t = want_BxT.shape
   zeros_B = jnp.zeros((b,), jnp.int32)
   init = (zeros_B - 1, zeros_B, zeros_B)
@@ -135,28 +140,39 @@ def close_groups(want_BxT, pos_BxT, seg_BxT, *, k: int, capacity: float, max_gro
     return close_step(carry, *xs, k=k, capacity=capacity, max_group=max_group)
 
   xs = (want_BxT.T, pos_BxT.T, seg_BxT.T, jnp.arange(t, dtype=jnp.int32))
-  _, (keep_TxB, drop_TxB) = jax.lax.scan(body, init, xs)
-  return keep_TxB.T, drop_TxB.T
+  _, outs = jax.lax.scan(body, init, xs)
+  return tuple(o.T for o in outs)
 
 
 @flax.struct.dataclass
 class Route:
   """What dynamic routing (H-Net) adds to the coarse level's way back."""
 
-  smooth_BxG: jax.Array  # P_g: the EMA's weight of group g's own output
-  weight_BxT: jax.Array  # 1 in value; the confidence's gradient at every fine position
+  smooth_BxG: jax.Array  # P_g: the EMA's weight of group g's own output, in [1e-4, 1 - 1e-4]
+  restart_BxG: jax.Array  # bool: group g starts its document's average from zero
+  weight_BxT: jax.Array  # STE(c_t): 1 in value, the confidence's gradient at every fine position
 
 
-def smooth(z_BxGxD, p_BxG):
-  """z~_g = P_g z_g + (1 - P_g) z~_{g-1} along each row's slots (an
-  associative scan of the linear recurrence)."""
+# H-Net's DeChunkLayer clamps the EMA's weights to [1e-4, 1 - 1e-4].
+_P_CLAMP = 1e-4
+
+
+def ema_weight(p):
+  return jnp.clip(p, _P_CLAMP, 1.0 - _P_CLAMP)
+
+
+def smooth(z_BxGxD, p_BxG, restart_BxG):
+  """z~_g = P_g z_g + (1 - P_g) z~_{g-1} along each row's slots, with
+  z~_{g-1} = 0 where `restart` (a document's first group): an associative
+  scan of the linear recurrence."""
   p = p_BxG[..., None].astype(z_BxGxD.dtype)
+  decay = jnp.where(restart_BxG[..., None], 0.0, 1.0 - p).astype(z_BxGxD.dtype)
 
   def combine(a, b):
     (decay_a, add_a), (decay_b, add_b) = a, b
     return decay_a * decay_b, decay_b * add_a + add_b
 
-  return jax.lax.associative_scan(combine, (1 - p, p * z_BxGxD), axis=1)[1]
+  return jax.lax.associative_scan(combine, (decay, p * z_BxGxD), axis=1)[1]
 
 
 def ratio_loss(wish_BxT, p_BxT, real_BxT, k: int):
@@ -233,11 +249,19 @@ def binomial_nll(closes_B, n_B, rate: float):
            + closes_B * np.log(rate) + (n_B - closes_B) * np.log1p(-rate))
 
 
+PREDICTORS = ("layernorm", "dtp")
+CHUNKS = ("boundary", "pool")
+
+
 class Source(nn.Module):
   """What decides a close at t before the close rules: `want(...)` for a whole
   row, `want_step(...)` for one decoding position. `entropy` and `learned`
   read the fine states before shortening and add their training losses to
-  the `losses` collection."""
+  the `losses` collection; `dynamic` reads the shortening's RMS-normalised
+  states (`Shortening.normed`).
+
+  learned's predictor: "layernorm" (LayerNorm, d -> d, GELU, -> 1) or "dtp"
+  (Dynamic Token Pooling's: d -> mlp_dim, ReLU, -> 1 on the raw states)."""
 
   kind: str
   k: int
@@ -249,6 +273,7 @@ class Source(nn.Module):
   prior_weight: float = 1.0
   entropy_trains_trunk: bool = False
   ratio_weight: float = 0.03
+  predictor: str = "layernorm"
 
   def setup(self):
     c = self.cfg
@@ -260,12 +285,13 @@ class Source(nn.Module):
       eye = nn.with_logical_partitioning(
           lambda key, shape, dtype=jnp.float32: jnp.eye(shape[0], shape[1], dtype=dtype),
           ("embed", "mlp"))
-      self.ln = layers.layer_norm(c.jnp_dtype)
       self.route_q = nn.Dense(c.d_model, use_bias=False, dtype=jnp.float32, kernel_init=eye)
       self.route_k = nn.Dense(c.d_model, use_bias=False, dtype=jnp.float32, kernel_init=eye)
     elif self.kind == "learned":
-      self.ln = layers.layer_norm(c.jnp_dtype)
-      self.hidden = nn.Dense(c.d_model, dtype=c.jnp_dtype,
+      width = c.mlp_dim if self.predictor == "dtp" else c.d_model
+      if self.predictor == "layernorm":
+        self.ln = layers.layer_norm(c.jnp_dtype)
+      self.hidden = nn.Dense(width, dtype=c.jnp_dtype,
                              kernel_init=layers.kernel_init(c, ("embed", "mlp")))
       self.out = nn.Dense(1, dtype=jnp.float32,
                           kernel_init=layers.kernel_init(c, ("mlp", None)))
@@ -279,10 +305,10 @@ class Source(nn.Module):
     """The entropy head's next-byte entropy in bits, [B, L] (boundaries=entropy)."""
     return self._entropy_bits(x_BxLxD)[0]
 
-  def route_keys(self, x_BxLxD):
+  def route_keys(self, h_BxLxD):
     """(unit queries, unit keys) of the dynamic routing, float32 [..., D]."""
-    h = self.ln(x_BxLxD).astype(jnp.float32)
-    unit = lambda v: v * jax.lax.rsqrt(jnp.maximum((v * v).sum(-1, keepdims=True), 1e-12))  # noqa: E731
+    h = h_BxLxD.astype(jnp.float32)
+    unit = lambda v: v * jax.lax.rsqrt(jnp.maximum((v * v).sum(-1, keepdims=True), 1e-24))  # noqa: E731 - a two-use helper
     return unit(self.route_q(h)), unit(self.route_k(h))
 
   def probability(self, q, prev_k, first):
@@ -290,11 +316,14 @@ class Source(nn.Module):
     return jnp.where(first, 1.0, jnp.clip(0.5 * (1.0 - (q * prev_k).sum(-1)), 0.0, 1.0))
 
   def _logit(self, x_BxLxD):
+    if self.predictor == "dtp":
+      return self.out(nn.relu(self.hidden(x_BxLxD)))[..., 0].astype(jnp.float32)
     return self.out(nn.gelu(self.hidden(self.ln(x_BxLxD))))[..., 0].astype(jnp.float32)
 
   def want(self, tokens_BxT, x_BxTxD, fine: scales.Scale, deterministic: bool):
-    """bool [B, T] wishes, and (learned, training) the relaxed boundary
-    variables whose gradient `dtp_gradient` carries; else None."""
+    """bool [B, T] wishes, and the relaxed boundary variables whose gradient
+    `dtp_gradient` carries (learned, training) or the routing probability
+    (dynamic); else None."""
     if self.kind == "whitespace":
       return whitespace_wants(tokens_BxT, fine.rotary_pos), None
     real = fine.seg_BxL > 0
@@ -305,8 +334,9 @@ class Source(nn.Module):
       p = self.probability(q, prev_k, fine.rotary_pos == 0)
       if not deterministic:
         p = self.perturb("boundary_p", p)  # tests read the LM loss's gradient here
-        self.sow(LOSSES, "ratio", self.ratio_weight * ratio_loss(p >= 0.5, p, real, self.k))
-      return p >= 0.5, p
+        self.sow(LOSSES, "ratio", self.ratio_weight * ratio_loss(p > 0.5, p, real, self.k))
+      # H-Net's argmax over (1 - p, p): a tie does not close.
+      return p > 0.5, p
     if self.kind == "entropy":
       # The head learns from a copy of the states (BLT trains its entropy model
       # apart): its loss does not train the trunk it reads, unless asked to.
@@ -338,12 +368,13 @@ class Source(nn.Module):
     return hard, soft
 
   def want_step(self, token_B, prev_token_B, x_BxD, t, prev_key_BxD=None):
-    """Decoding: the wish at position t (bytes <= t, state before shortening),
-    and (dynamic) the routing's probability and key at t (else None)."""
+    """Decoding: the wish at position t (bytes <= t; the state before
+    shortening, normalised for dynamic), and (dynamic) the routing's
+    probability and key at t (else None)."""
     if self.kind == "dynamic":
       q, k = self.route_keys(x_BxD)
       p = self.probability(q, prev_key_BxD, t == 0)
-      return p >= 0.5, p, k
+      return p > 0.5, p, k
     if self.kind == "whitespace":
       return is_space(token_B) & ~(is_space(prev_token_B) & (t > 0)), None, None
     if self.kind == "entropy":
@@ -351,47 +382,52 @@ class Source(nn.Module):
     return self._logit(x_BxD) > 0, None, None
 
 
-def dtp_gradient(soft_BxT, close_BxT, members_BxGxMxD, grp: Groups, seg_BxL, max_group: int):
-  """Zero in value, [B, G, D]; added to the pooled groups it gives every
-  boundary variable the language model's gradient, as Dynamic Token Pooling
-  (Nawrot et al. 2023) does: a position's group index is a cumulative sum of
-  the boundary variables (the kept closes in value, the relaxed variables
-  `soft` in gradient), a group's members are the positions whose index is its
-  own, and the straight-through gradient of that membership (a triangle
-  kernel's slope at the neighbouring index) reaches each boundary before a
-  position, closing or not. Only positions up to the group's end in its
-  document take part (`members` are the pooling window's states), so a
-  group's gradient never reads later positions."""
-  closes = close_BxT.astype(jnp.float32)
-  both_BxTx2 = jnp.stack([jnp.cumsum(closes, 1) - closes,
-                          jnp.cumsum(soft_BxT, 1) - soft_BxT], axis=-1)
-  b, g = grp.end_BxG.shape
-  everything_before = jnp.full((b, g), -1, jnp.int32)
-  idx_BxGxMx2, inside_BxGxM = window(both_BxTx2, grp.end_BxG, everything_before, seg_BxL,
-                                     max_group)
-  offset = idx_BxGxMx2[..., 0] - jnp.arange(g, dtype=jnp.float32)[None, :, None]
-  slope = jnp.where(inside_BxGxM & (jnp.abs(offset) == 1), -jnp.sign(offset), 0.0)
-  soft = idx_BxGxMx2[..., 1]
-  change_BxGxM = slope * (soft - jax.lax.stop_gradient(soft))
-  count_BxG = jnp.maximum((offset == 0).sum(-1), 1).astype(jnp.float32)
+def dtp_gradient(soft_BxT, members_BxGxMxD, grp: Groups, seg_BxL, max_group: int):
+  """Zero in value, [B, G, D]; added to the mean-pooled groups it gives the
+  boundary variables the gradient of Dynamic Token Pooling (Nawrot et al.
+  2023, section 3): position l belongs to group s_l = sum_{j<l} b_j (an
+  exclusive cumulative sum of the straight-through boundaries b = hard +
+  soft - stop_gradient(soft)), so a group's mean h_g = sum_{l: s_l=g} x_l / n_g
+  has d h_g / d b_j = sum_{l in g, l > j} (x_l - h_g) / n_g. The sum over a
+  whole group of (x_l - h_g) is zero, so only boundaries inside g before its
+  last member receive g's gradient; its last (closing) position receives
+  none, and the gradient does not change when a constant is added to every
+  state. `members` are each group's window (the states up to its end, after
+  the previous end, in its document)."""
+  soft_BxGxM, valid_BxGxM = window(soft_BxT[..., None], grp.end_BxG, grp.prev_end_BxG,
+                                   seg_BxL, max_group)
+  valid = (valid_BxGxM & grp.used_BxG[..., None]).astype(jnp.float32)
+  soft = soft_BxGxM[..., 0]
+  change = (soft - jax.lax.stop_gradient(soft)) * valid
+  # b_j for the members before m (zero in value, the gradient of each b_j).
+  before_BxGxM = jnp.cumsum(change, axis=-1) - change
   x = jax.lax.stop_gradient(members_BxGxMxD).astype(jnp.float32)
-  out = jnp.einsum("bgm,bgmd->bgd", change_BxGxM, x) / count_BxG[..., None]
+  n_BxG = jnp.maximum(valid.sum(-1), 1.0)
+  mean_BxGxD = jnp.einsum("bgm,bgmd->bgd", valid, x) / n_BxG[..., None]
+  centred = (x - mean_BxGxD[:, :, None]) * valid[..., None]
+  out = jnp.einsum("bgm,bgmd->bgd", before_BxGxM, centred) / n_BxG[..., None]
   return out.astype(members_BxGxMxD.dtype)
 
 
-def record(module: nn.Module, close_BxT, drop_BxT, seg_BxT) -> None:
-  """Counts for the metrics: kept and dropped closes, real positions."""
+def record(module: nn.Module, close_BxT, drop_BxT, forced_BxT, seg_BxT, suffix: str = "") -> None:
+  """Counts for the metrics: kept, dropped and forced closes, real positions
+  (a second stage's names end in `suffix`)."""
   real = seg_BxT > 0
   for name, v in (("closes", close_BxT & real), ("dropped", drop_BxT & real),
-                  ("positions", real)):
-    module.sow(STATS, name, v.sum().astype(jnp.float32))
+                  ("forced", forced_BxT & real), ("positions", real)):
+    module.sow(STATS, name + suffix, v.sum().astype(jnp.float32))
 
 
-def source_params(kind: str, d: int, padded_vocab: int) -> int:
-  """Parameters of a boundary source (for the analytic cost model)."""
+def source_params(kind: str, d: int, padded_vocab: int, mlp: int = 0,
+                  predictor: str = "layernorm") -> int:
+  """Parameters of a boundary source and its shortening's own layers (for
+  the analytic cost model)."""
+  if kind == "learned":
+    width = mlp if predictor == "dtp" else d
+    return (0 if predictor == "dtp" else 2 * d) + d * width + width + width + 1
   return {"entropy": 2 * d + d * padded_vocab,  # LayerNorm, vocabulary head
-          "learned": 2 * d + d * d + d + d + 1,  # LayerNorm, d -> d -> 1
-          "dynamic": 2 * d + 2 * d * d}.get(kind, 0)  # LayerNorm, query and key projections
+          # RMSNorm, query and key projections, the residual projection
+          "dynamic": d + 2 * d * d + d * d + d}.get(kind, 0)
 
 
 def init_state(batch: int, width: int) -> list:
@@ -405,7 +441,16 @@ class Shortening(nn.Module):
   rules and the pooling of each group's window, for the forward pass
   (`__call__`) and for decoding (`step`, `closing_group`, `prompt_state`).
   `k` is the target mean group length; `pool` (a scales.Pool of the model)
-  pools each window.
+  pools each window. `max_group` 0 and `capacity` 0 turn the close rules off
+  (every position may then close: a row has T slots).
+
+  dynamic (H-Net's chunking): the states are RMS-normalised first (H-Net's
+  encoder ends in an RMSNorm); the router reads them; `chunk="boundary"`
+  keeps the normalised state at each group's boundary (H-Net's ChunkLayer),
+  "pool" pools the group's window instead; on the way back
+  `residual_proj(h_t) + STE(c_t) * z~_{latest(t)}` with the EMA-smoothed
+  coarse outputs z~, c_t = max(p_t, 1 - p_t) and a zero-initialised float32
+  projection (H-Net's DeChunkLayer and residual).
 
   Decoding state: [last close position, groups so far, previous token], each
   [B], and the previous position's routing key [B, D] (dynamic; unused
@@ -424,126 +469,185 @@ class Shortening(nn.Module):
   prior_weight: float = 1.0
   entropy_trains_trunk: bool = False
   ratio_weight: float = 0.03
+  predictor: str = "layernorm"
+  chunk: str = "boundary"
+  # Which shortening of the model this is: 0 reads the bytes; 1 (H-Net's
+  # second stage) reads stage 0's chunks, and keeps its decoding state under
+  # "groups_1", its coarse outputs at level 2, its counts as "closes_1", ...
+  stage: int = 0
 
   def setup(self):
     self.source = Source(self.kind, self.k, self.vocab_size, self.padded_vocab, self.cfg,
                          self.entropy_threshold, self.temperature, self.prior_weight,
-                         self.entropy_trains_trunk, self.ratio_weight)
+                         self.entropy_trains_trunk, self.ratio_weight, self.predictor)
+    if self.kind == "dynamic":
+      embed = lambda init: nn.with_logical_partitioning(init, ("embed",))  # noqa: E731 - two uses
+      self.norm = nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32,
+                             scale_init=embed(nn.initializers.ones))
+      self.residual_proj = nn.Dense(
+          self.cfg.d_model, dtype=jnp.float32,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "mlp")),
+          bias_init=embed(nn.initializers.zeros))
 
   def slots(self, length: int) -> int:
     """Coarse slots per row over `length` fine positions."""
     return num_slots(length, self.k, self.capacity)
 
+  @property
+  def suffix(self) -> str:
+    """What a second stage's state key and counts end in."""
+    return f"_{self.stage}" if self.stage else ""
+
   def _rules(self):
     return dict(k=self.k, capacity=self.capacity, max_group=self.max_group)
+
+  def normed(self, x):
+    """What the source and the chunks read: dynamic's RMS-normalised states
+    (float32), else the states themselves."""
+    return self.norm(x) if self.kind == "dynamic" else x
 
   def __call__(self, x_BxTxD, fine: scales.Scale, tokens_BxT, pool, deterministic: bool):
     """Groups of the states `x` (which the source reads too): (pooled
     [B, G, D], the coarse scale, the slot each fine position reads [B, T],
     and for dynamic routing its `Route`, else None)."""
     t = x_BxTxD.shape[1]
-    want_BxT, soft_BxT = self.source.want(tokens_BxT, x_BxTxD, fine, deterministic)
-    close_BxT, drop_BxT = close_groups(want_BxT, fine.rotary_pos, fine.seg_BxL, **self._rules())
-    record(self, close_BxT, drop_BxT, fine.seg_BxL)
+    h_BxTxD = self.normed(x_BxTxD)
+    want_BxT, soft_BxT = self.source.want(tokens_BxT, h_BxTxD, fine, deterministic)
+    close_BxT, drop_BxT, forced_BxT = close_groups(want_BxT, fine.rotary_pos, fine.seg_BxL,
+                                                   **self._rules())
+    record(self, close_BxT, drop_BxT, forced_BxT, fine.seg_BxL, self.suffix)
     layers.remember(self, "closes", close_BxT)
     layers.remember(self, "tokens", tokens_BxT)
     grp = groups(close_BxT, self.slots(t))
-    members, valid = window(x_BxTxD, grp.end_BxG, grp.prev_end_BxG, fine.seg_BxL,
-                            self.max_group)
-    z_BxGxD = pool.group(members, valid, deterministic)
     coarse = coarse_scale(fine, grp)
+    if self.kind == "dynamic" and self.chunk == "boundary":
+      end_BxG = jnp.minimum(grp.end_BxG, t - 1)  # an unused slot keeps the last state, unread
+      z_BxGxD = jnp.take_along_axis(h_BxTxD, end_BxG[..., None], axis=1).astype(x_BxTxD.dtype)
+    else:
+      members, valid = window(h_BxTxD, grp.end_BxG, grp.prev_end_BxG, fine.seg_BxL,
+                              self.max_group)
+      z_BxGxD = pool.group(members, valid, deterministic).astype(x_BxTxD.dtype)
     if self.kind == "dynamic":
-      return z_BxGxD, coarse, grp.latest_BxT, self._route(soft_BxT, close_BxT, grp, coarse)
-    if soft_BxT is not None:  # learned, training: the LM gradient to every boundary
-      z_BxGxD = z_BxGxD + dtp_gradient(soft_BxT, close_BxT, members, grp, fine.seg_BxL,
-                                       self.max_group)
+      return z_BxGxD, coarse, grp.latest_BxT, self._route(soft_BxT, grp, coarse)
+    if soft_BxT is not None:  # learned, training: DTP's gradient to the boundaries
+      z_BxGxD = z_BxGxD + dtp_gradient(soft_BxT, members, grp, fine.seg_BxL, self.max_group)
     return z_BxGxD, coarse, grp.latest_BxT, None
 
-  def _route(self, p_BxT, close_BxT, grp: Groups, coarse: scales.Scale) -> Route:
+  def _route(self, p_BxT, grp: Groups, coarse: scales.Scale) -> Route:
     t = p_BxT.shape[1]
     p_BxG = jnp.take_along_axis(p_BxT, jnp.minimum(grp.end_BxG, t - 1), axis=1)
-    # A document's first group (and an unused slot) starts the average afresh.
+    # A document's first group (and an unused slot) starts the average from zero.
     first_BxG = coarse.seg_BxL != jnp.pad(coarse.seg_BxL, ((0, 0), (1, 0)))[:, :-1]
-    smooth_BxG = jnp.where(first_BxG | ~grp.used_BxG, 1.0, p_BxG)
-    confidence = jnp.where(close_BxT, p_BxT, 1.0 - p_BxT)
-    return Route(smooth_BxG, 1.0 + (confidence - jax.lax.stop_gradient(confidence)))
+    confidence = jnp.maximum(p_BxT, 1.0 - p_BxT)
+    return Route(ema_weight(p_BxG), first_BxG | ~grp.used_BxG,
+                 1.0 + (confidence - jax.lax.stop_gradient(confidence)))
+
+  def residual(self, fine_BxTxD):
+    """The fine residual the way back adds to: dynamic's zero-initialised
+    projection of the normalised states, else the states."""
+    if self.kind != "dynamic":
+      return fine_BxTxD
+    return self.residual_proj(self.normed(fine_BxTxD)).astype(fine_BxTxD.dtype)
 
   def upsample(self, upsample, fine_BxTxD, z_BxGxD, latest_BxT, fine: scales.Scale,
                coarse: scales.Scale, route: "Route | None", deterministic: bool):
     """`upsample.groups` of the coarse outputs `z`; with dynamic routing's
-    `route`, of the smoothed outputs (`smooth`) weighted by the confidence."""
+    `route`, of the smoothed outputs (`smooth`) weighted by the confidence,
+    onto the projected residual."""
     if route is None:
       return upsample.groups(fine_BxTxD, z_BxGxD, latest_BxT, fine, coarse, deterministic)
-    z_BxGxD = smooth(z_BxGxD, route.smooth_BxG)
+    z_BxGxD = smooth(z_BxGxD, route.smooth_BxG, route.restart_BxG)
     layers.remember(self, "smoothed", z_BxGxD)  # a decoder's smoothed coarse cache
-    return upsample.groups(fine_BxTxD, z_BxGxD, latest_BxT, fine, coarse, deterministic,
-                           route.weight_BxT)
+    return upsample.groups(self.residual(fine_BxTxD), z_BxGxD, latest_BxT, fine, coarse,
+                           deterministic, route.weight_BxT)
 
-  def step(self, state, token_B, x_BxD, t):
-    """Fine position t with state `x`: (the slot a group closing at t goes to
-    per row (-1: none closes in that row), the new state, each row's last
-    closed slot)."""
+  def step(self, state, token_B, h_BxD, t_B, active_B):
+    """Fine index t_B [B] (its own per row for a second stage) with the
+    (normalised, for dynamic) state `h`, in the rows that are `active_B`:
+    (the slot a group closing there goes to per row (-1: none closes in that
+    row), the new state (inactive rows keep theirs), each row's last closed
+    slot, dynamic's p [B] or None)."""
     last_B, count_B, prev_B, prev_key_BxD = state
-    b = token_B.shape[0]
-    want_B, p_B, key_BxD = self.source.want_step(token_B, prev_B, x_BxD, t, prev_key_BxD)
-    (new_last_B, new_count_B, _), (close_B, _) = close_step(
-        (last_B, count_B, count_B), want_B, jnp.full((b,), t, jnp.int32),
-        jnp.ones((b,), jnp.int32), t, **self._rules())
+    want_B, p_B, key_BxD = self.source.want_step(token_B, prev_B, h_BxD, t_B, prev_key_BxD)
+    (new_last_B, new_count_B, _), (close_B, _, _) = close_step(
+        (last_B, count_B, count_B), want_B, t_B, active_B.astype(jnp.int32), t_B,
+        **self._rules())
     slot_B = jnp.where(close_B, count_B, -1)
-    new_key = prev_key_BxD if key_BxD is None else key_BxD
-    return (slot_B, [new_last_B, new_count_B, token_B.astype(jnp.int32), new_key],
-            new_count_B - 1, p_B)
+    new = [new_last_B, new_count_B, token_B.astype(jnp.int32),
+           prev_key_BxD if key_BxD is None else key_BxD]
+    new = [jnp.where(active_B.reshape((-1,) + (1,) * (n.ndim - 1)), n, o)
+           for n, o in zip(new, state)]
+    return slot_B, new, new[1] - 1, p_B
 
-  def decode_step(self, st: dict, token_B, x_BxD, t, cache_BxCxD, pool, coarse, upsample):
-    """Fine position t of a model whose first shortening groups by content:
+  def decode_step(self, st: dict, token_B, x_BxD, t, cache_BxCxD, pool, coarse, upsample,
+                  index_B=None):
+    """Fine position t of a model whose shortening `stage` groups by content:
     the close rules on the state `x` [B, D]; where a row closes a group,
     `coarse(st, z_BxD, slot_B) -> (st, y_BxD)` runs the coarse scale on the
-    group pooled from `cache` (fine states, position t included) at that
-    row's new slot, and `upsample`'s cached keys take `y`; then `upsample`
-    brings each row's last closed group (`st["z"][1]`) back to t. `st` holds
-    "groups", "z" and "up" (hourglass, top_down); returns (st, x_BxD)."""
-    slot_B, groups, latest_B, p_B = self.step(st["groups"], token_B, x_BxD, t)
+    group (pooled from `cache`, fine states with the newest included; for
+    dynamic's boundary chunks the state itself) at that row's new slot, and
+    `upsample`'s cached keys take `y`; then `upsample` brings each row's last
+    closed group (`st["z"][stage + 1]`) back. `st` holds this stage's state
+    ("groups" or "groups_1"), "z" and "up" (hourglass, top_down); returns
+    (st, x_BxD). A second stage runs at its fine index `index_B` [B] (the
+    first stage's new slot; -1: this row gains none and is left as it was)."""
+    key, level = "groups" + self.suffix, self.stage + 1
+    b = x_BxD.shape[0]
+    t_B = jnp.full((b,), t, jnp.int32) if index_B is None else jnp.maximum(index_B, 0)
+    active_B = jnp.ones((b,), bool) if index_B is None else index_B >= 0
+    h_BxD = self.normed(x_BxD)
+    slot_B, groups, latest_B, p_B = self.step(st[key], token_B, h_BxD, t_B, active_B)
 
     def closing(st):
-      z_BxD = self.closing_group(st["groups"], cache_BxCxD, t, pool)
+      if self.kind == "dynamic" and self.chunk == "boundary":
+        z_BxD = h_BxD.astype(x_BxD.dtype)
+      else:
+        z_BxD = self.closing_group(st[key], cache_BxCxD, t_B, pool).astype(x_BxD.dtype)
       st, y_BxD = coarse(st, z_BxD, slot_B)
       if p_B is not None:  # dynamic: the coarse cache holds the smoothed outputs
-        prev_BxD = jnp.take_along_axis(st["z"][1], jnp.maximum(slot_B - 1, 0)[:, None, None],
-                                       axis=1)[:, 0]
-        w_Bx1 = jnp.where(slot_B > 0, p_B, 1.0)[:, None].astype(y_BxD.dtype)
+        z = st["z"][level]
+        prev_BxD = jnp.take_along_axis(z, jnp.maximum(slot_B - 1, 0)[:, None, None], axis=1)[:, 0]
+        prev_BxD = prev_BxD * (slot_B > 0)[:, None].astype(prev_BxD.dtype)
+        w_Bx1 = ema_weight(p_B)[:, None].astype(y_BxD.dtype)
         y_BxD = w_Bx1 * y_BxD + (1 - w_Bx1) * prev_BxD
-        st = dict(st, z=[st["z"][0], layers.set_rows(st["z"][1], slot_B, y_BxD),
-                         *st["z"][2:]])
+        zs = list(st["z"])
+        zs[level] = layers.set_rows(z, slot_B, y_BxD)
+        st = dict(st, z=zs)
       if st["up"]:
-        st = dict(st, up=[st["up"][0].set(slot_B, upsample.coarse_keys(y_BxD, t)),
-                          *st["up"][1:]])
+        ups = list(st["up"])
+        ups[self.stage] = ups[self.stage].set(slot_B, upsample.coarse_keys(y_BxD, t))
+        st = dict(st, up=ups)
       return st
 
     # A group closes only every few positions: the coarse scale runs then.
     st = jax.lax.cond((slot_B >= 0).any(), closing, lambda s: s, st)
-    x_BxD = upsample.step_groups(x_BxD, st["z"][1], latest_B, t,
-                                 st["up"][0] if st["up"] else None)
-    return dict(st, groups=groups), x_BxD
+    x_BxD = upsample.step_groups(self.residual(x_BxD), st["z"][level], latest_B, t,
+                                 st["up"][self.stage] if st["up"] else None)
+    return dict(st, **{key: groups}), x_BxD
 
-  def closing_group(self, state, cache_BxCxD, t, pool):
-    """The group closing at t pooled from the cached states (slot t holds
-    position t; `state` from before t), [B, D]."""
-    b = cache_BxCxD.shape[0]
-    members, valid = window(cache_BxCxD, jnp.full((b, 1), t, jnp.int32), state[0][:, None],
+  def closing_group(self, state, cache_BxCxD, t_B, pool):
+    """The group closing at t_B [B] pooled from the cached states (slot t
+    holds position t; `state` from before t), [B, D]."""
+    members, valid = window(cache_BxCxD, t_B[:, None], state[0][:, None],
                             jnp.ones(cache_BxCxD.shape[:2], jnp.int32), self.max_group)
-    return pool.group(members, valid)[:, 0]
+    return pool.group(self.normed(members), valid)[:, 0]
 
-  def prompt_state(self, p: int):
+  def prompt_state(self, count_B):
     """(the decoding state, groups per row [B]) after a forward pass over a
-    prompt of `p` tokens."""
+    prompt whose first `count_B` positions (an int, or per row [B]) on this
+    stage's fine axis are real."""
     sown = self.variables[layers.DECODE]
     closes_BxP = sown["closes"]
-    count_B = closes_BxP.sum(1).astype(jnp.int32)
+    b, p = closes_BxP.shape
+    count_B = jnp.broadcast_to(jnp.asarray(count_B, jnp.int32), (b,))
+    closes_BxP = closes_BxP & (jnp.arange(p) < count_B[:, None])
+    groups_B = closes_BxP.sum(1).astype(jnp.int32)
     last_B = jnp.max(jnp.where(closes_BxP, jnp.arange(p), -1), axis=1).astype(jnp.int32)
-    b = closes_BxP.shape[0]
-    key_BxD = (sown["source"]["route_keys"][:, p - 1] if self.kind == "dynamic"
+    at = lambda a: jnp.take_along_axis(  # noqa: E731 - each row's last real position
+        a, (count_B - 1).reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)[:, 0]
+    key_BxD = (at(sown["source"]["route_keys"]) if self.kind == "dynamic"
                else jnp.zeros((b, self.cfg.d_model), jnp.float32))
-    return [last_B, count_B, sown["tokens"][:, p - 1].astype(jnp.int32), key_BxD], count_B
+    return [last_B, groups_B, at(sown["tokens"]).astype(jnp.int32), key_BxD], groups_B
 
   def prompt_coarse(self, z_BxGxD):
     """The coarse cache a decoder starts from: the smoothed outputs for

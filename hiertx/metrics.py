@@ -127,12 +127,15 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def groups_text(result: dict) -> str:
-  """' | mean group ... bytes, dropped closes ...%' for an evaluation of content
-  groups (hiertx.boundaries); '' otherwise."""
+  """' | mean group ... bytes, dropped closes ...%, forced ...%' for an
+  evaluation of content groups (hiertx.boundaries); '' otherwise."""
   if "eval/mean_group_length" not in result:
     return ""
   return (f" | mean group {result['eval/mean_group_length']:.2f} bytes, dropped closes "
-          f"{result['eval/dropped_closes']:.2%}")
+          f"{result['eval/dropped_closes']:.2%}, forced "
+          f"{result.get('eval/forced_closes', 0.0):.2%}"
+          + (f"; second stage {result['eval/mean_group_length_1']:.2f} chunks per chunk"
+             if "eval/mean_group_length_1" in result else ""))
 
 
 def summarize_eval(sums: dict) -> dict:
@@ -145,6 +148,9 @@ def summarize_eval(sums: dict) -> dict:
   if "positions" in sums:  # content groups
     out["eval/mean_group_length"] = sums["positions"] / max(sums["closes"], 1.0)
     out["eval/dropped_closes"] = sums["dropped"] / max(sums["positions"], 1.0)
+    out["eval/forced_closes"] = sums.get("forced", 0.0) / max(sums["positions"], 1.0)
+  if "positions_1" in sums:  # H-Net's second stage, in first-stage chunks
+    out["eval/mean_group_length_1"] = sums["positions_1"] / max(sums["closes_1"], 1.0)
   return out
 
 

@@ -72,12 +72,17 @@ def _sum_by_name(tree) -> dict:
 
 
 def boundary_metrics(prefix: str, stats: dict) -> dict:
-  """Content groups: closes and dropped closes per real position."""
+  """Content groups: closes, and closes the rules dropped or forced, per
+  real position."""
   if "positions" not in stats:
     return {}
   n = jnp.maximum(stats["positions"], 1.0)
-  return {f"{prefix}/boundary_rate": stats["closes"] / n,
-          f"{prefix}/dropped_closes": stats["dropped"] / n}
+  out = {f"{prefix}/boundary_rate": stats["closes"] / n,
+         f"{prefix}/dropped_closes": stats["dropped"] / n,
+         f"{prefix}/forced_closes": stats["forced"] / n}
+  if "positions_1" in stats:  # H-Net's second stage: closes per first-stage chunk
+    out[f"{prefix}/boundary_rate_1"] = stats["closes_1"] / jnp.maximum(stats["positions_1"], 1.0)
+  return out
 
 
 def train_step(state: TrainState, batch, *, model, tx, seed: int, skip_nonfinite: bool = False):

@@ -55,6 +55,16 @@ def _bad(config_name, **fields):
      "model.max_group"),
     ("hourglass", dict(boundaries="learned", hierarchy="1@1 1@4 1@1", group_capacity=0.5),
      "model.group_capacity"),
+    ("hourglass", dict(boundaries="learned", hierarchy="1@1 1@4 1@1", boundary_predictor="mlp"),
+     "model.boundary_predictor"),
+    ("hourglass", dict(boundaries="dynamic", hierarchy="1@1 1@4 1@1", dynamic_chunk="pool"),
+     "model.dynamic_chunk"),  # a pooling window needs the close rules
+    ("hourglass", dict(boundaries="dynamic", hierarchy="1@1 1@4 1@1", pooling="attention"),
+     "model.pooling"),  # the boundary state is kept, nothing pools
+    ("hourglass", dict(boundaries="dynamic", hierarchy="1@1 1@2 1@4 1@8 1@4 1@2 1@1"),
+     "model.hierarchy"),  # H-Net's stages: at most two
+    ("hourglass", dict(boundaries="dynamic", hierarchy="1@1 1@2 1@4 1@2 1@1",
+                       dynamic_rules=True), "model.dynamic_rules"),
     ("retina", dict(windows=()), "model.windows"),
     ("bottom_up", dict(layers_per_scale=(1, 1)), "model.layers_per_scale"),
     ("top_down", dict(layers_per_scale=(1, 1, 1, 1)), "model.layers_per_scale"),

@@ -1,6 +1,7 @@
 """The experiment scripts on tiny shapes: they run and report what they claim."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -96,8 +97,10 @@ def _fake_run(workdir, corpus, model, seed, bpb, group, reached=1000):
             "train": {"seed": seed, "steps": 1000}}
   with open(os.path.join(workdir, "run_info.json"), "w") as f:
     json.dump({"config": config, "facts": {"params/total": 10,
-                                           "memory/xla_peak_bytes": 2**20 * 100}}, f)
-  ev = {"eval/bits_per_byte": bpb, "eval/perplexity": 2.0}
+                                           "memory/xla_peak_bytes": 2**20 * 100,
+                                           "flops/step_model": 2e9 * (1 + seed)},
+               "tokens_per_step": 2000}, f)
+  ev = {"eval/bits_per_byte": bpb, "eval/perplexity": 2.0, "eval/loss": bpb * math.log(2)}
   if model.get("boundaries", "fixed") != "fixed":
     ev.update({"eval/mean_group_length": group, "eval/dropped_closes": 0.01})
   with open(os.path.join(workdir, "status.json"), "w") as f:
@@ -117,7 +120,9 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
     arms = [({}, 3.0, 0), ({"hierarchy": "2@1 4@8 2@1"}, 3.2, 0),
             ({"boundaries": "whitespace"}, 3.1, 6.0), ({"boundaries": "learned"}, 3.3, 4.2),
             ({"boundaries": "dynamic"}, 2.9, 3.3),
-            ({"boundaries": "dynamic", "hierarchy": "2@1 4@8 2@1"}, 3.0, 6.5)]
+            ({"boundaries": "dynamic", "hierarchy": "2@1 4@8 2@1"}, 3.0, 6.5),
+            ({"boundaries": "dynamic", "hierarchy": "2@1 1@2 4@4 1@2 2@1"}, 2.8, 2.1),
+            ({"boundaries": "learned", "boundary_predictor": "dtp"}, 3.2, 4.0)]
     runs = []
     for i, (model, bpb, group) in enumerate(arms):
       for seed in (0, 1):
@@ -137,6 +142,13 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
   assert "| stdlib | learned, noise 0 | 1 | 3.300 |" in text  # seed 1 did not finish
   assert "| stdlib | dynamic, target 1/4 | 2 | 2.900, 3.000 |" in text
   assert "| tiny.txt | dynamic, target 1/8 | 2 | 3.000, 3.100 |" in text
+  assert "| stdlib | dynamic 2-stage, targets 1/2, 1/2 | 2 | 2.800, 2.900 |" in text
+  assert "| stdlib | learned (DTP predictor), noise 0 | 2 | 3.200, 3.300 |" in text
+  # Training FLOPs per byte, the seeds' mean: (2e9 + 4e9) / 2 per step over
+  # the bytes a step reads.
+  # the bytes a step reads (2,000 tokens of one byte each).
+  flops = [s["flops"] for s in summary if s["boundaries"] == "whitespace"]
+  assert flops == pytest.approx([1.5e6, 1.5e6]) and "| 1.50 |" in text
   plot = tmp_path / "plot.png"
   boundaries_experiment.plot(summary, str(plot))
   assert plot.stat().st_size > 1000

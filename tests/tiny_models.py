@@ -41,7 +41,10 @@ MODELS = {
                               max_group=5, group_capacity=1.25, upsampling="attention",
                               positions="rotary"),
     "hourglass_dynamic": dict(name="hourglass", hierarchy="1@1 1@2 1@1", boundaries="dynamic",
-                              max_group=4, group_capacity=1.5, positions="rotary"),
+                              positions="rotary"),
+    # H-Net's 2-stage model: bytes -> chunks -> chunks of chunks.
+    "hourglass_dynamic2": dict(name="hourglass", hierarchy="1@1 1@2 1@4 1@2 1@1",
+                               boundaries="dynamic", positions="rotary"),
     "top_down_learned": dict(name="top_down", layers_per_scale=(1, 1), pool_factors=(2,),
                              boundaries="learned", max_group=4, pooling="attention",
                              upsampling="attention"),
@@ -55,7 +58,15 @@ def model_cfg(key: str, **overrides) -> dict:
 @functools.lru_cache(maxsize=None)
 def _params(key: str, structure: tuple):
   model = models.build(model_cfg(key, attention="dense", **dict(structure)), V, 64)
-  return jax.jit(model.init)(jax.random.PRNGKey(1), jnp.ones((1, 24), jnp.int32))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), jnp.ones((1, 24), jnp.int32))["params"]
+  # A matrix initialised to zero on purpose (H-Net's residual projection)
+  # gets the small random values training would give it, so that every path
+  # the tests follow carries signal (at zero a position that does not close a
+  # chunk would not read its own byte).
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  leaves = [0.05 * jax.random.normal(jax.random.PRNGKey(i), a.shape, a.dtype)
+            if a.ndim == 2 and not a.any() else a for i, a in enumerate(leaves)]
+  return jax.tree_util.tree_unflatten(tree, leaves)
 
 
 def params(key: str, **structure):

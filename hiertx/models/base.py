@@ -100,6 +100,15 @@ class LanguageModel(nn.Module):
   entropy_threshold: float = 3.0  # bits, boundaries=entropy
   boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned (0: no noise)
   boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
+  # boundaries=learned: the predictor, "layernorm" (LN, d -> d, GELU, -> 1) or
+  # "dtp" (Dynamic Token Pooling's d -> mlp_dim, ReLU, -> 1).
+  boundary_predictor: str = "layernorm"
+  # boundaries=dynamic: what a chunk holds, "boundary" (H-Net: the state at
+  # its boundary) or "pool" (its window pooled by model.pooling); and whether
+  # max_group and group_capacity apply (H-Net has neither: False, so no
+  # close is forced or dropped and a row has T coarse slots).
+  dynamic_chunk: str = "boundary"
+  dynamic_rules: bool = False
   # boundaries=entropy: the head's loss also trains the states it reads (else
   # it learns from a stop-gradient copy, as BLT trains its entropy model apart).
   entropy_trains_trunk: bool = False
@@ -142,16 +151,31 @@ class LanguageModel(nn.Module):
     """The first shortening's factor: content groups' target mean length."""
     raise NotImplementedError
 
-  def content_shortening(self) -> boundaries_lib.Shortening:
-    """The content-grouped first shortening (call in `setup`)."""
+  @property
+  def content_stages(self) -> int:
+    """How many shortenings group by content (hourglass's dynamic: maybe 2)."""
+    return int(self.content)
+
+  def content_shortening(self, stage: int = 0, k: int | None = None) -> boundaries_lib.Shortening:
+    """A content-grouped shortening (call in `setup`): the first, or H-Net's
+    second `stage` aiming at groups of `k`."""
+    max_group, capacity = self.close_rules()
     return boundaries_lib.Shortening(
-        self.boundaries, self.content_k(), self.vocab_size, self.padded_vocab, self.block_cfg,
-        self.max_group, self.group_capacity, self.entropy_threshold, self.boundary_temperature,
-        self.boundary_prior_weight, self.entropy_trains_trunk, self.ratio_loss_weight)
+        self.boundaries, k or self.content_k(), self.vocab_size, self.padded_vocab,
+        self.block_cfg, max_group, capacity, self.entropy_threshold, self.boundary_temperature,
+        self.boundary_prior_weight, self.entropy_trains_trunk, self.ratio_loss_weight,
+        self.boundary_predictor, self.dynamic_chunk, stage)
+
+  def close_rules(self) -> tuple[int, float]:
+    """(max_group, group_capacity) of the content groups; (0, 0.0), no rule,
+    for H-Net's dynamic chunking unless model.dynamic_rules."""
+    if self.boundaries == "dynamic" and not self.dynamic_rules:
+      return 0, 0.0
+    return self.max_group, self.group_capacity
 
   def slots(self, length: int) -> int:
     """Coarse slots per row of content groups over `length` fine positions."""
-    return boundaries_lib.num_slots(length, self.content_k(), self.group_capacity)
+    return boundaries_lib.num_slots(length, self.content_k(), self.close_rules()[1])
 
   def length_multiple(self) -> int:
     """Sequence lengths are padded to a multiple of this."""
@@ -228,9 +252,10 @@ class LanguageModel(nn.Module):
   def workload(self, seq_len: int) -> workload_lib.Workload:
     """Every block the model runs at `seq_len` (padded to its length multiple)."""
     t = self.decode_capacity(seq_len)
+    sources = self.content_stages * boundaries_lib.source_params(
+        self.boundaries, self.d_model, self.padded_vocab, self.mlp_dim, self.boundary_predictor)
     return workload_lib.Workload(t, tuple(b for b in self.blocks_at(t) if b.count),
-                                 self.extra_params() + boundaries_lib.source_params(
-                                     self.boundaries, self.d_model, self.padded_vocab))
+                                 self.extra_params() + sources)
 
   def blocks_at(self, t: int) -> list[workload_lib.Blocks]:
     raise NotImplementedError
@@ -284,7 +309,7 @@ class LanguageModel(nn.Module):
     positions: `slots(t)` groups in row order; attention pooling reads a
     window of `max_group` per group; attention upsampling has per-row ends, so
     it runs dense (every fine query against every slot, its map kept)."""
-    g, m = self.slots(t), self.max_group
+    g, m = self.slots(t), self.close_rules()[0]
     out = []
     if self.pooling == "attention":
       out.append(workload_lib.Blocks("pool_1", 1, g, m, t, g * m, self.map_keys(m),
@@ -353,6 +378,18 @@ def check_content_groups(cfg, k: int) -> None:
     raise ConfigError("model.upsampling", f"{cfg['upsampling']!r}: boundaries='dynamic' "
                       "upsamples as H-Net does (repeat, smoothed, confidence-weighted); use "
                       "upsampling='repeat'")
+  choice(cfg, "boundary_predictor", boundaries_lib.PREDICTORS)
+  choice(cfg, "dynamic_chunk", boundaries_lib.CHUNKS)
+  if not isinstance(cfg["dynamic_rules"], bool):
+    raise ConfigError("model.dynamic_rules", f"must be True or False, got {cfg['dynamic_rules']!r}")
+  rules = kind != "dynamic" or cfg["dynamic_rules"]
+  if kind == "dynamic" and cfg["dynamic_chunk"] == "boundary" and cfg["pooling"] != "mean":
+    raise ConfigError("model.pooling", f"{cfg['pooling']!r} is not used: boundaries='dynamic' "
+                      "with dynamic_chunk='boundary' keeps each chunk's boundary state "
+                      "(H-Net); set model.dynamic_chunk='pool' to pool the group")
+  if kind == "dynamic" and cfg["dynamic_chunk"] == "pool" and not rules:
+    raise ConfigError("model.dynamic_chunk", "'pool' pools a window of model.max_group bytes, "
+                      "which needs the close rules: set model.dynamic_rules=True")
   positive(cfg, "max_group")
   for name, low in (("group_capacity", 1.0), ("boundary_temperature", 0.0),
                     ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0),
@@ -360,7 +397,7 @@ def check_content_groups(cfg, k: int) -> None:
     v = cfg[name]
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
       raise ConfigError(f"model.{name}", f"must be a number >= {low}, got {v!r}")
-  if cfg["max_group"] < k:
+  if rules and cfg["max_group"] < k:
     raise ConfigError("model.max_group", f"{cfg['max_group']} is below the target group "
                       f"length {k} (the first shortening's factor)")
 

@@ -15,11 +15,17 @@ Content groups (`boundaries` other than "fixed", hiertx.boundaries) replace the
 first shortening's fixed groups: one shortening level ("N@1 M@k N@1", k the
 target average group length), mean or attention pooling, repeat or attention
 upsampling. Level 1 then gains a position, per row, when a group closes; the
-state adds `groups` = [last close position, groups so far, previous token],
-each [B].
+state adds `groups` = [last close position, groups so far, previous token,
+previous routing key]. `boundaries="dynamic"` may also chunk twice, as
+H-Net's 2-stage model ("N@1 M@k1 L@k1k2 M@k1 N@1": bytes -> chunks -> chunks
+of chunks, each stage its own router aiming at 1/k_i); level 2 then gains a
+position, per row, when a level-1 chunk closes a level-2 chunk, and the state
+adds `groups_1`.
 """
 
 import re
+
+import jax.numpy as jnp
 
 from hiertx import boundaries as boundaries_lib
 from hiertx import layers
@@ -72,6 +78,24 @@ class HourglassLM(base.LanguageModel):
   def content_k(self) -> int:
     return self.levels[2][1]
 
+  @property
+  def content_stages(self) -> int:
+    """How many shortenings group by content: every one for dynamic (H-Net's
+    stages), else the first."""
+    if not self.content:
+      return 0
+    return len(self.levels[2]) - 1 if self.boundaries == "dynamic" else 1
+
+  def content_slots(self, length: int) -> list[int]:
+    """Positions per level over `length` bytes: the bytes, then each content
+    stage's slots per row."""
+    factors = self.levels[2]
+    sizes = [length]
+    _, capacity = self.close_rules()
+    for i in range(self.content_stages):
+      sizes.append(boundaries_lib.num_slots(sizes[-1], factors[i + 1] // factors[i], capacity))
+    return sizes
+
   def setup(self):
     super().setup()
     c = self.block_cfg
@@ -83,6 +107,12 @@ class HourglassLM(base.LanguageModel):
     self.upsample = {str(i): scales.Upsample(self.upsampling, k, c) for i, k in enumerate(ks)}
     if self.content:
       self.content_groups = self.content_shortening()
+    if self.content_stages > 1:  # H-Net's second stage: chunks of chunks
+      self.content_groups_1 = self.content_shortening(stage=1, k=factors[2] // factors[1])
+
+  def _grouping(self, i: int):
+    """The content shortening between levels i and i + 1."""
+    return self.content_groups if i == 0 else self.content_groups_1
 
   def body(self, x_BxTxD, fine: scales.Scale, deterministic: bool, tokens_BxT=None):
     return self._level(x_BxTxD, fine, 0, deterministic, tokens_BxT)
@@ -92,17 +122,20 @@ class HourglassLM(base.LanguageModel):
     x_BxLxD = self.pre[str(i)](x_BxLxD, grid, deterministic)
     layers.remember(self, f"x_{i}", x_BxLxD)
     if i < len(post):
-      if self.content:
-        z, coarse, latest_BxT, route = self.content_groups(x_BxLxD, grid, tokens_BxT,
-                                                           self.shorten["0"], deterministic)
+      content = i < self.content_stages
+      if content:
+        if tokens_BxT is None:  # a second stage: no bytes to read (dynamic reads states)
+          tokens_BxT = jnp.zeros(x_BxLxD.shape[:2], jnp.int32)
+        z, coarse, latest_BxT, route = self._grouping(i)(x_BxLxD, grid, tokens_BxT,
+                                                         self.shorten[str(i)], deterministic)
       else:
         z = self.shorten[str(i)](x_BxLxD, grid, deterministic)
         coarse = scales.coarser(grid, factors[i + 1] // factors[i])
       z = self._level(z, coarse, i + 1, deterministic)
       z = self.perturb(f"coarse_{i + 1}", z)  # tests: gradients w.r.t. coarse states
-      if self.content:
-        x_BxLxD = self.content_groups.upsample(self.upsample[str(i)], x_BxLxD, z, latest_BxT,
-                                               grid, coarse, route, deterministic)
+      if content:
+        x_BxLxD = self._grouping(i).upsample(self.upsample[str(i)], x_BxLxD, z, latest_BxT,
+                                             grid, coarse, route, deterministic)
       else:
         x_BxLxD = self.upsample[str(i)](x_BxLxD, z, grid, coarse, deterministic)
       x_BxLxD = self.post[str(i)](x_BxLxD, grid, deterministic)
@@ -114,7 +147,7 @@ class HourglassLM(base.LanguageModel):
   def cache_slots(self, capacity: int) -> list[int]:
     factors = self.levels[2]
     if self.content:
-      return [capacity, self.slots(capacity)]
+      return self.content_slots(capacity)
     return [capacity // f for f in factors]
 
   def init_cache(self, batch, capacity):
@@ -122,7 +155,9 @@ class HourglassLM(base.LanguageModel):
     slots = self.cache_slots(capacity)
     c = self.block_cfg
     groups = boundaries_lib.init_state(batch, self.d_model) if self.content else []
-    return {"groups": groups,
+    second = ({"groups_1": boundaries_lib.init_state(batch, self.d_model)}
+              if self.content_stages > 1 else {})
+    return {"groups": groups, **second,
             "x": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "pre": [layers.KV.empty(c, n, batch, slots[i]) for i, n in enumerate(pre)],
@@ -166,21 +201,32 @@ class HourglassLM(base.LanguageModel):
 
   def _step_content(self, st, token_B, t, x0_BxD):
     """Fine position t with content groups: level-0 pre blocks, the close rules,
-    level 1 at the new slot of each row that closes a group, upsampling from
+    level 1 at the new slot of each row that closes a group (and with two
+    stages, level 2 where that slot closes a chunk of chunks), upsampling from
     each row's last closed group, post blocks."""
-    set_x = lambda name, lvl, x: base.set_at(  # noqa: E731
+    set_x = lambda name, lvl, x: base.set_at(  # noqa: E731 - three uses below
         st[name], lvl, st[name][lvl].at[:, t].set(x))
     x, kv = self.pre["0"].step(x0_BxD, st["pre"][0], t, t)
     st = dict(st, x=set_x("x", 0, x), pre=base.set_at(st["pre"], 0, kv))
 
-    def coarse(st, z_BxD, slot_B):
-      z, kv = self.pre["1"].step(z_BxD, st["pre"][1], slot_B, t)
-      put = lambda name: base.set_at(  # noqa: E731
-          st[name], 1, layers.set_rows(st[name][1], slot_B, z))
-      return dict(st, x=put("x"), z=put("z"), pre=base.set_at(st["pre"], 1, kv)), z
+    def level(i):
+      """Level i >= 1 at each closing row's new slot: (st, its output [B, D])."""
+      def run(st, z_BxD, slot_B):
+        put = lambda st, name, v: base.set_at(  # noqa: E731 - per-row cache writes
+            st[name], i, layers.set_rows(st[name][i], slot_B, v))
+        z, kv = self.pre[str(i)].step(z_BxD, st["pre"][i], slot_B, t)
+        st = dict(st, x=put(st, "x", z), pre=base.set_at(st["pre"], i, kv))
+        if i < self.content_stages:
+          st, z = self._grouping(i).decode_step(
+              st, jnp.zeros_like(token_B), z, t, st["x"][i], self.shorten[str(i)], level(i + 1),
+              self.upsample[str(i)], index_B=slot_B)
+          z, kv = self.post[str(i)].step(z, st["post"][i], slot_B, t)
+          st = dict(st, post=base.set_at(st["post"], i, kv))
+        return dict(st, z=put(st, "z", z)), z
+      return run
 
     st, x = self.content_groups.decode_step(st, token_B, x, t, st["x"][0], self.shorten["0"],
-                                            coarse, self.upsample["0"])
+                                            level(1), self.upsample["0"])
     x, kv = self.post["0"].step(x, st["post"][0], t, t)
     return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv))
 
@@ -188,18 +234,26 @@ class HourglassLM(base.LanguageModel):
     sown = self.variables[layers.DECODE]
     pre, post, factors = self.levels
     slots = self.cache_slots(capacity)
+    groups = {}
     if self.content:
-      # Level 1 holds each row's groups so far (per-row counts).
-      groups, count_B = self.content_groups.prompt_state(p)
-      counts = [p, count_B]
+      # Each content level holds each row's groups so far (per-row counts).
+      counts = [p]
+      for i in range(self.content_stages):
+        state, count_B = self._grouping(i).prompt_state(counts[-1])
+        groups["groups" + ("_1" if i else "")] = state
+        counts.append(count_B)
     else:
       counts = [(p - 1) // f + 1 for f in factors]
-      groups = []
-    return {"groups": groups,
+      groups = {"groups": []}
+
+    def z(i):
+      if 0 < i <= self.content_stages:  # the smoothed outputs the level outside reads
+        return self._grouping(i - 1).prompt_coarse(sown[f"z_{i}"])
+      return sown[f"z_{i}"]
+
+    return {**groups,
             "x": [layers.filled(sown[f"x_{i}"], slots[i], counts[i]) for i in range(len(pre))],
-            "z": [layers.filled(self.content_groups.prompt_coarse(sown[f"z_{i}"])
-                                if self.content and i == 1 else sown[f"z_{i}"],
-                                slots[i], counts[i]) for i in range(len(pre))],
+            "z": [layers.filled(z(i), slots[i], counts[i]) for i in range(len(pre))],
             "pre": [self.pre[str(i)].prompt_cache(slots[i], counts[i]) for i in range(len(pre))],
             "post": [self.post[str(i)].prompt_cache(slots[i], counts[i])
                      for i in range(len(post))],
@@ -223,10 +277,10 @@ class HourglassLM(base.LanguageModel):
 
   def _content_blocks_at(self, t):
     pre, post, _ = self.levels
-    g = self.slots(t)
-    return [self.self_attention("pre_0", pre[0], t, 1),
-            self.self_attention("post_0", post[0], t, 1),
-            self.self_attention("pre_1", pre[1], g, 1), *self.content_scale_change(t)]
+    sizes = self.content_slots(t)
+    out = [self.self_attention(f"pre_{i}", pre[i], sizes[i], 1) for i in range(len(pre))]
+    out += [self.self_attention(f"post_{i}", post[i], sizes[i], 1) for i in range(len(post))]
+    return out + self.content_scale_change(t)
 
   def extra_params(self):
     _, _, factors = self.levels
@@ -243,8 +297,14 @@ class HourglassLM(base.LanguageModel):
     base.choice(cfg, "upsampling", scales.UPSAMPLINGS)
     if cfg["boundaries"] != "fixed":
       _, _, factors = parse_hierarchy(cfg["hierarchy"])
-      if len(factors) != 2:
+      stages = len(factors) - 1
+      if cfg["boundaries"] == "dynamic" and stages == 2 and cfg["dynamic_rules"]:
+        raise ConfigError("model.dynamic_rules", "two dynamic stages (H-Net's 2-stage model) "
+                          "run without the close rules; set model.dynamic_rules=False")
+      if stages != 1 and not (cfg["boundaries"] == "dynamic" and stages == 2):
         raise ConfigError("model.hierarchy", f"{cfg['hierarchy']!r}: boundaries="
                           f"{cfg['boundaries']!r} groups the first shortening by content and "
-                          "supports one shortening level (e.g. '2@1 4@4 2@1')")
-      base.check_content_groups(cfg, factors[1])
+                          "supports one shortening level (e.g. '2@1 4@4 2@1'); 'dynamic' "
+                          "also two, as H-Net's 2-stage model (e.g. '1@1 1@2 4@8 1@2 1@1')")
+      for a, b in zip(factors, factors[1:]):
+        base.check_content_groups(cfg, b // a)
