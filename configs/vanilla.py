@@ -16,6 +16,7 @@ LAYERS = {"tiny": 2, "small": 4, "base": 6, "paper14": 14}
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, size="small", runlocal=False)
   c = config_lib.base_config()
-  c.model = config_lib.model_config("vanilla", arg.size, num_layers=config_lib.choose(LAYERS, arg.size, "size"))
+  c.model = config_lib.model_config("vanilla", arg.size,
+                                    num_layers=config_lib.choose(LAYERS, arg.size, "size"))
   config_lib.apply_size_defaults(c, arg)
   return c

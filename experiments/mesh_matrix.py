@@ -43,7 +43,7 @@ def define_flags() -> None:
 
 
 def load(spec: str, common: list[str]):
-  from hiertx import config as config_lib  # noqa: PLC0415  (after the worker's jax setup)
+  from hiertx import config as config_lib  # after the worker's jax setup
   path, *overrides = spec.split(";")
   config = config_lib.load(os.path.join(ROOT, "configs", path))
   for item in [*common, *overrides]:
@@ -53,7 +53,7 @@ def load(spec: str, common: list[str]):
 
 def fixed_batch(config) -> dict:
   """[B, T] random bytes, two documents per row (a cut a third of the way in)."""
-  from hiertx import data, vocab  # noqa: PLC0415
+  from hiertx import data, vocab
   b, t = config.data.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
   targets = rng.integers(vocab.BYTE_OFFSET, 256 + vocab.BYTE_OFFSET, (b, t)).astype(np.int32)
@@ -63,9 +63,9 @@ def fixed_batch(config) -> dict:
 
 def first_loss(config, devices) -> float:
   """One training step's loss from the seed-0 initialisation on `devices`."""
-  import jax  # noqa: PLC0415
+  import jax
 
-  from hiertx import steps  # noqa: PLC0415
+  from hiertx import steps
   run = steps.build_run(config, devices, check_data=False)
   state = run.init(jax.random.PRNGKey(0))
   batch = fixed_batch(config)
@@ -78,7 +78,7 @@ def first_loss(config, devices) -> float:
 
 def cells(job: dict) -> list[dict]:
   """Every (model, mesh) of `job` on this process's view of the devices."""
-  from hiertx.errors import HiertxError  # noqa: PLC0415
+  from hiertx.errors import HiertxError
   out = []
   for spec in job["models"]:
     for mesh in job["meshes"]:
@@ -88,13 +88,13 @@ def cells(job: dict) -> list[dict]:
         out.append({"model": spec, "mesh": mesh, "loss": first_loss(config, None)})
       except HiertxError as e:
         out.append({"model": spec, "mesh": mesh, "refused": str(e)})
-      except Exception:  # a defect: the table shows it instead of stopping
+      except Exception:  # noqa: BLE001  (a defect: the table shows it instead of stopping)
         out.append({"model": spec, "mesh": mesh, "failed": traceback.format_exc()})
   return out
 
 
 def worker(job_json: str) -> None:
-  from hiertx import distributed  # noqa: PLC0415
+  from hiertx import distributed
   job = json.loads(job_json)
   if job["processes"] > 1:
     distributed.initialize(job["coordinator"], job["processes"], job["process_id"])
@@ -107,7 +107,7 @@ def worker(job_json: str) -> None:
 def run_processes(job: dict, processes: int, devices: int) -> list[dict]:
   """The job's cells over `processes` processes of `devices / processes` CPU devices."""
   sys.path.insert(0, os.path.join(ROOT, "launch"))
-  import multiprocess  # noqa: PLC0415  (a launcher script, not a package)
+  import multiprocess  # a launcher script, not a package
   out = tempfile.mktemp(suffix=".json", prefix="hiertx_mesh_matrix_")
   port = multiprocess.free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu",

@@ -626,7 +626,7 @@ def splash_masked(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, mask: StaticMask | None, q_se
   def local(q, k, v, q_seg, k_seg):
     kernel, segment_ids = _splash_kernel(q.shape[2], mask, q.shape[1], interpret)
     sinks = None if sink is None else jnp.full((q.shape[2],), sink, _F32)
-    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
 
     def one(q, k, v, q_seg, k_seg):
       return kernel(q, k, v, segment_ids=segment_ids(q=q_seg, kv=k_seg), sinks=sinks)
@@ -654,7 +654,7 @@ def per_device(fn, *args, out_ranks):
   batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
   heads = "tensor" if ("tensor" in mesh.axis_names
                        and args[0].shape[2] % mesh.shape["tensor"] == 0) else None
-  spec = lambda rank: P(*(batch, None, heads, None)[:rank])  # noqa: E731
+  spec = lambda rank: P(*(batch, None, heads, None)[:rank])
   outs = (tuple(spec(r) for r in out_ranks) if isinstance(out_ranks, tuple)
           else spec(out_ranks))
   return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(jnp.ndim(a)) for a in args),
@@ -867,14 +867,14 @@ def cudnn_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end, q_seg_BxQ, k_seg
   q_len, head_dim = q_BxQxHxK.shape[1], q_BxQxHxK.shape[-1]
   route, _ = cudnn_route(q_len, head_dim, q_BxQxHxK.dtype, cfg)
   impl = _cudnn_implementation()
-  plain = lambda: fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, implementation=impl)  # noqa: E731
+  plain = lambda: fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, implementation=impl)
   if route == "visible":
     return plain()
   if route == "mask":
-    packed = lambda: fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ,  # noqa: E731
+    packed = lambda: fused_causal(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_seg_BxQ,
                                   k_seg_BxS, impl)
   else:
-    packed = lambda: pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end,  # noqa: E731
+    packed = lambda: pallas_attend(q_BxQxHxK, k_BxSxHxK, v_BxSxHxK, q_end, k_end,
                                    q_seg_BxQ, k_seg_BxS, cfg)[0]
   # Decided per batch on the device: only the branch taken runs.
   return jax.lax.cond(one_document_rows(q_seg_BxQ), plain, packed)

@@ -308,7 +308,7 @@ class Source(nn.Module):
   def route_keys(self, h_BxLxD):
     """(unit queries, unit keys) of the dynamic routing, float32 [..., D]."""
     h = h_BxLxD.astype(jnp.float32)
-    unit = lambda v: v * jax.lax.rsqrt(jnp.maximum((v * v).sum(-1, keepdims=True), 1e-24))  # noqa: E731 - a two-use helper
+    unit = lambda v: v * jax.lax.rsqrt(jnp.maximum((v * v).sum(-1, keepdims=True), 1e-24))
     return unit(self.route_q(h)), unit(self.route_k(h))
 
   def probability(self, q, prev_k, first):
@@ -481,7 +481,7 @@ class Shortening(nn.Module):
                          self.entropy_threshold, self.temperature, self.prior_weight,
                          self.entropy_trains_trunk, self.ratio_weight, self.predictor)
     if self.kind == "dynamic":
-      embed = lambda init: nn.with_logical_partitioning(init, ("embed",))  # noqa: E731 - two uses
+      embed = lambda init: nn.with_logical_partitioning(init, ("embed",))
       self.norm = nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32,
                              scale_init=embed(nn.initializers.ones))
       self.residual_proj = nn.Dense(
@@ -643,7 +643,7 @@ class Shortening(nn.Module):
     closes_BxP = closes_BxP & (jnp.arange(p) < count_B[:, None])
     groups_B = closes_BxP.sum(1).astype(jnp.int32)
     last_B = jnp.max(jnp.where(closes_BxP, jnp.arange(p), -1), axis=1).astype(jnp.int32)
-    at = lambda a: jnp.take_along_axis(  # noqa: E731 - each row's last real position
+    at = lambda a: jnp.take_along_axis(
         a, (count_B - 1).reshape((b, 1) + (1,) * (a.ndim - 2)), axis=1)[:, 0]
     key_BxD = (at(sown["source"]["route_keys"]) if self.kind == "dynamic"
                else jnp.zeros((b, self.cfg.d_model), jnp.float32))

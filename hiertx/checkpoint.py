@@ -245,7 +245,7 @@ def _check_fits(mngr, step: int, abstract_params) -> None:
   item = "params"
   try:
     saved = mngr.item_metadata(step)[item]
-  except Exception as e:  # noqa: BLE001  (Orbax/tensorstore raise many kinds)
+  except Exception as e:  # Orbax/tensorstore raise many kinds
     if _is_transient(e):
       raise
     raise Unreadable(f"the checkpoint at step {step} cannot be read: "
@@ -315,7 +315,7 @@ def _with_retries(fn, what: str):
       return fn()
     except HiertxError:  # includes Unreadable: damaged files are not retried
       raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # only a transient storage error is retried; the rest re-raised
       if not _is_transient(e):
         raise
       if attempt == RETRIES - 1:
@@ -346,7 +346,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
       return mngr.restore(step, args=args)
     except HiertxError:
       raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # any other failure to read means the checkpoint is unreadable
       if _is_transient(e):
         raise
       raise Unreadable(f"the checkpoint at step {step} cannot be read: "

@@ -150,9 +150,9 @@ class KV:
     shape [B] sets one slot per row (a row with a slot outside the cache keeps
     its cache as it was)."""
     if jnp.ndim(idx) == 1:
-      put = lambda c, x: set_rows(c, idx, x[..., 0, :, :], axis=-3)  # noqa: E731
+      put = lambda c, x: set_rows(c, idx, x[..., 0, :, :], axis=-3)
     else:
-      put = lambda c, x: jax.lax.dynamic_update_index_in_dim(  # noqa: E731
+      put = lambda c, x: jax.lax.dynamic_update_index_in_dim(
           c, x[..., 0, :, :], idx, c.ndim - 3)
     return KV(put(self.k, new.k), put(self.v, new.v))
 
@@ -205,7 +205,7 @@ def attention_ends(query, key):
     return query.end_L, key.end_L
   if query.end_BxL is not None and key.end_BxL is not None and query.spans == key.spans:
     return query.end_L, key.end_L  # a model has one content-grouped scale
-  traced = lambda s: (s.end_BxL if s.end_BxL is not None  # noqa: E731
+  traced = lambda s: (s.end_BxL if s.end_BxL is not None
                       else jnp.broadcast_to(s.end_L, s.seg_BxL.shape))
   return traced(query), traced(key)
 

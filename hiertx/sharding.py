@@ -117,7 +117,7 @@ def fitting_meshes(entries, shape: dict, logical_rules, limit: int = 2) -> list[
   nearest first (fewest doublings and halvings of the axes)."""
   fits = [m for m in factorisations(math.prod(shape.values()))
           if misfit(entries, m, logical_rules) is None]
-  far = lambda m: sum(abs(math.log2(m[a] / shape[a])) for a in AXES)  # noqa: E731
+  far = lambda m: sum(abs(math.log2(m[a] / shape[a])) for a in AXES)
   return sorted(fits, key=lambda m: (far(m), [-m[a] for a in AXES]))[:limit]
 
 

@@ -107,7 +107,7 @@ def train_step(state: TrainState, batch, *, model, tx, seed: int, skip_nonfinite
   grad_norm = optax.tree.norm(grads)
   if skip_nonfinite:
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+    keep = lambda new, old: jax.tree_util.tree_map(
         lambda n, o: jnp.where(ok, n, o), new, old)
     params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
   new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)

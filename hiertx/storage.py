@@ -77,7 +77,7 @@ _FILESYSTEMS: dict = {}
 def _fs(path: str):
   """The fsspec file system of a URL: one per scheme and endpoint (gcsfs
   reads an emulator's address, STORAGE_EMULATOR_HOST, when it is made)."""
-  import fsspec  # noqa: PLC0415  (only URLs need it)
+  import fsspec  # only URLs need it
 
   key = (scheme(path), os.environ.get("STORAGE_EMULATOR_HOST"))
   if key not in _FILESYSTEMS:
@@ -139,7 +139,7 @@ def listdir(path: str) -> list[str]:
 def glob(pattern: str) -> list[str]:
   """Paths matching a glob (`**` matches any depth)."""
   if not is_url(pattern):
-    import glob as glob_lib  # noqa: PLC0415
+    import glob as glob_lib
 
     return sorted(glob_lib.glob(pattern, recursive=True))
   prefix = scheme(pattern) + "://"
@@ -289,7 +289,7 @@ class Appender:
       self._dirty = False
     else:
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      self._file = open(path, "ab" if keep_existing else "wb")  # noqa: SIM115
+      self._file = open(path, "ab" if keep_existing else "wb")
 
   def write(self, data: bytes | str) -> None:
     data = data.encode() if isinstance(data, str) else data
@@ -318,7 +318,7 @@ class Appender:
 
 
 def _crc32c_local(path: str) -> str:
-  import google_crc32c  # noqa: PLC0415
+  import google_crc32c
 
   crc = google_crc32c.Checksum()
   with open(path, "rb") as f:

@@ -59,7 +59,7 @@ def run(procs, workdir) -> int:
   os.makedirs(logs, exist_ok=True)
   running = []
   for i, (env, args) in enumerate(procs):
-    log = open(os.path.join(logs, f"process_{i}.log"), "w")  # noqa: SIM115
+    log = open(os.path.join(logs, f"process_{i}.log"), "w")
     running.append((subprocess.Popen(args, env={**os.environ, **env}, stdout=log,
                                      stderr=subprocess.STDOUT), log))
   codes = [p.wait() for p, _ in running]

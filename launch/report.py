@@ -137,10 +137,10 @@ def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None
 
 
 def plot(rows: list[dict], out_dir: str) -> list[str]:
-  import matplotlib  # noqa: PLC0415
+  import matplotlib
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
   for r in rows:
@@ -182,7 +182,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
 
 def _save(fig, path: str) -> str:
   """Writes a figure as PNG to a local path or a URL."""
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=110)

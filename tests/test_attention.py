@@ -48,9 +48,9 @@ def test_blockwise_equals_dense_with_its_gradients(q_chunk, k_chunk, batching, m
   k_seg = jnp.concatenate([q_seg, q_seg[:, ::4]], 1)
   q_seg = q_seg.at[0, 3].set(7)  # a query whose document has no keys at all
   q, k, v = _inputs(37, k_end)
-  dense = lambda q, k, v: attention.dense(  # noqa: E731
+  dense = lambda q, k, v: attention.dense(
       q, k, v, attention.end_rule_mask(q_end, k_end, q_seg, k_seg))
-  block = lambda q, k, v: attention.blockwise(  # noqa: E731
+  block = lambda q, k, v: attention.blockwise(
       q, k, v, q_end, k_end, q_seg, k_seg, q_chunk, k_chunk)
   plan = attention.plan(q_end, k_end, q_chunk, k_chunk)
   assert (plan.pairs == 1) == (q_chunk == 64)
@@ -95,8 +95,8 @@ def test_pallas_kernel_equals_dense_with_its_gradients(case):
   mask = attention.end_rule_mask(q_end, k_end, q_seg, k_seg)
   if lo is not None:
     mask &= (k_end[None, None, :] > lo[None, :, None])
-  dense = lambda q, k, v: attention.dense(q, k, v, mask)  # noqa: E731
-  kernel = lambda q, k, v: flash.attend(  # noqa: E731
+  dense = lambda q, k, v: attention.dense(q, k, v, mask)
+  kernel = lambda q, k, v: flash.attend(
       q, k, v, q_end, k_end, q_seg, k_seg, cq, ck, interpret=True, q_lo=lo)
   rng = np.random.default_rng(1)
   w_o, w_l = jnp.asarray(rng.normal(size=q.shape)), jnp.asarray(rng.normal(size=q.shape[:3]))
@@ -129,8 +129,8 @@ def test_merged_parts_with_no_allowed_key_have_finite_gradients(kernel):
     return attention.blockwise(q, k[:, keys], v[:, keys], q_end, k_end[keys], q_seg,
                                k_seg[:, keys], 16, 16)
 
-  merged = lambda q, k, v: attention.merge(part(q, k, v, fine), part(q, k, v, coarse))  # noqa: E731
-  dense = lambda q, k, v: attention.dense(  # noqa: E731
+  merged = lambda q, k, v: attention.merge(part(q, k, v, fine), part(q, k, v, coarse))
+  dense = lambda q, k, v: attention.dense(
       q, k, v, attention.end_rule_mask(q_end, k_end, q_seg, k_seg))
   rng = np.random.default_rng(2)
   w_o, w_l = jnp.asarray(rng.normal(size=q.shape)), jnp.asarray(rng.normal(size=q.shape[:3]))
@@ -187,7 +187,7 @@ def test_pallas_kernel_reads_only_allowed_blocks_lowers_to_triton_and_runs_per_d
   q, k, v = (jnp.asarray(rng.normal(size=(8, n, 4, 16)), jnp.float32) for n in (37, 47, 47))
   q_seg, k_seg = jnp.tile(q_seg, (4, 1)), jnp.tile(k_seg, (4, 1))
   cfg = attention.AttentionConfig("pallas", 16, 16)
-  run = lambda q, k, v: attention.pallas_attend(  # noqa: E731
+  run = lambda q, k, v: attention.pallas_attend(
       q, k, v, q_end, k_end, q_seg, k_seg, cfg)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
   with jax.sharding.set_mesh(mesh):
@@ -263,7 +263,7 @@ def test_fused_causal_kernel_plumbing_matches_the_rule():
   got = attention.fused_causal(q, k, v, seg, seg, implementation=None)
   np.testing.assert_allclose(got, want, atol=1e-5)
   fine = np.arange(32)
-  refusal = lambda q, k, dtype=jnp.bfloat16, backend="gpu": attention.cudnn_refusal(  # noqa: E731
+  refusal = lambda q, k, dtype=jnp.bfloat16, backend="gpu": attention.cudnn_refusal(
       q, k, dtype, 64, backend=backend)
   assert refusal(fine, fine) == ""
   # Any scale's own strictly increasing ends: causal in index order.
@@ -303,7 +303,7 @@ def test_cudnn_routes_documents_without_a_mask_tensor_where_it_can(monkeypatch):
 
   def run(cfg, seg):
     with attention.record_sites() as sites:
-      fn = lambda q, k, v, s: attention.attend(q, k, v, fine, fine, s, s, cfg, site="x/attn")  # noqa: E731
+      fn = lambda q, k, v, s: attention.attend(q, k, v, fine, fine, s, s, cfg, site="x/attn")
       out = jax.jit(fn)(q, k, v, seg)
       jaxpr = str(jax.make_jaxpr(fn)(q, k, v, seg))
     live = (seg != 0)[..., None, None]
@@ -342,7 +342,7 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   starts = np.asarray([30, 129, 200, 255, 1, 100, 60, t])
   seg = jnp.asarray(np.where(np.arange(t)[None] < starts[:, None], 1, 2).astype(np.int32))
   fine = np.arange(t)
-  ref = lambda q, k, v: attention.dense(  # noqa: E731
+  ref = lambda q, k, v: attention.dense(
       q, k, v, attention.end_rule_mask(fine, fine, seg, seg))[0]
   np.testing.assert_allclose(attention.splash_attend(q, k, v, fine, fine, seg, seg,
                                                     interpret=True), ref(q, k, v), atol=1e-5)
@@ -350,7 +350,7 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
                            ("data", "fsdp", "tensor"))
   monkeypatch.setattr(attention, "_backend", lambda: "tpu")
   cfg = attention.AttentionConfig("splash", 64, 64)
-  attend = lambda q, k, v: attention.attend(q, k, v, fine, fine, seg, seg, cfg)  # noqa: E731
+  attend = lambda q, k, v: attention.attend(q, k, v, fine, fine, seg, seg, cfg)
   w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   with jax.sharding.set_mesh(mesh):
     jaxpr = str(jax.make_jaxpr(attend)(q, k, v))
@@ -364,9 +364,9 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   # Fine queries over coarse keys (ends 2g+1): the first query and each
   # second document's first query have no allowed key (output 0).
   coarse, k_seg = fine[1::2], seg[:2, 1::2]
-  cross_ref = lambda q, k, v: attention.dense(  # noqa: E731
+  cross_ref = lambda q, k, v: attention.dense(
       q, k, v, attention.end_rule_mask(fine, coarse, seg[:2], k_seg))[0]
-  cross = lambda q, k, v: attention.attend(  # noqa: E731
+  cross = lambda q, k, v: attention.attend(
       q, k, v, fine, coarse, seg[:2], k_seg, cfg, site="x/attn")
   args = (q[:2], k[:2, ::2], v[:2, ::2])
   got, grads = jax.jit(jax.value_and_grad(lambda *a: (cross(*a) * w[:2]).sum(), (0, 1, 2)))(
@@ -387,7 +387,7 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   # A static mask is built once per key (the kernel's block analysis is
   # cached by mask; hashing whole arrays per layer cost seconds at 8k tokens).
   built = []
-  make = lambda: attention.StaticMask(("x", 1), lambda: built.append(1) or  # noqa: E731
+  make = lambda: attention.StaticMask(("x", 1), lambda: built.append(1) or
                                       np.ones((128, 128), bool))
   assert attention._splash_numpy_mask(make()) is attention._splash_numpy_mask(make())
   assert built == [1]
@@ -397,7 +397,7 @@ def test_splash_kernel_matches_the_rule_on_a_mesh(monkeypatch):
   assert "TPU" in attention.splash_refusal(fine, fine, backend="gpu")
   assert "key length 64" in attention.splash_refusal(fine, fine[::4], backend="tpu")
   assert "log-sum-exp" in attention.splash_refusal(fine, fine, True, backend="tpu")
-  short = lambda cfg: lambda q, k, v: attention.attend(  # noqa: E731
+  short = lambda cfg: lambda q, k, v: attention.attend(
       q, k[:, ::4], v[:, ::4], fine, fine[::4], seg, seg[:, ::4], cfg, site="x/attn")
   with pytest.raises(ConfigError, match="splash cannot run x/attn .*key length 64 is not a "
                      "multiple of 128"):
@@ -430,7 +430,7 @@ def test_models_on_splash_equal_dense(key, monkeypatch):
   monkeypatch.setattr(attention, "_backend", lambda: "tpu")
   t = 256
   shape, reference, want_sites = SPLASH_MODELS[key]
-  cfg = lambda **kw: model_cfg(key, max_len=t, **shape, **kw)  # noqa: E731
+  cfg = lambda **kw: model_cfg(key, max_len=t, **shape, **kw)
   splash, dense = models.build(cfg(attention="splash"), V, t), models.build(cfg(**reference), V, t)
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, V)
   seg = jnp.asarray([[1] * 100 + [2] * 156, [1] * t])
@@ -525,10 +525,10 @@ def test_sites_get_the_kernel_at_every_scale_and_nothing_falls_back_silently(mon
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, t), 1, V)
   seg = jnp.asarray([[1] * 9 + [2] * 15, [1] * 24])
   pos = jnp.asarray([list(range(9)) + list(range(15)), list(range(24))])
-  cfg = lambda **kw: model_cfg("hourglass_attention", dtype="bfloat16", **kw)  # noqa: E731
+  cfg = lambda **kw: model_cfg("hourglass_attention", dtype="bfloat16", **kw)
   blockwise = models.build(cfg(attention="blockwise"), V, 64)
   params = tiny_models.params("hourglass_attention")
-  apply = lambda m: m.apply({"params": params}, tokens, seg, pos)  # noqa: E731
+  apply = lambda m: m.apply({"params": params}, tokens, seg, pos)
   refused = models.build(cfg(attention="cudnn"), V, 64)
   with pytest.raises(ConfigError, match=r"config.model.attention: cudnn cannot run "
                      r"\S+/attn \(\d+ queries x \d+ keys\): keys are not the queries' own "
@@ -623,7 +623,7 @@ def test_pallas_takes_what_cudnn_and_splash_cannot_and_is_refused_off_gpus(monke
   per-row ends stay on the kernel."""
   fine, coarse, bf16 = np.arange(32), np.arange(8) * 4 + 3, jnp.bfloat16
   mixed = attention.AttentionConfig("cudnn", fallback="pallas")
-  choose = lambda cfg, q, k, backend="gpu": attention.choose(  # noqa: E731
+  choose = lambda cfg, q, k, backend="gpu": attention.choose(
       "x/attn", q, k, bf16, 64, cfg, backend=backend)
   assert choose(mixed, fine, fine) == "cudnn" and choose(mixed, fine, coarse) == "pallas"
   with pytest.raises(ConfigError, match="attention_fallback: pallas cannot run x/attn .* "
@@ -665,12 +665,12 @@ def test_every_site_of_the_paper_models_lowers_for_a_gpu(name, monkeypatch):
   backward) lowers for CUDA here, as on a GPU (an abstract H200; cuDNN's
   version check answered), every site on one of the two kernels: cuDNN
   custom calls for the stacks, three Triton kernels per Pallas call."""
-  from jax._src.cudnn import fused_attention_stablehlo  # noqa: PLC0415  (the version check)
+  from jax._src.cudnn import fused_attention_stablehlo  # the version check
   monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(attention, "_backend", lambda: "gpu")
   monkeypatch.setattr(attention, "_pallas_interpret", lambda: False)
   monkeypatch.setattr(attention, "gpu_capability", lambda: "9.0")
-  from hiertx import config as config_lib  # noqa: PLC0415
+  from hiertx import config as config_lib
   cfg = dict(config_lib.load(f"configs/{name}.py:size={LOWERED[name]}").model,
              dtype="bfloat16", attention="cudnn", attention_fallback="pallas", max_len=2048,
              scan_layers=True)

@@ -119,7 +119,7 @@ def test_fuzzed_misspellings_and_arguments_are_refused_by_name():
 def test_every_command_is_a_console_script():
   """`pip install` puts each command on PATH as hiertx-<name>, running the
   same function as `python -m hiertx.<name>`."""
-  from importlib import metadata  # noqa: PLC0415
+  from importlib import metadata
   scripts = {ep.name: ep for ep in metadata.entry_points(group="console_scripts")
              if ep.name.startswith("hiertx-")}
   names = ("train", "evaluate", "generate", "prepare_data", "profiling")
@@ -135,5 +135,6 @@ def test_adam_decays_outside_0_1_are_refused():
   for name, value in (("b1", 2.0), ("b2", 1.0), ("b1", -0.1)):
     bad = config_lib.load(config_path("vanilla") + ":size=tiny")
     bad.train[name] = value
-    with pytest.raises(ConfigError, match=rf"config.train.{name}: must be in \[0, 1\), got {value}"):
+    with pytest.raises(ConfigError,
+                       match=rf"config.train.{name}: must be in \[0, 1\), got {value}"):
       config_lib.validate(bad)

@@ -215,10 +215,10 @@ def test_documents_that_see_each_other_make_a_row_one_sequence():
   segment per row (padding stays 0), positions and the input shift running
   on across pieces; a model's second document then reads the first, where by
   default it cannot; an alignment other than -1 or 1 is refused."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
+  import jax
+  import jax.numpy as jnp
 
-  from hiertx import models  # noqa: PLC0415
+  from hiertx import models
   b = data.batch_of(np.array([[5, 6, 7, 8, 9, 0]]), np.array([[1, 1, 1, 2, 2, 0]]), True)
   np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 1, 1, 0]])
   np.testing.assert_array_equal(b["inputs"], [[0, 5, 6, 7, 8, 0]])
@@ -275,7 +275,7 @@ def test_many_files_are_split_whole_by_path_and_one_file_is_cut(tmp_path):
 
 
 def test_sentencepiece_vocabulary(tmp_path, text_file):
-  import sentencepiece as spm  # noqa: PLC0415
+  import sentencepiece as spm
 
   prefix = str(tmp_path / "sp")
   spm.SentencePieceTrainer.train(input=text_file, model_prefix=prefix, vocab_size=320,
@@ -300,8 +300,8 @@ def test_a_vocabulary_trained_on_the_train_split_runs_with_exact_bits_per_byte(t
   config's train split (seqio's ids: 0 pad, 1 EOS, 2 UNK; byte fallback), so
   a run can compare tokenizations; its tokens stand for exactly the split's
   bytes; paths and sizes that cannot work are one-line errors."""
-  from hiertx import prepare_data  # noqa: PLC0415
-  from hiertx.errors import FlagError  # noqa: PLC0415
+  from hiertx import prepare_data
+  from hiertx.errors import FlagError
   path = str(tmp_path / "corpus_320.model")
   cfg = data_cfg(text_files=text_file)
   with pytest.raises(FlagError, match="--vocab_size: 400: the text yields at most 3"):

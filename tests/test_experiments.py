@@ -186,8 +186,8 @@ def test_gpu_check_dry_run_ends_in_one_summary_table(tmp_path):
   it runs) finish, and it ends in the summary table with tokens/s, MFU, the
   hourglass/vanilla ratio and each site's kernel; a missing cache is named
   with the command that makes it."""
-  from hiertx import config as config_lib  # noqa: PLC0415
-  from hiertx import data  # noqa: PLC0415
+  from hiertx import config as config_lib
+  from hiertx import data
   cache = tmp_path / "cache_64"  # what prepare_data --export writes, from the suite's cache
   config = config_lib.resolved(config_lib.load(os.path.join(ROOT, "configs/hourglass.py")
                                                + ":size=tiny"))

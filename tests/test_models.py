@@ -101,7 +101,8 @@ def test_jacobian_is_exactly_causal_and_every_past_token_reaches(key, t):
   future = np.triu(np.ones_like(norms, bool), k=1)
   assert np.all(norms[future] == 0.0), f"{key}: future leaks at {np.argwhere(norms * future)}"
   past = ~future
-  assert np.all(norms[past] > 0), f"{key}: past inputs not reaching {np.argwhere(past & (norms == 0))}"
+  assert np.all(norms[past] > 0), (
+      f"{key}: past inputs not reaching {np.argwhere(past & (norms == 0))}")
   if model.content:
     _, sown = jax.jit(lambda p, x: model.apply({"params": p}, x, mutable=["decode"]))(
         params, tokens[:1])
@@ -289,7 +290,7 @@ def test_projections_contract_one_token_axis():
   from hiertx import layers
   x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 4))
   w_DxF = jax.random.normal(jax.random.PRNGKey(1), (4, 6))
-  project = lambda w: layers.over_tokens(lambda x_NxD: x_NxD @ w, x_BxLxD)  # noqa: E731
+  project = lambda w: layers.over_tokens(lambda x_NxD: x_NxD @ w, x_BxLxD)
   np.testing.assert_allclose(project(w_DxF), jnp.einsum("bld,df->blf", x_BxLxD, w_DxF),
                              rtol=1e-6)
   grad_text = jax.jit(jax.grad(lambda w: jnp.sum(project(w) ** 2))).lower(w_DxF).as_text()

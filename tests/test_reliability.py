@@ -381,7 +381,7 @@ def test_fuzzed_overrides_fail_cleanly_or_work(tiny_config):
 def test_only_real_storage_hiccups_are_retried():
   """HTTP 429/503, timeouts and gRPC's UNAVAILABLE are retried; a damaged
   file whose name happens to hold those digits (Orbax's hex hashes) is not."""
-  from hiertx import checkpoint  # noqa: PLC0415
+  from hiertx import checkpoint
   for text in ("GET https://storage.googleapis.com/b/o: 503 Service Unavailable",
                "429 Too Many Requests", "UNAVAILABLE: socket closed", "read timed out"):
     assert checkpoint._is_transient(ValueError(text)), text

@@ -168,7 +168,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_confi
   part with `data` across them (each feeds its half): rows follow the
   devices' places along the batch axes, and both give the one-process
   losses."""
-  import multiprocess  # noqa: PLC0415  (a launcher script, not a package)
+  import multiprocess  # a launcher script, not a package
 
   workdir = str(tmp_path / "mp")
   os.makedirs(workdir)
@@ -205,7 +205,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny_confi
                        train__checkpoint_every=100, eval__every=100)
   single = str(tmp_path / "single")
   train.train_and_evaluate(config, single)
-  loss = lambda wd: {r["step"]: r["train/loss"] for r in metrics.read_jsonl(  # noqa: E731
+  loss = lambda wd: {r["step"]: r["train/loss"] for r in metrics.read_jsonl(
       os.path.join(wd, "metrics.jsonl")) if "train/loss" in r}
   resumed, straight = loss(workdir), loss(single)
   assert sorted(resumed) == list(range(1, 61))

@@ -128,7 +128,7 @@ def test_crash_and_resume_ends_with_the_same_parameters(vanilla_run, tmp_path, m
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                          ref, got)
   # The losses logged after the resume match the uninterrupted run's.
-  loss = lambda wd: {r["step"]: r["train/loss"] for r in metrics.read_jsonl(  # noqa: E731
+  loss = lambda wd: {r["step"]: r["train/loss"] for r in metrics.read_jsonl(
       os.path.join(wd, "metrics.jsonl")) if "train/loss" in r}
   assert loss(workdir)[20] == pytest.approx(loss(ref_workdir)[20], rel=1e-6)
 

@@ -204,7 +204,7 @@ class HourglassLM(base.LanguageModel):
     level 1 at the new slot of each row that closes a group (and with two
     stages, level 2 where that slot closes a chunk of chunks), upsampling from
     each row's last closed group, post blocks."""
-    set_x = lambda name, lvl, x: base.set_at(  # noqa: E731 - three uses below
+    set_x = lambda name, lvl, x: base.set_at(
         st[name], lvl, st[name][lvl].at[:, t].set(x))
     x, kv = self.pre["0"].step(x0_BxD, st["pre"][0], t, t)
     st = dict(st, x=set_x("x", 0, x), pre=base.set_at(st["pre"], 0, kv))
@@ -212,7 +212,7 @@ class HourglassLM(base.LanguageModel):
     def level(i):
       """Level i >= 1 at each closing row's new slot: (st, its output [B, D])."""
       def run(st, z_BxD, slot_B):
-        put = lambda st, name, v: base.set_at(  # noqa: E731 - per-row cache writes
+        put = lambda st, name, v: base.set_at(
             st[name], i, layers.set_rows(st[name][i], slot_B, v))
         z, kv = self.pre[str(i)].step(z_BxD, st["pre"][i], slot_B, t)
         st = dict(st, x=put(st, "x", z), pre=base.set_at(st["pre"], i, kv))

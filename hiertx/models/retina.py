@@ -225,7 +225,7 @@ class RetinaAttention(nn.Module):
         kp, vp, endp, segp = padded[s]
         # First key index whose end can lie inside level s's region for q0.
         start = bounds[s + 1][0] // (k ** s) + 1 + sizes[s]
-        take = lambda x, ax: jax.lax.dynamic_slice_in_dim(x, start, sizes[s], ax)  # noqa: E731
+        take = lambda x, ax: jax.lax.dynamic_slice_in_dim(x, start, sizes[s], ax)
         ks.append(take(kp, 1))
         vs.append(take(vp, 1))
         ms.append(region_mask(q_seg_BxC, take(endp, 0), take(segp, 1), bounds, s, False))

@@ -143,7 +143,7 @@ class TopDownLM(base.PooledScales, base.LanguageModel):
     e_BxD = st["e"][0][:, t]
 
     def coarse(st, z_BxD, slot_B):
-      put = lambda name, x: base.set_at(  # noqa: E731
+      put = lambda name, x: base.set_at(
           st[name], 1, layers.set_rows(st[name][1], slot_B, x))
       x, kv = self.scale["1"].step(z_BxD, st["kv"][1], slot_B, t)
       return dict(st, e=put("e", z_BxD), z=put("z", x), kv=base.set_at(st["kv"], 1, kv)), x
