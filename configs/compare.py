@@ -60,9 +60,10 @@ order as well as initialisation:
 import os
 
 from hiertx import config as config_lib
+from hiertx import models
 from hiertx import sweep
 
-MODELS = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
+MODELS = tuple(models.MODELS)  # the registry: a registered model is comparable at once
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -81,7 +82,7 @@ def sweep_paper_claim():
 _CLAIM_MODELS = sweep.zipped({"arg.model": ["vanilla", "bottom_up", "top_down", "hourglass"],
                               "arg.size": ["paper14", "paper30", "paper30", "paper30"]})
 # Each model's best rate in claim_lr (1,000 steps, 64 validation batches;
-# README, Sweeps): the claim trains each at its own.
+# docs/sweeps.md): the claim trains each at its own.
 _CLAIM_RATES = [2e-3, 2e-3, 4e-3, 4e-3]
 
 

@@ -6,7 +6,7 @@ upsampling into the residual, post blocks; hierarchy in `N@f` notation.
       --config.model.hierarchy='2@1 16@3 2@1' ...   # the enwik8 shape of its Table 1
 
   python -m hiertx.train --config=configs/hourglass.py \
-      --config.model.boundaries=whitespace ...   # groups end at spaces (README)
+      --config.model.boundaries=whitespace ...   # groups end at spaces (docs/models.md)
 
 Sizes: tiny, small (default), base, paper30 (width 256: 2@1 26@4 2@1).
 """

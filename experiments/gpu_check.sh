@@ -1,6 +1,6 @@
 #!/bin/bash
 # The performance targets on one GPU, as one prepared run of about 8 minutes
-# (README "Performance", "On a GPU"): hiertx vanilla paper14 and hourglass
+# (docs/performance.md, "On a GPU"): hiertx vanilla paper14 and hourglass
 # paper30 on the fused kernels, the compiled PyTorch reference, and a profile
 # of hourglass's step; then, if time is left, the other paper30 models.
 #

@@ -1,4 +1,4 @@
-"""Softmax attention of queries over any key set under the end rule (DESIGN.md
+"""Softmax attention of queries over any key set under the end rule (docs/design.md
 section 2): a query may use a key iff key.end <= query.end and both belong to
 the same document.
 

@@ -1,4 +1,4 @@
-"""Content-dependent groups for a model's first shortening (DESIGN.md section 9).
+"""Content-dependent groups for a model's first shortening (docs/design.md section 9).
 
 Fixed shortening closes a group every k bytes. Here a *boundary source* says,
 for each fine position t, whether a group should close at t, from bytes 0..t

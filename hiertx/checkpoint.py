@@ -2,7 +2,7 @@
 
 Layout of a workdir:
   config.json        the resolved config the run was started with
-  checkpoints/<step> Orbax checkpoints, three items (DESIGN.md section 8):
+  checkpoints/<step> Orbax checkpoints, three items (docs/design.md section 8):
                        params     the model's parameters
                        opt_state  the optimizer's state
                        meta       JSON: the step, and the data position

@@ -32,9 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
       split_fractions=(0.9, 0.05, 0.05),  # train/validation/test shares of text files
       split_by="auto",  # file (whole files by path hash) | cut (each file) | auto (see tasks)
       vocab="byte",  # "byte" or a SentencePiece model path
-      seq_len=256,
+      seq_len=256,  # tokens per row
       batch_size=16,  # global batch, in rows of seq_len tokens
-      pack=True,
+      pack=True,  # pack documents into rows (false: one document per row, padded)
       align=-1,  # pieces start at multiples of this in a row; -1: the model's pooling factor
       # Documents in a packed row see each other (GPT-2/3 style): one causal
       # sequence per row, packed back to back; false: they never do.
@@ -44,18 +44,18 @@ def base_config() -> ml_collections.ConfigDict:
       cache_dir="",  # packed-data cache; "" = $HIERTX_DATA_CACHE or ~/.cache/hiertx/data
   ))
   c.train = ml_collections.ConfigDict(dict(
-      steps=400,
-      learning_rate=2e-3,
-      warmup_steps=40,
+      steps=400,  # optimizer steps of the run
+      learning_rate=2e-3,  # peak, after a linear warmup
+      warmup_steps=40,  # steps of linear warmup, then a cosine decay
       end_learning_rate_fraction=0.1,  # cosine decays to this fraction of the peak
-      weight_decay=0.01,
-      b1=0.9,
-      b2=0.98,
-      grad_clip=1.0,
-      seed=0,
-      log_every=20,
-      checkpoint_every=100,
-      keep_checkpoints=3,
+      weight_decay=0.01,  # AdamW's, on matrices only
+      b1=0.9,  # AdamW's first-moment decay
+      b2=0.98,  # AdamW's second-moment decay
+      grad_clip=1.0,  # global gradient norm
+      seed=0,  # parameters and dropout (and packing, unless data.seed)
+      log_every=20,  # steps between training log lines and metrics
+      checkpoint_every=100,  # steps between checkpoints (also at the end and on SIGTERM)
+      keep_checkpoints=3,  # newest checkpoints kept
       max_nonfinite_skips=0,  # >0: skip up to this many steps with a NaN/Inf loss
       profile_steps="",  # "N,M": trace steps N..M into <workdir>/profile (hiertx.profiling)
       stop_check_every=10,  # multi-process: steps between agreeing on a stop (SIGTERM)
@@ -65,22 +65,29 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.eval = ml_collections.ConfigDict(dict(
       every=200,  # also evaluated at the last step
-      split="validation",
+      split="validation",  # validation | test
       batch_size=16,
       batches=16,  # blocks of rows spread evenly over the split (all of it if it is smaller)
   ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  # Logical axis -> mesh axes. Modules name logical axes only.
-  c.sharding = ml_collections.ConfigDict(dict(rules=(
-      ("batch", ("data", "fsdp")),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("vocab", "tensor"),
-      ("kv", None),
-      ("length", None),
-      ("layers", None),  # the stacking axis of scanned blocks
-  )))
+  # Devices per mesh axis (-1: the rest); docs/clusters.md, "Choosing a mesh".
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,  # batch rows (data parallel)
+      fsdp=1,  # batch rows and parameters' embed axis (fully sharded)
+      tensor=1,  # heads, MLP and vocabulary (tensor parallel)
+  ))
+  c.sharding = ml_collections.ConfigDict(dict(
+      # Logical axis -> mesh axes. Modules name logical axes only.
+      rules=(
+          ("batch", ("data", "fsdp")),
+          ("embed", "fsdp"),
+          ("mlp", "tensor"),
+          ("heads", "tensor"),
+          ("vocab", "tensor"),
+          ("kv", None),
+          ("length", None),
+          ("layers", None),  # the stacking axis of scanned blocks
+      ),
+  ))
   return c
 
 

@@ -41,7 +41,7 @@ base, paper14/paper30) at seq_len >= 128, with and without scan, remat with scan
 ignores dominate there. Remat of unrolled blocks is counted as saving what
 it recomputes; XLA:CPU schedules the recomputation early and its peak stays
 at the no-remat one (small vanilla: 41 MiB predicted, 69 measured), so on CPU
-remat goes with scan (README).
+remat goes with scan (docs/training.md).
 """
 
 import dataclasses

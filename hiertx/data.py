@@ -2,7 +2,7 @@ r"""Input pipelines: seqio task -> pieces -> packed rows (cached) -> batches by 
 
 A split is read once through its seqio Task (documents tokenized, EOS
 appended, cut into pieces of at most `data.seq_len` tokens) and packed into
-rows (DESIGN.md section 7): every piece starts at a multiple of the
+rows (docs/design.md section 7): every piece starts at a multiple of the
 alignment, the model's total pooling factor, so a document is grouped into
 coarse positions exactly as it would be alone. Pieces and packed rows are
 kept in a cache directory (memory-mapped .npy files, written once, keyed by

@@ -1,4 +1,4 @@
-"""Incremental decoding for any model, and sampling (DESIGN.md section 5).
+"""Incremental decoding for any model, and sampling (docs/design.md section 5).
 
 Each model defines its decoding beside its forward pass, on the same
 submodules (`init_cache`, `prefill`, `step` in `hiertx.models`). This module

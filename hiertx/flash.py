@@ -1,4 +1,4 @@
-"""The end rule (DESIGN.md section 2) as one Pallas flash-attention kernel:
+"""The end rule (docs/design.md section 2) as one Pallas flash-attention kernel:
 every attention site of every model, whatever its query and key scales.
 
 Shapes: B batch, Q queries, S keys, H heads, K head width; queries and keys

@@ -9,7 +9,7 @@ Parameters and activations carry logical axis names (`batch`, `length`,
 axes, so the modules never name devices.
 
 Every module here serves the forward pass and incremental decoding alike
-(DESIGN.md section 5): a block's `step` runs one new position against its
+(docs/design.md section 5): a block's `step` runs one new position against its
 key/value cache with the same submodules its `__call__` uses, and the forward
 pass `remember`s what a decoder's caches are built from.
 """
@@ -88,8 +88,8 @@ def over_tokens(fn, x_NxD: jax.Array) -> jax.Array:
   Same numbers as applying it to [B, L, D], but the weight gradient of a
   matmul then contracts one token axis instead of two: XLA:CPU runs it, and
   the transposes around it, in its matmul library, where batch and length as
-  two contracting axes got a layout copy and a generic dot (README,
-  Performance, "Tokens as one axis"). Elsewhere the reshapes are free."""
+  two contracting axes got a layout copy and a generic dot (docs/performance.md,
+  "Tokens as one axis"). Elsewhere the reshapes are free."""
   lead = x_NxD.shape[:-1]
   y_NxF = fn(x_NxD.reshape(-1, x_NxD.shape[-1]))
   return y_NxF.reshape(*lead, *y_NxF.shape[1:])
@@ -214,7 +214,7 @@ class Attention(nn.Module):
   """Multi-head attention from queries to any key set under the end rule.
 
   Positions given to `project_q` / `keys_values` are the *end positions* of
-  the vectors (DESIGN.md section 2), used by rotary embeddings so coarse keys
+  the vectors (docs/design.md section 2), used by rotary embeddings so coarse keys
   sit where the information they summarise ends.
   """
 
@@ -231,7 +231,7 @@ class Attention(nn.Module):
     self.wo = self.param("out", init_out, shape_out)
 
   # The projections stay [B, L, H, K] einsums rather than `over_tokens`:
-  # flattened, they measured no faster on CPU (README, Performance, "Tokens as
+  # flattened, they measured no faster on CPU (docs/performance.md, "Tokens as
   # one axis"), and a scanned stack keeps every reshaped copy of an input as
   # one more residual per block.
   def _in(self, w_DxHxK, x_BxLxD):

@@ -1,4 +1,4 @@
-"""What a run reports (DESIGN.md section 6): JSONL + TensorBoard writers, the
+"""What a run reports (docs/design.md section 6): JSONL + TensorBoard writers, the
 XLA memory/cost analysis of a compiled step, parameter counts, run facts."""
 
 import gzip

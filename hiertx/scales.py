@@ -1,4 +1,4 @@
-"""Multi-scale primitives shared by every hierarchical model (DESIGN.md sec. 2).
+"""Multi-scale primitives shared by every hierarchical model (docs/design.md sec. 2).
 
 A sequence at scale s is described by a `Scale`: for each of its vectors the
 fine position where the information it summarises *ends*, and the document

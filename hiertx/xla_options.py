@@ -4,8 +4,8 @@ XLA:CPU: matmuls only in YNNPACK fusions (`xla_cpu_experimental_ynn_fusion_type
 =LIBRARY_FUSION_TYPE_DOT`). By default XLA:CPU also hands elementwise fusions
 to YNNPACK; on the CPU measured here those fusions materialised transposed
 copies of the MLP's activation gradients (26% of vanilla's step), and the
-train step ran 1.4x faster without them (vanilla, 16 x 256; README
-"Performance"). A user's own `--xla_cpu_experimental_ynn_fusion_type` in
+train step ran 1.4x faster without them (vanilla, 16 x 256; docs/performance.md).
+A user's own `--xla_cpu_experimental_ynn_fusion_type` in
 XLA_FLAGS wins; `HIERTX_XLA_DEFAULTS=0` turns these defaults off.
 """
 

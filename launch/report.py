@@ -159,13 +159,17 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
   fig.tight_layout()
   curves = _save(fig, storage.join(out_dir, "loss_curves.png"))
 
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
   done = [r for r in rows if math.isfinite(r["final_bpb"]) and math.isfinite(r["xla_peak_bytes"])]
   front = report_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in done])
+  scale = {"xla_peak_bytes": 2**20, "flops_per_byte": 1e6, "tokens_per_s": 1}
   for ax, key, label in ((axes[0], "xla_peak_bytes", "XLA peak train-step memory (MiB)"),
-                         (axes[1], "tokens_per_s", "training tokens/s")):
+                         (axes[1], "flops_per_byte", "training MFLOPs per byte"),
+                         (axes[2], "tokens_per_s", "training tokens/s")):
     for r, f in zip(done, front):
-      x = r[key] / 2**20 if key == "xla_peak_bytes" else r[key]
+      if not math.isfinite(r[key]):
+        continue
+      x = r[key] / scale[key]
       ax.scatter(x, r["final_bpb"],
                  marker="*" if f else ("o" if r["state"] == "finished" else "x"),
                  s=120 if f else 40)
@@ -174,7 +178,8 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
     ax.set(xlabel=label, ylabel="final validation bits per byte")
     ax.grid(alpha=0.3)
   axes[0].set_title("bits/byte vs memory (* Pareto front, x unfinished)")
-  axes[1].set_title("bits/byte vs speed")
+  axes[1].set_title("bits/byte vs training FLOPs")
+  axes[2].set_title("bits/byte vs speed")
   fig.tight_layout()
   scatter = _save(fig, storage.join(out_dir, "bpb_vs_memory.png"))
   return [curves, scatter]

@@ -1,5 +1,5 @@
 """Blockwise attention against the dense reference: the function alone, every
-model, and mixed precision training (DESIGN.md section 4)."""
+model, and mixed precision training (docs/design.md section 4)."""
 
 import functools
 

@@ -8,7 +8,7 @@ from hiertx import config as config_lib
 from hiertx import models
 from hiertx.errors import ConfigError
 
-MODEL_NAMES = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
+MODEL_NAMES = tuple(models.MODELS)
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

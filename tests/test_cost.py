@@ -11,8 +11,8 @@ from hiertx import cost, metrics, models, steps
 from hiertx import vocab as vocab_lib
 from tiny_models import MODELS, model_cfg
 
-MODEL_NAMES = ("vanilla", "bottom_up", "top_down", "retina", "hourglass")
-# Stated tolerance of the analytic peak against XLA's (DESIGN.md section 6).
+MODEL_NAMES = tuple(models.MODELS)
+# Stated tolerance of the analytic peak against XLA's (docs/design.md section 6).
 MEMORY_TOLERANCE = 0.15
 
 

@@ -1,4 +1,4 @@
-"""Causality and sensitivity of every model (DESIGN.md section 2)."""
+"""Causality and sensitivity of every model (docs/design.md section 2)."""
 
 import functools
 import re
@@ -286,7 +286,7 @@ def test_packed_documents(key):
 def test_projections_contract_one_token_axis():
   """`over_tokens` gives the batched einsum's numbers, and the weight
   gradient it leads to contracts one token axis, not batch and length (the
-  form XLA:CPU's matmul library takes; README, Tokens as one axis)."""
+  form XLA:CPU's matmul library takes; docs/performance.md, "Tokens as one axis")."""
   from hiertx import layers
   x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 4))
   w_DxF = jax.random.normal(jax.random.PRNGKey(1), (4, 6))

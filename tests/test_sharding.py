@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import ROOT, one_device_env
 from hiertx import config as config_lib
-from hiertx import data, evaluate, metrics, sharding, steps, train
+from hiertx import data, evaluate, metrics, models, sharding, steps, train
 from hiertx.errors import ConfigError
 
 MESHES = {"fsdp8": dict(data=1, fsdp=8, tensor=1), "d2f2t2": dict(data=2, fsdp=2, tensor=2)}
@@ -44,7 +44,7 @@ def _losses(config, devices, initial=None, n_steps=2):
 ALL_MESHES = ("vanilla",)
 
 
-@pytest.mark.parametrize("name", ["vanilla", "bottom_up", "top_down", "retina", "hourglass"])
+@pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_sharded_training_matches_one_device(name, tiny_config):
   scan = name == "vanilla"  # vanilla with scanned blocks (stacked parameters)
   single, _, initial = _losses(tiny_config(name, mesh__data=1, model__scan_layers=scan),

@@ -6,7 +6,7 @@ of their total pooling factor: the base pads on the right and slices back,
 which is safe because padding only adds future positions.
 
 Beside the forward pass each model defines, from the same submodules, its
-incremental decoding (DESIGN.md section 5) and its workload for the analytic
+incremental decoding (docs/design.md section 5) and its workload for the analytic
 cost model:
 
   init_cache(batch, capacity) -> state          empty caches (no parameters needed)
@@ -65,28 +65,27 @@ class LanguageModel(nn.Module):
   """Embedding -> `body` (architecture specific) -> LayerNorm -> logits."""
 
   vocab_size: int
-  d_model: int = 256
-  num_heads: int = 4
-  mlp_dim: int = 1024
-  dropout: float = 0.0
-  positions: str = "learned"
-  max_len: int = 2048
-  dtype: str = "float32"
-  # Matrices' initialisation (hiertx.layers.INITS) and learned positions' std.
-  weight_init: str = "lecun"
-  position_init: float = 0.02
+  d_model: int = 256  # width of every scale
+  num_heads: int = 4  # attention heads (head width d_model / num_heads)
+  mlp_dim: int = 1024  # hidden width of each block's MLP
+  dropout: float = 0.0  # on attention and MLP outputs, in training
+  positions: str = "learned"  # learned | rotary | none
+  max_len: int = 2048  # longest sequence learned positions cover
+  dtype: str = "float32"  # float32 | bfloat16 (activations; parameters stay float32)
+  weight_init: str = "lecun"  # matrices' initialisation: lecun | torch (hiertx.layers.INITS)
+  position_init: float = 0.02  # standard deviation of learned positions at initialisation
   remat: str = "none"  # none | block | dots (hiertx.layers.REMAT_POLICIES)
   scan_layers: bool = False  # repeated blocks as one lax.scan, parameters stacked
   attention: str = "blockwise"  # dense | blockwise | cudnn | splash | pallas (hiertx.attention)
-  attention_q_chunk: int = 256
-  attention_k_chunk: int = 256
+  attention_q_chunk: int = 256  # query block of blockwise and Pallas attention
+  attention_k_chunk: int = 256  # key block of blockwise and Pallas attention
   # What a site the kernel (cudnn, splash, pallas) cannot take runs:
   # error | blockwise | dense | pallas.
   attention_fallback: str = "error"
-  # The Pallas kernel's launch on GPUs: warps and pipeline stages (0: chosen
-  # by block size and dtype, hiertx.flash.launch).
-  attention_warps: int = 0
-  attention_stages: int = 0
+  # The Pallas kernel's launch on GPUs (0: chosen by block size and dtype,
+  # hiertx.flash.launch).
+  attention_warps: int = 0  # warps per program
+  attention_stages: int = 0  # software pipeline stages
   # attention=cudnn with documents masked: rows holding one document run
   # cuDNN without a mask; packed rows run `pallas` (segment ids in the
   # kernel) or `mask` (cuDNN with a [B, 1, T, T] document bias).
@@ -94,9 +93,9 @@ class LanguageModel(nn.Module):
   # Content groups for the first shortening (hiertx.boundaries), in models
   # with CONTENT_GROUPS: the source, at most `max_group` bytes per group,
   # slots per row = group_capacity * T / k (k: the model's first shortening).
-  boundaries: str = "fixed"  # hiertx.boundaries.SOURCES
-  max_group: int = 16
-  group_capacity: float = 1.5
+  boundaries: str = "fixed"  # fixed | whitespace | entropy | learned | dynamic
+  max_group: int = 16  # a group closes when it has this many bytes (forced close)
+  group_capacity: float = 1.5  # groups a document may have by position pos: capacity (pos + 1) / k
   entropy_threshold: float = 3.0  # bits, boundaries=entropy
   boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned (0: no noise)
   boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
@@ -104,10 +103,10 @@ class LanguageModel(nn.Module):
   # "dtp" (Dynamic Token Pooling's d -> mlp_dim, ReLU, -> 1).
   boundary_predictor: str = "layernorm"
   # boundaries=dynamic: what a chunk holds, "boundary" (H-Net: the state at
-  # its boundary) or "pool" (its window pooled by model.pooling); and whether
-  # max_group and group_capacity apply (H-Net has neither: False, so no
-  # close is forced or dropped and a row has T coarse slots).
+  # its boundary) or "pool" (its window pooled by model.pooling).
   dynamic_chunk: str = "boundary"
+  # boundaries=dynamic: whether max_group and group_capacity apply (H-Net has
+  # neither: False, so no close is forced or dropped and a row has T slots).
   dynamic_rules: bool = False
   # boundaries=entropy: the head's loss also trains the states it reads (else
   # it learns from a stop-gradient copy, as BLT trains its entropy model apart).
@@ -139,7 +138,7 @@ class LanguageModel(nn.Module):
 
   def pooling_multiple(self) -> int:
     """The total pooling factor (k^S): a document starting at a multiple of
-    it is grouped exactly as it would be alone (DESIGN.md section 7)."""
+    it is grouped exactly as it would be alone (docs/design.md section 7)."""
     return 1
 
   @property
@@ -208,7 +207,7 @@ class LanguageModel(nn.Module):
     return self.head(h_BxPxD)[:, :t, :self.vocab_size]
 
   # --------------------------------------------------------------------------
-  # Decoding (DESIGN.md section 5).
+  # Decoding (docs/design.md section 5).
 
   def decode_capacity(self, capacity: int) -> int:
     """Fine positions a cache must hold: `capacity` rounded up to the length multiple."""

@@ -1,12 +1,12 @@
 """Bottom-up multi-scale LM (Subramanian et al. 2020): fine to coarse, one
-global upsampling through an aggregation layer (DESIGN.md section 3).
+global upsampling through an aggregation layer (docs/design.md section 3).
 
   h_0 = Blocks_0(embed(x));  h_s = Blocks_s(Pool_k(h_{s-1}))  for s = 1..S
   aggregation: fine queries attend to [h_0; h_1 + e_1; ...; h_S + e_S]
                (e_s a learned scale embedding) under the scale mask, then FFN
   post: M >= 1 fine blocks, which see the tokens coarse states are stale on.
 
-Decoding state (DESIGN.md section 5), per scale s with K_s = prod(k[:s]):
+Decoding state (docs/design.md section 5), per scale s with K_s = prod(k[:s]):
   h[s]   stack outputs                              [B, C / K_s, D]
   kv[s]  the stack's key/value caches
   agg[s] the aggregation layer's keys/values of h[s] + e_s
@@ -28,8 +28,8 @@ from hiertx.models import base
 class BottomUpLM(base.PooledScales, base.LanguageModel):
   layers_per_scale: tuple = (2, 2, 2)  # scale 0 (fine) .. S
   pool_factors: tuple = (4, 4)  # k between scale s-1 and s, s = 1..S
-  pooling: str = "mean"
-  post_layers: int = 1
+  pooling: str = "mean"  # mean | linear | attention (hiertx.scales)
+  post_layers: int = 1  # fine blocks after the aggregation
   query_adds_coarse: bool = False  # aggregation queries add repeated coarse states
 
   def pooling_multiple(self) -> int:

@@ -5,7 +5,7 @@ shortening factor f), outside in and back, e.g. "2@1 8@3 2@1" or
 "1@1 2@2 4@4 2@2 1@1". Each level: pre blocks, shifted shortening, the inner
 hourglass, upsampling added to the residual, post blocks.
 
-Decoding state (DESIGN.md section 5), per level i at factor f_i:
+Decoding state (docs/design.md section 5), per level i at factor f_i:
   x[i] pre-block outputs, z[i] level outputs   [B, C / f_i, D]
   pre[i], post[i] key/value caches of the level's stacks
   up[i] attention upsampling's keys/values of z[i+1]
@@ -60,9 +60,9 @@ def parse_hierarchy(spec: str):
 
 
 class HourglassLM(base.LanguageModel):
-  hierarchy: str = "2@1 4@4 2@1"
-  pooling: str = "mean"
-  upsampling: str = "repeat"
+  hierarchy: str = "2@1 4@4 2@1"  # N@f items: N blocks at shortening f, in and back out
+  pooling: str = "mean"  # shortening: mean | linear | attention (hiertx.scales)
+  upsampling: str = "repeat"  # repeat | linear | attention (hiertx.scales)
 
   CONTENT_GROUPS = True
 

@@ -1,5 +1,5 @@
 """Retina LM (Subramanian et al. 2020): every layer sees the recent past finely
-and the far past coarsely (DESIGN.md section 3).
+and the far past coarsely (docs/design.md section 3).
 
 For query t the keys are disjoint regions that cover [0, t] exactly once:
   level 0: single tokens in (E_1, t]
@@ -20,7 +20,7 @@ grows linearly with T. Under `pallas` each level runs the kernel with its
 window as a lower bound; under `splash` all levels are one key set under the
 `dense` mask (the kernel skips its all-false blocks).
 
-Decoding state (DESIGN.md section 5): per block and level a ring of
+Decoding state (docs/design.md section 5): per block and level a ring of
 unrotated keys/values bounded by the window (pooling averages them before
 rotary), with the end position of each slot; only the coarsest level grows.
 """
@@ -297,11 +297,11 @@ IMPLEMENTATIONS = ("chunked", "dense")
 
 
 class RetinaLM(base.LanguageModel, layers.Blocks):
-  num_layers: int = 4
-  pool_factor: int = 4
+  num_layers: int = 4  # blocks, each attending over every level
+  pool_factor: int = 4  # k between levels
   windows: tuple = (64, 16)  # w_0 (tokens), w_1 (blocks of k), ...; S = len(windows)
-  chunk_size: int = 64
-  implementation: str = "chunked"
+  chunk_size: int = 64  # query chunk of the chunked implementation
+  implementation: str = "chunked"  # chunked (near-linear memory) | dense (the reference)
 
   @property
   def spec(self) -> RetinaSpec:

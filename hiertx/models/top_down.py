@@ -6,7 +6,7 @@ Up is repeat, per-offset linear, or cross-attention under the scale mask.
 Blocks_0 needs at least one block: it is the only place the tokens a coarse
 state is stale on can be seen.
 
-Decoding state (DESIGN.md section 5), per scale s with K_s = prod(k[:s]):
+Decoding state (docs/design.md section 5), per scale s with K_s = prod(k[:s]):
   e[s]  pooled embeddings, z[s] stack outputs   [B, C / K_s, D]
   kv[s] the stack's key/value caches            [N_s, B, C / K_s, H, K]
   up[s] attention upsampling's keys/values of z[s+1]
@@ -30,9 +30,9 @@ from hiertx.models import base
 
 class TopDownLM(base.PooledScales, base.LanguageModel):
   layers_per_scale: tuple = (2, 2, 2)  # scale 0 (fine) .. S
-  pool_factors: tuple = (4, 4)
-  pooling: str = "mean"
-  upsampling: str = "repeat"
+  pool_factors: tuple = (4, 4)  # k between scale s-1 and s, s = 1..S
+  pooling: str = "mean"  # mean | linear | attention (hiertx.scales)
+  upsampling: str = "repeat"  # coarser output into the finer stack: repeat | linear | attention
 
   CONTENT_GROUPS = True
 

@@ -6,7 +6,7 @@ from hiertx.models import base
 
 
 class VanillaLM(base.LanguageModel):
-  num_layers: int = 4
+  num_layers: int = 4  # decoder blocks
 
   def setup(self):
     super().setup()
