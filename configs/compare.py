@@ -35,7 +35,7 @@ order as well as initialisation:
                once toward 1/8) and dynamic in two stages (H-Net's 2-stage
                model, '2@1 1@2 4@4 1@2 2@1'), two seeds, sequence 256, batch 8,
                1,000 steps; 16 runs of about 8-15 minutes each on 2 CPU cores.
-               experiments/boundaries.py tabulates it per corpus.
+               experiments/boundary_sources.py tabulates it per corpus.
   hourglass_pairs
                the Hourglass paper's equal-memory pairs (Nawrot et al. 2021,
                Table 1, enwik8: '2@1 4@4 2@1' 1.143 bpc at 4.41 GB against 6
@@ -61,7 +61,7 @@ import os
 
 from hiertx import config as config_lib
 from hiertx import models
-from hiertx import sweep
+from hiertx import grid
 
 MODELS = tuple(models.MODELS)  # the registry: a registered model is comparable at once
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,11 +75,11 @@ def get_config(arg=None):
 
 
 def sweep_paper_claim():
-  return sweep.product({"arg.model": list(MODELS), "train.seed": [0, 1]},
+  return grid.product({"arg.model": list(MODELS), "train.seed": [0, 1]},
                        [{"train.steps": 300, "eval.every": 100, "train.checkpoint_every": 100}])
 
 
-_CLAIM_MODELS = sweep.zipped({"arg.model": ["vanilla", "bottom_up", "top_down", "hourglass"],
+_CLAIM_MODELS = grid.zipped({"arg.model": ["vanilla", "bottom_up", "top_down", "hourglass"],
                               "arg.size": ["paper14", "paper30", "paper30", "paper30"]})
 # Each model's best rate in claim_lr (1,000 steps, 64 validation batches;
 # docs/sweeps.md): the claim trains each at its own.
@@ -94,13 +94,13 @@ _CLAIM_SHAPE = {"model.d_model": 128, "model.num_heads": 4, "model.mlp_dim": 512
 def sweep_claim():
   # Seed 0 of every model first: an interrupted sweep already compares them all.
   rated = [{**m, "train.learning_rate": lr} for m, lr in zip(_CLAIM_MODELS, _CLAIM_RATES)]
-  return sweep.product({"train.seed": [0, 1]}, rated, [{
+  return grid.product({"train.seed": [0, 1]}, rated, [{
       **_CLAIM_SHAPE, "eval.batches": 16, "train.steps": 3000,
       "eval.every": 250, "train.checkpoint_every": 500}])
 
 
 def sweep_hourglass_pairs():
-  pairs = sweep.zipped({"arg.model": ["vanilla", "hourglass", "vanilla", "hourglass"],
+  pairs = grid.zipped({"arg.model": ["vanilla", "hourglass", "vanilla", "hourglass"],
                         "model.num_layers": [6, None, 14, None],
                         "model.hierarchy": [None, "2@1 4@4 2@1", None, "5@1 8@2 5@1"],
                         "train.learning_rate": [2e-3, 4e-3, 2e-3, 4e-3]})
@@ -109,7 +109,7 @@ def sweep_hourglass_pairs():
   pairs = [{k: v for k, v in arm.items() if v is not None} for arm in pairs]
   # The final evaluation scores the whole validation split (its ~67 batches;
   # eval.batches is a cap), as the claim's final numbers do.
-  return sweep.product({"train.seed": [0, 1]}, pairs, [{
+  return grid.product({"train.seed": [0, 1]}, pairs, [{
       **_CLAIM_SHAPE, "eval.batches": 1000, "train.steps": 3000,
       "eval.every": 1000, "train.checkpoint_every": 500}])
 
@@ -118,7 +118,7 @@ def sweep_claim_subword():
   vocab = os.environ.get("HIERTX_VOCAB", os.path.expanduser("~/.cache/hiertx/stdlib_8k.model"))
   pair = [{**m, "train.learning_rate": lr} for m, lr in zip(_CLAIM_MODELS, _CLAIM_RATES)
           if m["arg.model"] in ("vanilla", "hourglass")]
-  return sweep.product({"train.seed": [0], "data.vocab": [vocab]}, pair, [{
+  return grid.product({"train.seed": [0], "data.vocab": [vocab]}, pair, [{
       **_CLAIM_SHAPE, "eval.batches": 1000, "train.steps": 3000,
       "eval.every": 1000, "train.checkpoint_every": 500}])
 
@@ -128,17 +128,17 @@ def sweep_claim_lr():
   # 64 validation batches (131k bytes, nearly the whole stdlib split) so that
   # neighbouring rates are told apart by more than the evaluation's noise.
   # The default rate (2e-3) first: an interrupted sweep still has a baseline.
-  grid = sweep.product({"train.learning_rate": [2e-3, 1e-3, 4e-3]}, _CLAIM_MODELS)
+  rates = grid.product({"train.learning_rate": [2e-3, 1e-3, 4e-3]}, _CLAIM_MODELS)
   # top_down and hourglass were best at the grid's edge (4e-3): one rate beyond.
-  beyond = sweep.product({"train.learning_rate": [8e-3], "arg.size": ["paper30"],
+  beyond = grid.product({"train.learning_rate": [8e-3], "arg.size": ["paper30"],
                           "arg.model": ["top_down", "hourglass"]})
-  return sweep.product(grid + beyond, [{
+  return grid.product(rates + beyond, [{
       **_CLAIM_SHAPE, "eval.batches": 64, "train.steps": 1000,
       "eval.every": 500, "train.checkpoint_every": 250}])
 
 
 def sweep_claim_gpu():
-  return sweep.product({"train.seed": [0, 1]}, _CLAIM_MODELS, [{
+  return grid.product({"train.seed": [0, 1]}, _CLAIM_MODELS, [{
       "model.d_model": 512, "model.num_heads": 8, "model.mlp_dim": 2048, "model.dtype": "bfloat16",
       "data.task": "pg19", "data.seq_len": 2048, "data.batch_size": 16, "eval.batch_size": 16,
       "eval.batches": 32, "train.steps": 10000, "train.warmup_steps": 500,
@@ -151,7 +151,7 @@ _BOUNDARY_ARMS = [
     {"model.boundaries": "fixed", "model.hierarchy": "2@1 4@8 2@1"},
     {"model.boundaries": "whitespace"},
     # About a quarter of stdlib's bytes are above 4.4 bits for the entropy head
-    # of a run at 3 bits (experiments/boundaries.py --calibrate), i.e. k = 4.
+    # of a run at 3 bits (experiments/boundary_sources.py --calibrate), i.e. k = 4.
     {"model.boundaries": "entropy", "model.entropy_threshold": 4.4},
     {"model.boundaries": "learned", "model.boundary_temperature": 0.0},
     {"model.boundaries": "dynamic"},  # H-Net's chunking, ratio loss toward 1/k
@@ -167,16 +167,16 @@ def sweep_boundaries():
   # Seed 0 of every arm first: an interrupted sweep already compares them all.
   # The learned predictor with Gumbel noise (temperature 1) once, for contrast;
   # dynamic routing toward 1/8 once, whose groups land near whitespace's length.
-  return sweep.chain(
-      sweep.product({"train.seed": [0, 1], "arg.model": ["hourglass"]}, _BOUNDARY_ARMS, common),
-      sweep.product({"train.seed": [0], "arg.model": ["hourglass"],
+  return grid.chain(
+      grid.product({"train.seed": [0, 1], "arg.model": ["hourglass"]}, _BOUNDARY_ARMS, common),
+      grid.product({"train.seed": [0], "arg.model": ["hourglass"],
                      "model.boundaries": ["learned"]}, common),
-      sweep.product({"train.seed": [0], "arg.model": ["hourglass"], "model.boundaries": ["dynamic"],
+      grid.product({"train.seed": [0], "arg.model": ["hourglass"], "model.boundaries": ["dynamic"],
                      "model.hierarchy": ["2@1 4@8 2@1"]}, common))
 
 
 def sweep_depth():
-  return sweep.chain(
-      sweep.product({"arg.model": ["vanilla"], "model.num_layers": [2, 4, 8]}),
-      sweep.product({"arg.model": ["top_down"],
+  return grid.chain(
+      grid.product({"arg.model": ["vanilla"], "model.num_layers": [2, 4, 8]}),
+      grid.product({"arg.model": ["top_down"],
                      "model.layers_per_scale": [(1, 1, 1), (2, 2, 2), (4, 4, 4)]}))

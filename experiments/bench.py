@@ -27,7 +27,7 @@ import sys
 
 from absl import app, flags
 
-from hiertx import benchmark, cli, metrics, report
+from hiertx import benchmark, cli, device_stats, results
 from hiertx.errors import FlagError
 
 DEFAULT_RUNS = ["vanilla.py", "bottom_up.py", "top_down.py", "retina.py", "hourglass.py"]
@@ -62,7 +62,7 @@ def measure(runs, shapes, steps, sets) -> list[dict]:
       print(f"{spec} {batch}x{seq_len} attention sites:\n  "
             + facts["attention/sites"].replace("\n", "\n  "), flush=True)
       step_s = benchmark.time_steps(run, compiled, config, steps=steps)
-      peak, _ = metrics.peak_flops(config.model.dtype)
+      peak, _ = device_stats.peak_flops(config.model.dtype)
       model, hardware = facts["flops/step_model"], facts["flops/step_analytic"]
       rows.append({"run": spec, "model": config.model.name, "shape": f"{batch}x{seq_len}",
                    "dtype": config.model.dtype, "params": facts["params/total"],
@@ -79,7 +79,7 @@ def measure(runs, shapes, steps, sets) -> list[dict]:
 
 
 def table(rows) -> str:
-  return report.markdown_table(
+  return results.markdown_table(
       ["run", "batch x length", "dtype", "params", "s/step", "tokens/s", "model GFLOP/s",
        "MFU", "HFU", "MFU (dense-equivalent FLOPs)", "XLA peak MiB", "while loops"],
       [[r["run"], r["shape"], r["dtype"], r["params"], f"{r['step_s']:.4f}",
@@ -93,7 +93,7 @@ def by_shape(rows) -> str:
   runs = list(dict.fromkeys(r["run"] for r in rows))
   shapes = list(dict.fromkeys(r["shape"] for r in rows))
   speed = {(r["run"], r["shape"]): r["tokens_per_s"] for r in rows}
-  return report.markdown_table(
+  return results.markdown_table(
       ["batch x length", *[f"{r} tokens/s" for r in runs]],
       [[s, *[f"{speed[(r, s)]:,.0f}" for r in runs]] for s in shapes])
 
@@ -103,14 +103,14 @@ def main(argv):
   cli.quiet_library_logs()
   f = flags.FLAGS
   shapes = [cli.run(parse_shape, s) for s in f.shapes]
-  _, source = metrics.peak_flops("float32")  # on CPU: measured before the runs
+  _, source = device_stats.peak_flops("float32")  # on CPU: measured before the runs
   rows = cli.run(measure, f.run or f.runs, shapes, f.steps, f.set)
   print(f"\noverrides {f.set or 'none'}")
   for dtype in dict.fromkeys(r["dtype"] for r in rows):
     peak = next(r["peak"] for r in rows if r["dtype"] == dtype)
     print(f"{dtype} peak {peak / 1e9:.1f} GFLOP/s ({source})")
     if source.startswith("measured"):
-      again = metrics.measured_matmul_peak(dtype)
+      again = device_stats.measured_matmul_peak(dtype)
       print(f"{dtype} matmul peak measured again after the runs: {again / 1e9:.1f} GFLOP/s")
   print()
   print(table(rows))

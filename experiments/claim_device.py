@@ -28,7 +28,7 @@ import time
 
 from absl import app, flags
 
-from hiertx import benchmark, checkpoint, cli, exported, report
+from hiertx import benchmark, checkpoint, cli, exported, results
 from hiertx import config as config_lib
 from hiertx.errors import FlagError
 
@@ -129,7 +129,7 @@ def table(names: list[str], rows: list[dict | None], batch: int, seq_len: int) -
                 f"{mem / base_mem:.2f}" if base_mem else "",
                 f"{r['tokens_per_s']:,.0f}",
                 f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else ""])
-  return report.markdown_table(
+  return results.markdown_table(
       ["model", "params", "steps", "train tokens", "val bits/byte", "vs first",
        "device peak MiB", "XLA peak MiB", "memory / first", "tokens/s", "speed / first"], out)
 
@@ -170,7 +170,7 @@ def main(argv):
       code, seconds = train_one(spec, overrides, workdir)
       print(f"{run_name(spec)}: {'done' if code == 0 else f'failed (exit {code})'} in "
             f"{seconds:.0f}s", flush=True)
-    rows.append(report.read_run(workdir) if code == 0 else None)
+    rows.append(results.read_run(workdir) if code == 0 else None)
   print()
   print(table([run_name(s) for s, _ in planned], rows, batch, seq_len), flush=True)
   if any(r is None for r in rows):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from hiertx import benchmark, cli, decode, models, report
+from hiertx import benchmark, cli, decode, models, results
 from hiertx import vocab as vocab_lib
 
 DEFAULT_RUNS = ["vanilla.py", "bottom_up.py", "top_down.py", "retina.py", "hourglass.py"]
@@ -92,7 +92,7 @@ def table(rows) -> str:
   first = {}
   for r in rows:
     first.setdefault(r["run"], r["cache_bytes"])
-  return report.markdown_table(
+  return results.markdown_table(
       ["run", "context", "cached tok/s", "recompute tok/s", "speedup", "cache MiB",
        "cache / first context", "prompt s (parallel)", "prompt s (token by token)",
        "prompt speedup"],

@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from hiertx import cli, report
+from hiertx import cli, results
 
 # The bench parts of gpu_check.sh, in the order it runs them.
 PARTS = ("vanilla", "hourglass", "top_down", "bottom_up", "retina")
@@ -86,11 +86,11 @@ def summarize(out_dir: str) -> tuple[str, list[str]]:
   if os.path.exists(os.path.join(out_dir, "profile.log")) and not (
       os.path.exists(profile) and os.path.getsize(profile)):
     missing.append(f"profile: {last_error(os.path.join(out_dir, 'profile.log'))}")
-  text = report.markdown_table(
+  text = results.markdown_table(
       ["part", "batch x length", "dtype", "tokens/s", "ms/step", "MFU", "XLA peak MiB",
        "attention kernels (sites)"], rows)
   if ratios:
-    text += "\n\n" + report.markdown_table(["ratio", "value"], ratios)
+    text += "\n\n" + results.markdown_table(["ratio", "value"], ratios)
   if missing:
     text += "\n\nnot finished:\n" + "\n".join(f"- {m}" for m in missing)
   return text, missing

@@ -12,7 +12,7 @@ override to every run (e.g. --set=model.d_model=512).
 
 from absl import app, flags
 
-from hiertx import benchmark, cli, report
+from hiertx import benchmark, cli, results
 
 DEFAULT_RUNS = [
     "vanilla.py:size=base", "vanilla.py:size=paper14",
@@ -58,7 +58,7 @@ def measure(specs, seq_len, batch, sets) -> list[dict]:
 
 def table(rows, baseline: str) -> str:
   base = next((r for r in rows if r["run"] == baseline), rows[0])
-  return report.markdown_table(
+  return results.markdown_table(
       ["run", "model", "layers", "params", "XLA peak MiB", "analytic MiB", "analytic / XLA",
        f"peak / {base['run']}"],
       [[r["run"], r["model"], r["layers"], r["params"], r["peak"] / 2**20,

@@ -23,7 +23,7 @@ import traceback
 import numpy as np
 from absl import app, flags
 
-from hiertx import cli, report, sharding
+from hiertx import cli, results, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("vanilla.py:size=tiny", "bottom_up.py:size=tiny", "top_down.py:size=tiny",
@@ -159,7 +159,7 @@ def main(argv):
       v = verdict(c, reference[c["model"]])
       defects += v.startswith(("FAILED", "WRONG"))
       rows.append([c["model"], p, " ".join(f"{a}={c['mesh'][a]}" for a in sharding.AXES), v])
-  print(report.markdown_table(["model", "processes", "mesh", "first step"], rows))
+  print(results.markdown_table(["model", "processes", "mesh", "first step"], rows))
   print(f"\n{len(rows)} cells: {sum(r[3].startswith('trains') for r in rows)} train, "
         f"{sum(r[3].startswith('refused') for r in rows)} refused in one line, {defects} defects")
   if defects:

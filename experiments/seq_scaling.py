@@ -12,7 +12,7 @@ table with the growth factor per doubling and over the whole range.
 
 from absl import app, flags
 
-from hiertx import benchmark, cli, report
+from hiertx import benchmark, cli, results
 
 DEFAULT_RUNS = ["vanilla.py:size=base", "bottom_up.py:size=base", "top_down.py:size=base",
                 "retina.py:size=base", "hourglass.py:size=base"]
@@ -75,11 +75,11 @@ def table(rows: list[dict]) -> str:
                   f"{prev:.2f}" if prev else "",
                   f"{r['step_s']:.3f}" if r["step_s"] else "not run",
                   f"{prev_t:.2f}" if prev_t else ""])
-  body = report.markdown_table(
+  body = results.markdown_table(
       ["run", "seq_len", "XLA peak MiB", "analytic MiB", "activation MiB",
        "activation x per doubling", "peak x per doubling", "step s", "time x per doubling"],
       lines)
-  totals = report.markdown_table(
+  totals = results.markdown_table(
       ["run", f"activation x {first}->{last}", f"peak x {first}->{last}"],
       [[run, f"{act[run][1]:.1f}", f"{mem[run][1]:.1f}"] for run in mem])
   return body + "\n\n" + totals

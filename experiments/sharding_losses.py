@@ -12,7 +12,7 @@ import tempfile
 
 from absl import app, flags
 
-from hiertx import cli, metrics, report
+from hiertx import cli, metrics, results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def main(argv):
   rows = [[s, a[s], b[s], c[s], max(abs(b[s] - a[s]), abs(c[s] - a[s])) / abs(a[s])]
           for s in sorted(a)]
   print(f"{f.config}, mesh {f.mesh} over {f.devices} devices\n")
-  print(report.markdown_table(
+  print(results.markdown_table(
       ["step", "1 device", f"{f.devices} devices, 1 process",
        f"2 processes x {per_process} devices", "max rel. diff"],
       [[r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", f"{r[4]:.1e}"] for r in rows]))

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from hiertx import checkpoint
+from hiertx import baselines, checkpoint
 from hiertx import config as config_lib
 from hiertx import cli
 from hiertx import data
@@ -59,7 +59,7 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, split: str | None
   eval_data = data.eval_batches(config.data, split, config.eval.batch_size,
                                 config.eval.batches, shard, run.align)
   result = {"step": step, "split": split, **run.evaluate(params, eval_data),
-            **metrics.compressor_bits_per_byte(data.scored_text(eval_data, run.vocab))}
+            **baselines.compressor_bits_per_byte(data.scored_text(eval_data, run.vocab))}
   _write(workdir, f"eval_{split}_{step}.json", result)
   return result
 
@@ -123,7 +123,7 @@ def evaluate_documents(workdir: str, split: str, context: int, stride: int,
     raise AssertionError(f"scored {sums['tokens']:.0f} of {total} tokens")
   result = {"step": step, "split": split, "context": context, "stride": stride,
             "documents": len(docs), "windows": len(plan), **metrics.summarize_eval(sums),
-            "eval/bytes": sums["bytes"], **metrics.compressor_bits_per_byte(bytes(scored))}
+            "eval/bytes": sums["bytes"], **baselines.compressor_bits_per_byte(bytes(scored))}
   _write(workdir, f"eval_{split}_{step}_ctx{context}_stride{stride}.json", result)
   return result
 

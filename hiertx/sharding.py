@@ -159,3 +159,14 @@ def parameter_entries(abstract_boxed_params) -> list:
       name = "/".join(str(getattr(k, "key", k)) for k in path)
       out.append((f"parameter {name} {list(leaf.value.shape)}", leaf.value.shape, leaf.names))
   return out
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
+  out = {"data": 1, "fsdp": 1, "tensor": 1}
+  for item in filter(None, text.split(",")):
+    axis, _, size = item.partition("=")
+    if axis not in out or not size.lstrip("-").isdigit():
+      raise ConfigError("mesh", f"--mesh={text!r}: expected items like data=2,fsdp=4")
+    out[axis] = int(size)
+  return out

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hiertx import attention
+from hiertx import attention, device_stats
 from hiertx import boundaries
 from hiertx import checkpoint
 from hiertx import config as config_lib
@@ -313,11 +313,11 @@ def compile_train_step(run: Run, config):
 def compiled_facts(compiled, run: Run) -> dict:
   """XLA memory analysis and FLOPs of a compiled train step, next to the
   analytic prediction (`hiertx.cost`) of both."""
-  facts = metrics.xla_memory(compiled)
+  facts = device_stats.xla_memory(compiled)
   # Loops left in the program (blockwise attention has none; retina's chunked
   # windows and scanned layers do): each runs its body one iteration at a time.
   facts["xla/while_loops"] = compiled.as_text().count(" while(")
-  flops = metrics.xla_flops(compiled)
+  flops = device_stats.xla_flops(compiled)
   # XLA's cost analysis counts a loop body once, not once per iteration, so
   # its FLOPs are only meaningful for unrolled blocks.
   if flops is not None and not run.config.model.scan_layers:
@@ -331,17 +331,6 @@ def compiled_facts(compiled, run: Run) -> dict:
 # A trained run's parameters, for evaluation and generation.
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4, 'tensor': 1}."""
-  out = {"data": 1, "fsdp": 1, "tensor": 1}
-  for item in filter(None, text.split(",")):
-    axis, _, size = item.partition("=")
-    if axis not in out or not size.lstrip("-").isdigit():
-      raise ConfigError("mesh", f"--mesh={text!r}: expected items like data=2,fsdp=4")
-    out[axis] = int(size)
-  return out
-
-
 def load_params(workdir: str, step: int | None = None, mesh: str = "data=-1", devices=None,
                 seq_len: int | None = None, needs_data: bool = True):
   """(config, run, step, params) of a workdir's checkpoint (default: the newest):
@@ -349,7 +338,7 @@ def load_params(workdir: str, step: int | None = None, mesh: str = "data=-1", de
   from. `seq_len` builds the run for another length than training's;
   generation (`needs_data=False`) does not check the corpus."""
   config = checkpoint.load_config(workdir)
-  config.mesh.update(parse_mesh(mesh))
+  config.mesh.update(sharding.parse_mesh(mesh))
   if seq_len is not None:
     config.data.seq_len = seq_len
   run = build_run(config, devices, check_data=needs_data)

@@ -45,7 +45,7 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from hiertx import checkpoint
+from hiertx import baselines, checkpoint, device_stats, provenance
 from hiertx import cli
 from hiertx import config as config_lib
 from hiertx import data
@@ -155,7 +155,7 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
   # Compile once, ahead of time; report memory and FLOPs before the first step.
   step_fn, facts = steps.compile_train_step(run, config)
   facts.update(metrics.param_counts(state.params))
-  peak, peak_source = metrics.peak_flops(config.model.dtype)
+  peak, peak_source = device_stats.peak_flops(config.model.dtype)
   facts["mfu/peak_flops_per_s"] = peak
   facts["mfu/peak_source"] = peak_source
   if lead:
@@ -171,9 +171,9 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
   batches = data.train_batches(config.data, config.data.batch_size, start, shard, run.align)
   eval_data = data.eval_batches(config.data, config.eval.split, config.eval.batch_size,
                                 config.eval.batches, shard, run.align)
-  baselines = metrics.compressor_bits_per_byte(data.scored_text(eval_data, run.vocab))
+  compressors = baselines.compressor_bits_per_byte(data.scored_text(eval_data, run.vocab))
   progress = _Progress(config, workdir, writer, start, facts["flops/step_model"],
-                       facts["flops/step_analytic"], peak, baselines)
+                       facts["flops/step_analytic"], peak, compressors)
   profiler = profiling.StepTrace(config.train.profile_steps, workdir, active=lead)
 
   def save(step):
@@ -224,7 +224,7 @@ def _train_in(run, config, workdir: str, mngr, lead: bool, restart_from_scratch:
     writer.flush()
   if lead:
     checkpoint.write_manifests(mngr)
-  peak = metrics.device_peak_bytes()
+  peak = device_stats.device_peak_bytes()
   if peak is not None:
     writer.write(step, {"memory/device_peak_bytes": peak})
   writer.close()
@@ -390,8 +390,8 @@ class _Progress:
 
 
 def _write_run_info(workdir, config, run: steps.Run, facts: dict) -> None:
-  info = {"facts": facts, "config": config.to_dict(), "versions": metrics.versions(),
-          "git_sha": metrics.git_sha(), "mesh": dict(run.mesh.shape),
+  info = {"facts": facts, "config": config.to_dict(), "versions": provenance.versions(),
+          "git_sha": provenance.git_sha(), "mesh": dict(run.mesh.shape),
           "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
           "tokens_per_step": config.data.batch_size * config.data.seq_len}
   storage.write_text(storage.join(workdir, "run_info.json"),

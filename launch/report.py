@@ -23,11 +23,11 @@ import statistics
 from absl import app, flags
 
 from hiertx import cli
-from hiertx import report as report_lib
+from hiertx import grid
+from hiertx import results as results_lib
 from hiertx import storage
-from hiertx import sweep
 
-NAN = report_lib.NAN
+NAN = results_lib.NAN
 
 
 def define_flags() -> None:
@@ -35,7 +35,7 @@ def define_flags() -> None:
 
 
 def _overrides_text(overrides: dict) -> str:
-  return " ".join(f"{k.removeprefix('arg.')}={sweep.format_value(v)}"
+  return " ".join(f"{k.removeprefix('arg.')}={grid.format_value(v)}"
                   for k, v in overrides.items())
 
 
@@ -65,8 +65,8 @@ def vanilla_flops(rows: list[dict]) -> float:
 
 def run_table(rows: list[dict]) -> str:
   base, base_flops = vanilla_memory(rows), vanilla_flops(rows)
-  front = report_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in rows])
-  return report_lib.markdown_table(
+  front = results_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in rows])
+  return results_lib.markdown_table(
       ["run", "overrides", "status", "params", "XLA peak MiB", "memory / vanilla",
        "analytic MiB", "train MFLOPs/byte", "FLOPs / vanilla", "tokens/s", "final bits/byte",
        "scored tokens", "scored by",
@@ -83,7 +83,7 @@ def run_table(rows: list[dict]) -> str:
 
 def seed_table(rows: list[dict]) -> str | None:
   """Finished runs averaged over `*.seed` overrides; None when nothing varies by seed."""
-  groups = report_lib.by_seed(rows, lambda r: _overrides_text(
+  groups = results_lib.by_seed(rows, lambda r: _overrides_text(
       {k: v for k, v in r["overrides"].items() if not k.endswith("seed")}))
   if not groups or all(len(g) == 1 for g in groups.values()):
     return None
@@ -96,7 +96,7 @@ def seed_table(rows: list[dict]) -> str | None:
     out.append([key or "(all)", len(g), mem / 2**20, mem / base_mem, flops / 1e6,
                 flops / base_flops, statistics.mean(r["tokens_per_s"] for r in g),
                 statistics.mean(bpb), f"{min(bpb):.4f} - {max(bpb):.4f}"])
-  return report_lib.markdown_table(
+  return results_lib.markdown_table(
       ["overrides", "seeds", "XLA peak MiB", "memory / vanilla", "train MFLOPs/byte",
        "FLOPs / vanilla", "tokens/s", "mean final bits/byte", "range"], out)
 
@@ -128,10 +128,10 @@ def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None
     # A best rate at the grid's edge may not be the best rate: say so.
     edge = (" (highest tried)" if best == max(tried) and len(tried) > 1 else
             " (lowest tried)" if best == min(tried) and len(tried) > 1 else "")
-    out.append([setting or "(all)", sweep.format_value(best) + edge, means[best],
-                ", ".join(f"{sweep.format_value(rate)}: {m:.4f}" for rate, m in means.items()),
+    out.append([setting or "(all)", grid.format_value(best) + edge, means[best],
+                ", ".join(f"{grid.format_value(rate)}: {m:.4f}" for rate, m in means.items()),
                 f"{len(means)} of {len(tried)}"])
-  return report_lib.markdown_table(
+  return results_lib.markdown_table(
       ["overrides", f"best {key}", "mean final bits/byte", "mean final bits/byte per rate",
        "rates finished"], out)
 
@@ -161,7 +161,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
 
   fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
   done = [r for r in rows if math.isfinite(r["final_bpb"]) and math.isfinite(r["xla_peak_bytes"])]
-  front = report_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in done])
+  front = results_lib.pareto_front([(r["xla_peak_bytes"], r["final_bpb"]) for r in done])
   scale = {"xla_peak_bytes": 2**20, "flops_per_byte": 1e6, "tokens_per_s": 1}
   for ax, key, label in ((axes[0], "xla_peak_bytes", "XLA peak train-step memory (MiB)"),
                          (axes[1], "flops_per_byte", "training MFLOPs per byte"),
@@ -198,7 +198,7 @@ def _save(fig, path: str) -> str:
 
 def write(sweep_dir: str) -> tuple[str, list[dict]]:
   """Reads the sweep, writes report.md and the plots; returns (markdown, rows)."""
-  spec, rows = report_lib.read_sweep(sweep_dir)
+  spec, rows = results_lib.read_sweep(sweep_dir)
   # Overrides every run shares are stated once; the table shows what differs.
   shared = {k: v for k, v in rows[0]["overrides"].items()
             if all(k in r["overrides"] and r["overrides"][k] == v for r in rows)} if rows else {}

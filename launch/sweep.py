@@ -38,9 +38,9 @@ import slurm
 import tpu
 from hiertx import checkpoint
 from hiertx import config as config_lib
-from hiertx import report
+from hiertx import results
 from hiertx import storage
-from hiertx import sweep
+from hiertx import grid
 from hiertx.errors import HiertxError
 
 TARGETS = ("local", "slurm", "tpu")
@@ -97,7 +97,7 @@ def plan(config: str, name: str, sweep_dir: str, extra: list[str], write: bool =
   names keep their names."""
   spec = read_spec(sweep_dir)
   known = spec.get("named", spec.get("runs", []))
-  runs = sweep.expand(config, sweep.load(config, name), known)
+  runs = grid.expand(config, grid.load(config, name), known)
   for r in runs:  # a misspelt field or argument fails here, not in every run
     resolved = config_lib.load(r.config)
     for flag in (*r.flags, *extra):
@@ -107,7 +107,7 @@ def plan(config: str, name: str, sweep_dir: str, extra: list[str], write: bool =
   for r in runs:
     workdir = storage.join(sweep_dir, r.name)
     cmd = common.train_command(r.config, workdir, [*r.flags, *extra], python=sys.executable)
-    status = report.run_state(workdir)
+    status = results.run_state(workdir)
     out.append({**r.to_dict(), "workdir": workdir, "command": cmd, "state": status["state"],
                 **({"holder": status["holder"]} if "holder" in status else {})})
   if write:
@@ -210,7 +210,7 @@ def _loop(runs, todo, active, codes, parallel, slots) -> None:
         codes[r["name"]] = proc.returncode
         if proc.returncode:
           # Killed before it could say (not a run some other process holds).
-          if report.run_state(r["workdir"])["state"] in ("stopped", "not started"):
+          if results.run_state(r["workdir"])["state"] in ("stopped", "not started"):
             checkpoint.write_status(r["workdir"], "failed", returncode=proc.returncode,
                                     time=time.time())
           print(f"FAILED {r['name']} (exit {proc.returncode}); see {log.name}", flush=True)

@@ -6,8 +6,9 @@ import ml_collections
 import pytest
 
 from conftest import config_path
+from hiertx import device_stats
 from hiertx import config as config_lib
-from hiertx import cost, metrics, models, steps
+from hiertx import cost, models, steps
 from hiertx import vocab as vocab_lib
 from tiny_models import MODELS, model_cfg
 
@@ -65,7 +66,7 @@ def test_analytic_memory_is_within_tolerance_of_xla(name, remat, scan, layers):
 def test_analytic_flops_match_xla_for_unrolled_blocks(name):
   """XLA counts a scan body once, so compare with blocks unrolled."""
   config, compiled, facts = _compiled(name, scan_layers=False)
-  ratio = facts["flops/step_analytic"] / metrics.xla_flops(compiled)
+  ratio = facts["flops/step_analytic"] / device_stats.xla_flops(compiled)
   assert 0.85 <= ratio <= 1.15, (name, ratio)
   scanned = cost.predict(dict_config(config, scan_layers=True), vocab_lib.vocabulary("byte")
                          .vocab_size)

@@ -9,12 +9,12 @@ import sys
 import pytest
 
 from conftest import PRODUCTION_EMITTERS, ROOT, one_device_env
-from hiertx import metrics, report, xla_options
+from hiertx import device_stats, metrics, results, xla_options
 from hiertx.errors import HiertxError
 
 # experiments/ (pytest.ini's pythonpath)
 import bench
-import boundaries as boundaries_experiment
+import boundary_sources as boundaries_experiment
 import decode_bench
 import memory_depth
 import seq_scaling
@@ -22,7 +22,7 @@ import seq_scaling
 
 def test_pareto_front():
   points = [(1.0, 3.0), (2.0, 2.0), (3.0, 3.0), (2.0, 1.5), (4.0, 1.0)]
-  assert report.pareto_front(points) == [True, False, False, True, True]
+  assert results.pareto_front(points) == [True, False, False, True, True]
 
 
 def test_memory_depth_compiles_and_compares():
@@ -59,7 +59,7 @@ def test_bench_measures_mfu_against_the_peak_of_its_dtype(monkeypatch):
   assert [r["model"] for r in rows] == ["top_down", "vanilla"]
   for r, dtype in zip(rows, ("float32", "bfloat16")):
     assert r["step_s"] > 0 and r["dtype"] == dtype
-    assert r["peak"] == metrics.peak_flops(dtype)[0]
+    assert r["peak"] == device_stats.peak_flops(dtype)[0]
     assert r["mfu"] == pytest.approx(r["flops_per_s"] / r["peak"])
     # Blockwise attention recomputes its scores: hardware FLOPs exceed model FLOPs.
     assert r["hfu"] > r["mfu"]

@@ -29,14 +29,14 @@ TINY = "configs/vanilla.py:size=tiny"
 SWEEP_CONFIG = '''
 import os
 from hiertx import config as config_lib
-from hiertx import sweep
+from hiertx import grid
 
 def get_config(arg=None):
   return config_lib.load(os.path.join({root!r}, "configs", "vanilla.py") + ":size=tiny")
 
 def sweep_two():
   # The first run is long enough to be stopped in the middle; both log every step.
-  return sweep.zipped({{"train.steps": [200, 4], "model.num_heads": [2, 4]}})
+  return grid.zipped({{"train.steps": [200, 4], "model.num_heads": [2, 4]}})
 '''
 
 

@@ -123,13 +123,13 @@ def _sweep_config(path, root):
   path.write_text(f'''
 import os
 from hiertx import config as config_lib
-from hiertx import sweep
+from hiertx import grid
 
 def get_config(arg=None):
   return config_lib.load(os.path.join({root!r}, "configs", "vanilla.py") + ":size=tiny")
 
 def sweep_three():
-  return sweep.zipped({{"train.steps": [20, 300, 300], "train.seed": [0, 1, 2]}})
+  return grid.zipped({{"train.steps": [20, 300, 300], "train.seed": [0, 1, 2]}})
 ''')
 
 

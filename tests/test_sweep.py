@@ -13,58 +13,58 @@ import pytest
 from conftest import ROOT
 from hiertx import checkpoint
 from hiertx import evaluate
-from hiertx import sweep
+from hiertx import grid
 from hiertx.errors import ConfigError, FlagError, HiertxError
 
 import report as sweep_report  # launch/report.py
 
 
 def test_product_zip_and_chain_expand():
-  runs = sweep.product({"model.num_layers": [2, 4], "train.seed": [0, 1, 2]},
-                       sweep.zipped({"train.learning_rate": [1e-3, 3e-4],
+  runs = grid.product({"model.num_layers": [2, 4], "train.seed": [0, 1, 2]},
+                       grid.zipped({"train.learning_rate": [1e-3, 3e-4],
                                      "train.warmup_steps": [10, 20]}))
   assert len(runs) == 2 * 3 * 2
   assert runs[0] == {"model.num_layers": 2, "train.seed": 0, "train.learning_rate": 1e-3,
                      "train.warmup_steps": 10}
   assert {(r["train.learning_rate"], r["train.warmup_steps"]) for r in runs} == {
       (1e-3, 10), (3e-4, 20)}
-  assert len(sweep.chain({"a.b": [1, 2]}, [{"a.c": 3}])) == 3
+  assert len(grid.chain({"a.b": [1, 2]}, [{"a.c": 3}])) == 3
   with pytest.raises(ConfigError, match="equal lengths"):
-    sweep.zipped({"a.b": [1, 2], "a.c": [1]})
+    grid.zipped({"a.b": [1, 2], "a.c": [1]})
   with pytest.raises(ConfigError, match="non-empty list"):
-    sweep.product({"a.b": 3})
+    grid.product({"a.b": 3})
 
 
 def test_runs_are_named_from_what_varies():
-  runs = sweep.expand("configs/compare.py:size=tiny", sweep.product(
+  runs = grid.expand("configs/compare.py:size=tiny", grid.product(
       {"arg.model": ["vanilla", "top_down"], "model.layers_per_scale": [(1, 2)]},
       {"train.seed": [0, 1]}))
   assert [r.name for r in runs] == ["model-vanilla.seed-0", "model-vanilla.seed-1",
                                     "model-top_down.seed-0", "model-top_down.seed-1"]
   assert runs[2].config == "configs/compare.py:size=tiny,model=top_down"
   assert runs[2].flags == ("--config.model.layers_per_scale=(1,2)", "--config.train.seed=0")
-  assert sweep.run_name({"model.pool_factors": (4, 4), "data.seq_len": 512}) == (
+  assert grid.run_name({"model.pool_factors": (4, 4), "data.seq_len": 512}) == (
       "pool_factors-4_4.seq_len-512")
-  assert sweep.run_name({"model.dropout": 0.1, "train.dropout": 0.2}) == (
+  assert grid.run_name({"model.dropout": 0.1, "train.dropout": 0.2}) == (
       "model.dropout-0.1.train.dropout-0.2")
   with pytest.raises(ConfigError, match="dotted config paths"):
-    sweep.expand("c.py", [{"seed": 1}])
+    grid.expand("c.py", [{"seed": 1}])
 
 
 def test_the_shipped_sweeps_load():
-  runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "paper_claim")
+  runs = grid.load(os.path.join(ROOT, "configs", "compare.py"), "paper_claim")
   assert len(runs) == 10 and {r["arg.model"] for r in runs} == {
       "vanilla", "bottom_up", "top_down", "retina", "hourglass"}
   for name, width, steps in (("claim", 128, 3000), ("claim_gpu", 512, 10000)):
-    runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), name)
+    runs = grid.load(os.path.join(ROOT, "configs", "compare.py"), name)
     assert len(runs) == 8 and all(r["model.d_model"] == width for r in runs)
     assert all(r["train.steps"] >= steps for r in runs)
     sizes = {(r["arg.model"], r["arg.size"]) for r in runs}
     assert sizes == {("vanilla", "paper14"), ("bottom_up", "paper30"), ("top_down", "paper30"),
                      ("hourglass", "paper30")}
   # claim_lr: the claim's shape, every model at three rates, a third of its steps.
-  claim = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "claim")[0]
-  rates = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "claim_lr")
+  claim = grid.load(os.path.join(ROOT, "configs", "compare.py"), "claim")[0]
+  rates = grid.load(os.path.join(ROOT, "configs", "compare.py"), "claim_lr")
   shape = ("model.d_model", "model.mlp_dim", "data.seq_len", "data.batch_size")
   assert all({k: r[k] for k in shape} == {k: claim[k] for k in shape} for r in rates)
   assert sorted((r["arg.model"], r["train.learning_rate"]) for r in rates) == sorted(
@@ -72,26 +72,26 @@ def test_the_shipped_sweeps_load():
        for lr in (1e-3, 2e-3, 4e-3)] + [("top_down", 8e-3), ("hourglass", 8e-3)])
   # The claim trains each model at one of the rates claim_lr tried for it.
   tried = {(r["arg.model"], r["train.learning_rate"]) for r in rates}
-  claim_runs = sweep.load(os.path.join(ROOT, "configs", "compare.py"), "claim")
+  claim_runs = grid.load(os.path.join(ROOT, "configs", "compare.py"), "claim")
   assert all((r["arg.model"], r["train.learning_rate"]) in tried for r in claim_runs)
   assert {r["train.steps"] for r in rates} == {1000}
   with pytest.raises(FlagError,
                      match=r"^--sweep: .* has no sweep_nope\(\); its sweeps: .*paper_claim"):
-    sweep.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
+    grid.load(os.path.join(ROOT, "configs", "compare.py"), "nope")
 
 
 SWEEP_CONFIG = '''
 import os
 import signal
 from hiertx import config as config_lib
-from hiertx import sweep
+from hiertx import grid
 
 def get_config(arg=None):
   return config_lib.load(os.path.join({root!r}, "configs", "vanilla.py") + ":size=tiny")
 
 def sweep_three():
   # num_heads=3 does not divide d_model=32: that run must fail cleanly.
-  return sweep.product({{"model.num_heads": [2, 4, 3]}},
+  return grid.product({{"model.num_heads": [2, 4, 3]}},
                        [{{"train.steps": 4, "eval.every": 4, "train.checkpoint_every": 4,
                           "eval.batches": 1}}])
 '''
@@ -301,14 +301,14 @@ def test_sigterm_stops_the_sweep_and_its_runs_resume(tmp_path):
 GROWING = '''
 import os
 from hiertx import config as config_lib
-from hiertx import sweep
+from hiertx import grid
 
 def get_config(arg=None):
   return config_lib.load(os.path.join({root!r}, "configs", "compare.py") + ":" + (arg or ""))
 
 def sweep_grow():
-  first = sweep.product({{"arg.model": ["vanilla"], "train.learning_rate": [1e-3, 2e-3]}})
-  return first + sweep.product({{"arg.model": ["hourglass"], "train.learning_rate": [1e-3]}}){more}
+  first = grid.product({{"arg.model": ["vanilla"], "train.learning_rate": [1e-3, 2e-3]}})
+  return first + grid.product({{"arg.model": ["hourglass"], "train.learning_rate": [1e-3]}}){more}
 '''
 
 

@@ -4,10 +4,12 @@ A config file defines `sweep_<name>()` returning a list of override dicts.
 Keys are dotted `config.*` paths (`"model.num_layers"`), or `"arg.<key>"`
 for the config file's own argument (`"arg.model"` -> `--config=x.py:model=...`):
 
+  from hiertx import grid
+
   def sweep_depth():
-    return sweep.product({"model.num_layers": [2, 4, 8]},
-                         sweep.zipped({"train.learning_rate": [1e-3, 5e-4],
-                                       "train.warmup_steps": [50, 100]}))
+    return grid.product({"model.num_layers": [2, 4, 8]},
+                        grid.zipped({"train.learning_rate": [1e-3, 5e-4],
+                                     "train.warmup_steps": [50, 100]}))
 
 Every run gets a directory named from its overrides, so re-running a sweep
 finds its earlier runs; a run's state lives in its own `status.json`, written
@@ -90,7 +92,9 @@ def run_name(overrides: Overrides) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class PlannedRun:
+  """One run of a sweep before it starts: its name, config and trainer flags."""
+
   name: str
   config: str  # config file with its argument, as --config= takes it
   overrides: dict  # the sweep's overrides (names and report columns)
@@ -124,7 +128,8 @@ def _identity(config: str, flags) -> tuple:
   return config, tuple(sorted(flags))
 
 
-def expand(config_file: str, runs: Iterable[Overrides], known: Iterable[dict] = ()) -> list[Run]:
+def expand(config_file: str, runs: Iterable[Overrides],
+           known: Iterable[dict] = ()) -> list[PlannedRun]:
   """Named runs: `arg.*` keys join the config argument, the rest become flags.
 
   `known`: the runs of an earlier expansion (sweep.json's 'runs', each with
@@ -161,5 +166,5 @@ def expand(config_file: str, runs: Iterable[Overrides], known: Iterable[dict] = 
     if name in seen:
       raise ConfigError("sweep", f"runs {seen[name]} and {overrides} get the same name {name!r}")
     seen[name] = overrides
-    out.append(Run(name, config, overrides, tuple(flags)))
+    out.append(PlannedRun(name, config, overrides, tuple(flags)))
   return out

@@ -7,14 +7,15 @@ corpus: one markdown table and one plot from runs of the `boundaries` sweep
   python launch/sweep.py --config=configs/compare.py --sweep=boundaries \
       --sweep_dir=/tmp/sweeps/bnd_shakespeare \
       -- --config.data.text_files=../shared/data/tinyshakespeare.txt
-  python experiments/boundaries.py \
+  python experiments/boundary_sources.py \
       --sweep_dirs=/tmp/sweeps/bnd_stdlib,/tmp/sweeps/bnd_shakespeare
 
 `--calibrate=<workdir>` instead prints, for a run with `boundaries=entropy`,
 the entropy head's bits at quantiles of the validation bytes: the threshold
 that closes a group at a share 1/k of them gives a mean group length near k.
 
-  python experiments/boundaries.py --calibrate=/tmp/sweeps/bnd_stdlib/seed-0.boundaries-entropy
+  python experiments/boundary_sources.py \
+      --calibrate=/tmp/sweeps/bnd_stdlib/seed-0.boundaries-entropy
 
 Columns: validation bits per byte at the last step (each seed, and their
 mean), XLA peak memory of the train step, median training tokens/s, the
@@ -34,7 +35,7 @@ from absl import app, flags
 
 from hiertx import boundaries as boundaries_lib
 from hiertx import cli
-from hiertx import report
+from hiertx import results
 from hiertx.errors import HiertxError
 from hiertx.models import hourglass
 
@@ -79,7 +80,7 @@ def arm_of(model: dict) -> str:
 
 def load(sweep_dir: str) -> list[dict]:
   """A finished row per run of one sweep directory (unfinished runs left out, said)."""
-  _, runs = report.read_sweep(sweep_dir)
+  _, runs = results.read_sweep(sweep_dir)
   rows = []
   for row in runs:
     if row["state"] != "finished":
@@ -91,7 +92,7 @@ def load(sweep_dir: str) -> list[dict]:
 
 
 def table(rows: list[dict]) -> tuple[str, list[dict]]:
-  groups = report.by_seed(rows, lambda r: (r["corpus"], r["boundaries"]))
+  groups = results.by_seed(rows, lambda r: (r["corpus"], r["boundaries"]))
   out, summary = [], []
   for (corpus, source), rs in sorted(groups.items(), key=lambda kv: (
       kv[0][0], SOURCES.index(kv[0][1].split()[0].rstrip(",")), kv[0][1])):
@@ -112,7 +113,7 @@ def table(rows: list[dict]) -> tuple[str, list[dict]]:
   header = ["corpus", "boundaries", "seeds", "bits/byte per seed", "mean bits/byte",
             "XLA peak MiB", "tokens/s", "mean group bytes", "dropped closes",
             "training MFLOPs/byte"]
-  return report.markdown_table(header, out), summary
+  return results.markdown_table(header, out), summary
 
 
 def plot(summary: list[dict], path: str) -> None:
