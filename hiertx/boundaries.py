@@ -151,6 +151,7 @@ class Route:
   smooth_BxG: jax.Array  # P_g: the EMA's weight of group g's own output, in [1e-4, 1 - 1e-4]
   restart_BxG: jax.Array  # bool: group g starts its document's average from zero
   weight_BxT: jax.Array  # STE(c_t): 1 in value, the confidence's gradient at every fine position
+  residual_BxTxD: jax.Array  # residual_proj(h_t): what the smoothed outputs are added to
 
 
 # H-Net's DeChunkLayer clamps the EMA's weights to [1e-4, 1 - 1e-4].
@@ -528,37 +529,37 @@ class Shortening(nn.Module):
                               self.max_group)
       z_BxGxD = pool.group(members, valid, deterministic).astype(x_BxTxD.dtype)
     if self.kind == "dynamic":
-      return z_BxGxD, coarse, grp.latest_BxT, self._route(soft_BxT, grp, coarse)
+      route = self._route(soft_BxT, grp, coarse, self.residual(h_BxTxD).astype(x_BxTxD.dtype))
+      return z_BxGxD, coarse, grp.latest_BxT, route
     if soft_BxT is not None:  # learned, training: DTP's gradient to the boundaries
       z_BxGxD = z_BxGxD + dtp_gradient(soft_BxT, members, grp, fine.seg_BxL, self.max_group)
     return z_BxGxD, coarse, grp.latest_BxT, None
 
-  def _route(self, p_BxT, grp: Groups, coarse: scales.Scale) -> Route:
+  def _route(self, p_BxT, grp: Groups, coarse: scales.Scale, residual_BxTxD) -> Route:
     t = p_BxT.shape[1]
     p_BxG = jnp.take_along_axis(p_BxT, jnp.minimum(grp.end_BxG, t - 1), axis=1)
     # A document's first group (and an unused slot) starts the average from zero.
     first_BxG = coarse.seg_BxL != jnp.pad(coarse.seg_BxL, ((0, 0), (1, 0)))[:, :-1]
     confidence = jnp.maximum(p_BxT, 1.0 - p_BxT)
     return Route(ema_weight(p_BxG), first_BxG | ~grp.used_BxG,
-                 1.0 + (confidence - jax.lax.stop_gradient(confidence)))
+                 1.0 + (confidence - jax.lax.stop_gradient(confidence)), residual_BxTxD)
 
-  def residual(self, fine_BxTxD):
-    """The fine residual the way back adds to: dynamic's zero-initialised
-    projection of the normalised states, else the states."""
-    if self.kind != "dynamic":
-      return fine_BxTxD
-    return self.residual_proj(self.normed(fine_BxTxD)).astype(fine_BxTxD.dtype)
+  def residual(self, h):
+    """Dynamic's zero-initialised float32 projection of the normalised states
+    `h` (`normed`): the fine residual the way back adds to."""
+    return self.residual_proj(h)
 
   def upsample(self, upsample, fine_BxTxD, z_BxGxD, latest_BxT, fine: scales.Scale,
                coarse: scales.Scale, route: "Route | None", deterministic: bool):
     """`upsample.groups` of the coarse outputs `z`; with dynamic routing's
     `route`, of the smoothed outputs (`smooth`) weighted by the confidence,
-    onto the projected residual."""
+    onto the projected residual (the states `__call__` read; `fine_BxTxD` is
+    not read again)."""
     if route is None:
       return upsample.groups(fine_BxTxD, z_BxGxD, latest_BxT, fine, coarse, deterministic)
     z_BxGxD = smooth(z_BxGxD, route.smooth_BxG, route.restart_BxG)
     layers.remember(self, "smoothed", z_BxGxD)  # a decoder's smoothed coarse cache
-    return upsample.groups(self.residual(fine_BxTxD), z_BxGxD, latest_BxT, fine, coarse,
+    return upsample.groups(route.residual_BxTxD, z_BxGxD, latest_BxT, fine, coarse,
                            deterministic, route.weight_BxT)
 
   def step(self, state, token_B, h_BxD, t_B, active_B):
@@ -621,7 +622,9 @@ class Shortening(nn.Module):
 
     # A group closes only every few positions: the coarse scale runs then.
     st = jax.lax.cond((slot_B >= 0).any(), closing, lambda s: s, st)
-    x_BxD = upsample.step_groups(self.residual(x_BxD), st["z"][level], latest_B, t,
+    fine_BxD = (self.residual(h_BxD).astype(x_BxD.dtype) if self.kind == "dynamic"
+                else x_BxD)
+    x_BxD = upsample.step_groups(fine_BxD, st["z"][level], latest_B, t,
                                  st["up"][self.stage] if st["up"] else None)
     return dict(st, **{key: groups}), x_BxD
 
