@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from hiertx import models
+from hiertx.models import content_groups
 from hiertx.errors import ConfigError
 
 # Sections a resumed run must share with the run that wrote the checkpoints.
@@ -137,6 +138,8 @@ def check_path(config: ml_collections.ConfigDict, dotted: str) -> None:
     if not isinstance(node, ml_collections.ConfigDict):
       raise ConfigError(".".join(walked), f"is a value, not a section; {dotted!r} cannot be set")
     if key not in node:
+      if walked == ["model"] and key in content_groups.FIELDS and "name" in node:
+        raise models.not_content_grouped(node.name, key)
       where = ".".join(walked) or "the config"
       raise ConfigError(".".join([*walked, key]), f"is not a field of {where}; its fields "
                         f"are: {closest_first(key, node.keys())}")
@@ -263,7 +266,11 @@ def from_json(text: str) -> ml_collections.ConfigDict:
       config[section] = values
   if config.get("model", {}).get("name") in models.MODELS:
     _, defaults = models.resolve({"name": config["model"]["name"]})
-    config["model"] = {**defaults, **config["model"]}
+    # Configs saved when every model carried the content-group fields: a model
+    # without them had them at `fixed`, which is what it does.
+    saved_model = {k: v for k, v in config["model"].items()
+                   if k in defaults or k == "name" or k not in content_groups.FIELDS}
+    config["model"] = {**defaults, **saved_model}
   return ml_collections.ConfigDict(config)
 
 

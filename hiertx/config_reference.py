@@ -17,6 +17,7 @@ import sys
 from hiertx import config as config_lib
 from hiertx import models
 from hiertx.models import base
+from hiertx.models import content_groups
 
 # `name=value,  # comment` in base_config(); `name: type = value  # comment`
 # in a model class. A run of `# ...` lines just above a field belongs to it.
@@ -88,9 +89,19 @@ def render() -> str:
           "the widths of each size. These fields are shared by all of them.", ""]
   out += _table((n, d, base_notes.get(n, "")) for n, d in base_fields.items())
   out.append("")
+  grouped = content_groups.ContentGroupedLM
+  group_fields = {n: d for n, d in _model_fields(grouped) if n not in base_fields}
+  group_notes = _model_comments(grouped)
+  out += ["## config.model: content groups", "",
+          "The models whose first shortening may group by content (" + ", ".join(
+              f"`{n}`" for n, c in models.MODELS.items() if issubclass(c, grouped)) + ";",
+          "docs/models.md) have these fields too; the others refuse them.", ""]
+  out += _table((n, d, group_notes.get(n, "")) for n, d in group_fields.items())
+  out.append("")
+  shared = {**base_fields, **group_fields}
   for name, cls in models.MODELS.items():
     own = [(n, d) for n, d in _model_fields(cls)
-           if n not in base_fields or d != base_fields[n]]
+           if n not in shared or d != shared[n]]
     notes = _model_comments(cls)
     out += [f"## config.model: {name}", "",
             " ".join((sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].split()),

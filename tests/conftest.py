@@ -56,8 +56,12 @@ def one_device_env() -> dict:
   return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": TEST_XLA_FLAGS}
 
 
+# Config files of models a test registers (tests/test_adding_a_model.py), by name.
+CONFIG_FILES: dict[str, str] = {}
+
+
 def config_path(name: str) -> str:
-  return os.path.join(ROOT, "configs", f"{name}.py")
+  return CONFIG_FILES.get(name) or os.path.join(ROOT, "configs", f"{name}.py")
 
 
 @pytest.fixture
@@ -73,3 +77,18 @@ def tiny_config():
     return c
 
   return load
+
+
+# The longest tests, by module or name (about 60-200 s each on 2 busy cores):
+# the servers' groups and the multi-process runs. Collected first, so that
+# xdist hands them out at the start and the other worker's short tests fill
+# in beside them, instead of one long test finishing the session alone.
+LONG_FIRST = ("test_object_storage.py", "test_slurm.py",
+              "test_a_signal_to_one_process_stops_every_process_at_the_same_step",
+              "test_gpu_check_dry_run_ends_in_one_summary_table",
+              "test_local_sweep_with_a_failure_then_report_and_rerun",
+              "test_sigterm_stops_the_sweep_and_its_runs_resume")
+
+
+def pytest_collection_modifyitems(items):
+  items.sort(key=lambda item: not any(name in item.nodeid for name in LONG_FIRST))

@@ -94,6 +94,29 @@ def test_whitespace_boundaries_need_the_byte_vocabulary(tmp_path):
     config_lib.validate(c)
 
 
+def test_content_group_fields_are_only_on_the_models_that_group_by_content():
+  grouped = {n for n, cls in models.MODELS.items() if cls.CONTENT_GROUPS}
+  assert grouped == {"hourglass", "top_down"}
+  for name in MODEL_NAMES:
+    c = config_lib.load(config_path(name) + ":size=tiny")
+    assert ("boundaries" in c.model) == (name in grouped), name
+    if name in grouped:
+      continue
+    # Set on the command line, or in a config passed to validate: one line each.
+    with pytest.raises(ConfigError, match=f"^config.model.max_group: the {name} model has no "
+                       "shortening to group by content; the models with content groups are"):
+      config_lib.apply_override(c, "model.max_group=4")
+    c.model.boundaries = "whitespace"
+    with pytest.raises(ConfigError, match=f"^config.model.boundaries: the {name} model has no"):
+      config_lib.validate(c)
+  # A config saved when every model carried the fields (at `fixed`) still loads.
+  saved = config_lib.load(config_path("vanilla") + ":size=tiny").to_dict()
+  saved["model"].update(boundaries="fixed", max_group=16, dynamic_rules=False)
+  old = config_lib.from_json(ml_collections.ConfigDict(saved).to_json())
+  assert "boundaries" not in old.model
+  config_lib.validate(old)
+
+
 @pytest.mark.parametrize("dotted,value", [("data.seed", -2), ("train.seed", -1),
                                           ("data.seed", 1.5)])
 def test_bad_seeds_name_the_field(dotted, value):

@@ -4,6 +4,7 @@ from typing import Any, Mapping
 
 from hiertx.errors import ConfigError
 from hiertx.models import base
+from hiertx.models import content_groups
 from hiertx.models.bottom_up import BottomUpLM
 from hiertx.models.hourglass import HourglassLM
 from hiertx.models.retina import RetinaLM
@@ -27,11 +28,21 @@ def resolve(model_cfg: Mapping[str, Any]) -> tuple[type, dict]:
   cls = MODELS[name]
   fields = base.field_names(cls) - {"vocab_size", "documents"}
   unknown = sorted(set(cfg) - fields)
+  grouping = [f for f in unknown if f in content_groups.FIELDS]
+  if grouping:
+    raise not_content_grouped(name, grouping[0])
   if unknown:
     raise ConfigError(f"model.{unknown[0]}", f"is not a field of the {name} model; "
                       f"its fields are {sorted(fields)}")
   defaults = {f: getattr(cls, f) for f in fields}
   return cls, {**defaults, **cfg}
+
+
+def not_content_grouped(name: str, field: str) -> ConfigError:
+  """The error for a content-group field set on a model without them."""
+  return ConfigError(f"model.{field}", f"the {name} model has no shortening to group by "
+                     "content; the models with content groups are "
+                     f"{[n for n, c in MODELS.items() if c.CONTENT_GROUPS]}")
 
 
 def check(model_cfg: Mapping[str, Any], seq_len: int) -> None:

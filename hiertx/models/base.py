@@ -29,7 +29,6 @@ import numpy as np
 from absl import logging
 
 from hiertx import attention as attention_lib
-from hiertx import boundaries as boundaries_lib
 from hiertx import layers
 from hiertx import scales
 from hiertx import workload as workload_lib
@@ -90,35 +89,14 @@ class LanguageModel(nn.Module):
   # cuDNN without a mask; packed rows run `pallas` (segment ids in the
   # kernel) or `mask` (cuDNN with a [B, 1, T, T] document bias).
   attention_cudnn_packed: str = "pallas"
-  # Content groups for the first shortening (hiertx.boundaries), in models
-  # with CONTENT_GROUPS: the source, at most `max_group` bytes per group,
-  # slots per row = group_capacity * T / k (k: the model's first shortening).
-  boundaries: str = "fixed"  # fixed | whitespace | entropy | learned | dynamic
-  max_group: int = 16  # a group closes when it has this many bytes (forced close)
-  group_capacity: float = 1.5  # groups a document may have by position pos: capacity (pos + 1) / k
-  entropy_threshold: float = 3.0  # bits, boundaries=entropy
-  boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned (0: no noise)
-  boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
-  # boundaries=learned: the predictor, "layernorm" (LN, d -> d, GELU, -> 1) or
-  # "dtp" (Dynamic Token Pooling's d -> mlp_dim, ReLU, -> 1).
-  boundary_predictor: str = "layernorm"
-  # boundaries=dynamic: what a chunk holds, "boundary" (H-Net: the state at
-  # its boundary) or "pool" (its window pooled by model.pooling).
-  dynamic_chunk: str = "boundary"
-  # boundaries=dynamic: whether max_group and group_capacity apply (H-Net has
-  # neither: False, so no close is forced or dropped and a row has T slots).
-  dynamic_rules: bool = False
-  # boundaries=entropy: the head's loss also trains the states it reads (else
-  # it learns from a stop-gradient copy, as BLT trains its entropy model apart).
-  entropy_trains_trunk: bool = False
-  ratio_loss_weight: float = 0.03  # boundaries=dynamic: H-Net's ratio loss toward 1/k
-
   # Not a config field: set from data.cross_document_attention by the run
   # ("masked": documents of a packed row never see each other; "visible":
   # a row is one causal sequence, segment ids only mark trailing padding).
   documents: str = "masked"
 
-  CONTENT_GROUPS = False  # whether the first shortening may group by content
+  # Whether the first shortening may group by content (models deriving from
+  # hiertx.models.content_groups.ContentGroupedLM, which has those fields).
+  CONTENT_GROUPS = False
 
   @property
   def block_cfg(self) -> layers.BlockConfig:
@@ -144,37 +122,16 @@ class LanguageModel(nn.Module):
   @property
   def content(self) -> bool:
     """Whether the first shortening groups by content (hiertx.boundaries)."""
-    return self.boundaries != "fixed"
-
-  def content_k(self) -> int:
-    """The first shortening's factor: content groups' target mean length."""
-    raise NotImplementedError
+    return False
 
   @property
   def content_stages(self) -> int:
     """How many shortenings group by content (hourglass's dynamic: maybe 2)."""
     return int(self.content)
 
-  def content_shortening(self, stage: int = 0, k: int | None = None) -> boundaries_lib.Shortening:
-    """A content-grouped shortening (call in `setup`): the first, or H-Net's
-    second `stage` aiming at groups of `k`."""
-    max_group, capacity = self.close_rules()
-    return boundaries_lib.Shortening(
-        self.boundaries, k or self.content_k(), self.vocab_size, self.padded_vocab,
-        self.block_cfg, max_group, capacity, self.entropy_threshold, self.boundary_temperature,
-        self.boundary_prior_weight, self.entropy_trains_trunk, self.ratio_loss_weight,
-        self.boundary_predictor, self.dynamic_chunk, stage)
-
-  def close_rules(self) -> tuple[int, float]:
-    """(max_group, group_capacity) of the content groups; (0, 0.0), no rule,
-    for H-Net's dynamic chunking unless model.dynamic_rules."""
-    if self.boundaries == "dynamic" and not self.dynamic_rules:
-      return 0, 0.0
-    return self.max_group, self.group_capacity
-
-  def slots(self, length: int) -> int:
-    """Coarse slots per row of content groups over `length` fine positions."""
-    return boundaries_lib.num_slots(length, self.content_k(), self.close_rules()[1])
+  def source_params(self) -> int:
+    """Parameters of the content-boundary sources (hiertx.boundaries)."""
+    return 0
 
   def length_multiple(self) -> int:
     """Sequence lengths are padded to a multiple of this."""
@@ -251,10 +208,8 @@ class LanguageModel(nn.Module):
   def workload(self, seq_len: int) -> workload_lib.Workload:
     """Every block the model runs at `seq_len` (padded to its length multiple)."""
     t = self.decode_capacity(seq_len)
-    sources = self.content_stages * boundaries_lib.source_params(
-        self.boundaries, self.d_model, self.padded_vocab, self.mlp_dim, self.boundary_predictor)
     return workload_lib.Workload(t, tuple(b for b in self.blocks_at(t) if b.count),
-                                 self.extra_params() + sources)
+                                 self.extra_params() + self.source_params())
 
   def blocks_at(self, t: int) -> list[workload_lib.Blocks]:
     raise NotImplementedError
@@ -303,21 +258,6 @@ class LanguageModel(nn.Module):
       out.append(self.cross_attention(f"upsample_{s}", fine_end, fine_end[::k]))
     return out
 
-  def content_scale_change(self, t: int) -> list[workload_lib.Blocks]:
-    """The attention blocks of a content-grouped first shortening over t
-    positions: `slots(t)` groups in row order; attention pooling reads a
-    window of `max_group` per group; attention upsampling has per-row ends, so
-    it runs dense (every fine query against every slot, its map kept)."""
-    g, m = self.slots(t), self.close_rules()[0]
-    out = []
-    if self.pooling == "attention":
-      out.append(workload_lib.Blocks("pool_1", 1, g, m, t, g * m, self.map_keys(m),
-                                     self.rescored(g * m), cross=True, stacked=False))
-    if self.upsampling == "attention":
-      out.append(workload_lib.Blocks("upsample_0", 1, t, g, g, t * g, g, 0.0, cross=True,
-                                     stacked=False))
-    return out
-
   # --------------------------------------------------------------------------
   # Configuration.
 
@@ -346,9 +286,8 @@ class LanguageModel(nn.Module):
     choice(cfg, "attention", attention_lib.KINDS)
     choice(cfg, "attention_fallback", attention_lib.FALLBACKS)
     choice(cfg, "attention_cudnn_packed", attention_lib.CUDNN_PACKED)
-    for name in ("scan_layers", "entropy_trains_trunk"):
-      if not isinstance(cfg[name], bool):
-        raise ConfigError(f"model.{name}", f"must be True or False, got {cfg[name]!r}")
+    if not isinstance(cfg["scan_layers"], bool):
+      raise ConfigError("model.scan_layers", f"must be True or False, got {cfg['scan_layers']!r}")
     if cfg["remat"] != "none" and not cfg["scan_layers"]:
       logging.warning("model.remat=%s with unrolled blocks: XLA:CPU may schedule the "
                       "recomputation early and save no memory; set model.scan_layers=True",
@@ -359,46 +298,6 @@ class LanguageModel(nn.Module):
     if cfg["positions"] == "learned" and seq_len > cfg["max_len"]:
       raise ConfigError("model.max_len", f"{cfg['max_len']} is shorter than "
                         f"data.seq_len={seq_len}; learned positions cannot go past it")
-    choice(cfg, "boundaries", boundaries_lib.SOURCES)
-    if cfg["boundaries"] != "fixed" and not cls.CONTENT_GROUPS:
-      raise ConfigError("model.boundaries", f"{cfg['boundaries']!r}: this model has no "
-                        "shortening to group by content; hourglass and top_down have")
-
-
-def check_content_groups(cfg, k: int) -> None:
-  """What content groups (hiertx.boundaries) need, for a first shortening by k."""
-  kind = cfg["boundaries"]
-  for name in ("pooling", "upsampling"):
-    if cfg[name] == "linear":
-      raise ConfigError(f"model.{name}", f"linear has one weight per offset in a fixed group; "
-                        f"with boundaries={kind!r} use mean/attention pooling, "
-                        "repeat/attention upsampling")
-  if kind == "dynamic" and cfg["upsampling"] != "repeat":
-    raise ConfigError("model.upsampling", f"{cfg['upsampling']!r}: boundaries='dynamic' "
-                      "upsamples as H-Net does (repeat, smoothed, confidence-weighted); use "
-                      "upsampling='repeat'")
-  choice(cfg, "boundary_predictor", boundaries_lib.PREDICTORS)
-  choice(cfg, "dynamic_chunk", boundaries_lib.CHUNKS)
-  if not isinstance(cfg["dynamic_rules"], bool):
-    raise ConfigError("model.dynamic_rules", f"must be True or False, got {cfg['dynamic_rules']!r}")
-  rules = kind != "dynamic" or cfg["dynamic_rules"]
-  if kind == "dynamic" and cfg["dynamic_chunk"] == "boundary" and cfg["pooling"] != "mean":
-    raise ConfigError("model.pooling", f"{cfg['pooling']!r} is not used: boundaries='dynamic' "
-                      "with dynamic_chunk='boundary' keeps each chunk's boundary state "
-                      "(H-Net); set model.dynamic_chunk='pool' to pool the group")
-  if kind == "dynamic" and cfg["dynamic_chunk"] == "pool" and not rules:
-    raise ConfigError("model.dynamic_chunk", "'pool' pools a window of model.max_group bytes, "
-                      "which needs the close rules: set model.dynamic_rules=True")
-  positive(cfg, "max_group")
-  for name, low in (("group_capacity", 1.0), ("boundary_temperature", 0.0),
-                    ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0),
-                    ("ratio_loss_weight", 0.0)):
-    v = cfg[name]
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
-      raise ConfigError(f"model.{name}", f"must be a number >= {low}, got {v!r}")
-  if rules and cfg["max_group"] < k:
-    raise ConfigError("model.max_group", f"{cfg['max_group']} is below the target group "
-                      f"length {k} (the first shortening's factor)")
 
 
 def field_names(cls) -> set[str]:

@@ -32,6 +32,7 @@ from hiertx import layers
 from hiertx import scales
 from hiertx.errors import ConfigError
 from hiertx.models import base
+from hiertx.models import content_groups
 
 
 def parse_hierarchy(spec: str):
@@ -59,12 +60,10 @@ def parse_hierarchy(spec: str):
   return counts[:depth + 1], counts[depth + 1:][::-1], down
 
 
-class HourglassLM(base.LanguageModel):
+class HourglassLM(content_groups.ContentGroupedLM):
   hierarchy: str = "2@1 4@4 2@1"  # N@f items: N blocks at shortening f, in and back out
   pooling: str = "mean"  # shortening: mean | linear | attention (hiertx.scales)
   upsampling: str = "repeat"  # repeat | linear | attention (hiertx.scales)
-
-  CONTENT_GROUPS = True
 
   @property
   def levels(self):
@@ -307,4 +306,4 @@ class HourglassLM(base.LanguageModel):
                           "supports one shortening level (e.g. '2@1 4@4 2@1'); 'dynamic' "
                           "also two, as H-Net's 2-stage model (e.g. '1@1 1@2 4@8 1@2 1@1')")
       for a, b in zip(factors, factors[1:]):
-        base.check_content_groups(cfg, b // a)
+        content_groups.check_content_groups(cfg, b // a)

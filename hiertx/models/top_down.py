@@ -26,15 +26,14 @@ from hiertx import layers
 from hiertx import scales
 from hiertx.errors import ConfigError
 from hiertx.models import base
+from hiertx.models import content_groups
 
 
-class TopDownLM(base.PooledScales, base.LanguageModel):
+class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
   layers_per_scale: tuple = (2, 2, 2)  # scale 0 (fine) .. S
   pool_factors: tuple = (4, 4)  # k between scale s-1 and s, s = 1..S
   pooling: str = "mean"  # mean | linear | attention (hiertx.scales)
   upsampling: str = "repeat"  # coarser output into the finer stack: repeat | linear | attention
-
-  CONTENT_GROUPS = True
 
   def pooling_multiple(self) -> int:
     # Content groups start at every document's first byte wherever it sits.
@@ -211,5 +210,5 @@ class TopDownLM(base.PooledScales, base.LanguageModel):
         raise ConfigError("model.pool_factors", f"{factors}: boundaries={cfg['boundaries']!r} "
                           "groups one pooling by content; give one factor, e.g. (4,), and "
                           "two entries of model.layers_per_scale")
-      base.check_content_groups(cfg, factors[0])
+      content_groups.check_content_groups(cfg, factors[0])
 

@@ -1,0 +1,139 @@
+"""Models whose first shortening may group by content (hiertx.boundaries):
+the content-group fields, the close rules and their checks.
+
+Only the models that can use them carry these fields (hourglass and top_down
+derive from `ContentGroupedLM`), so `config.model` of the others does not
+show them and setting one there is refused in one line.
+"""
+
+from hiertx import boundaries as boundaries_lib
+from hiertx import workload as workload_lib
+from hiertx.errors import ConfigError
+from hiertx.models import base
+
+# The fields, by name: configs saved when every model carried them still load
+# (hiertx.config.from_json drops them from the models that do not).
+FIELDS = ("boundaries", "max_group", "group_capacity", "entropy_threshold",
+          "boundary_temperature", "boundary_prior_weight", "boundary_predictor",
+          "dynamic_chunk", "dynamic_rules", "entropy_trains_trunk", "ratio_loss_weight")
+
+
+class ContentGroupedLM(base.LanguageModel):
+  """A LanguageModel whose first shortening by k groups by `boundaries`:
+  at most `max_group` bytes per group, slots per row = group_capacity * T / k."""
+
+  # Where groups of the first shortening end: every k bytes (`fixed`) or by
+  # content (hiertx.boundaries; docs/models.md, "Content groups").
+  boundaries: str = "fixed"  # fixed | whitespace | entropy | learned | dynamic
+  max_group: int = 16  # a group closes when it has this many bytes (forced close)
+  group_capacity: float = 1.5  # groups a document may have by position pos: capacity (pos + 1) / k
+  entropy_threshold: float = 3.0  # bits, boundaries=entropy
+  boundary_temperature: float = 1.0  # Gumbel-sigmoid, boundaries=learned (0: no noise)
+  boundary_prior_weight: float = 1.0  # binomial prior on the rate 1/k, learned
+  # boundaries=learned: the predictor, "layernorm" (LN, d -> d, GELU, -> 1) or
+  # "dtp" (Dynamic Token Pooling's d -> mlp_dim, ReLU, -> 1).
+  boundary_predictor: str = "layernorm"
+  # boundaries=dynamic: what a chunk holds, "boundary" (H-Net: the state at
+  # its boundary) or "pool" (its window pooled by model.pooling).
+  dynamic_chunk: str = "boundary"
+  # boundaries=dynamic: whether max_group and group_capacity apply (H-Net has
+  # neither: False, so no close is forced or dropped and a row has T slots).
+  dynamic_rules: bool = False
+  # boundaries=entropy: the head's loss also trains the states it reads (else
+  # it learns from a stop-gradient copy, as BLT trains its entropy model apart).
+  entropy_trains_trunk: bool = False
+  ratio_loss_weight: float = 0.03  # boundaries=dynamic: H-Net's ratio loss toward 1/k
+
+  CONTENT_GROUPS = True
+
+  @property
+  def content(self) -> bool:
+    return self.boundaries != "fixed"
+
+  def content_k(self) -> int:
+    """The first shortening's factor: content groups' target mean length."""
+    raise NotImplementedError
+
+  def content_shortening(self, stage: int = 0, k: int | None = None) -> boundaries_lib.Shortening:
+    """A content-grouped shortening (call in `setup`): the first, or H-Net's
+    second `stage` aiming at groups of `k`."""
+    max_group, capacity = self.close_rules()
+    return boundaries_lib.Shortening(
+        self.boundaries, k or self.content_k(), self.vocab_size, self.padded_vocab,
+        self.block_cfg, max_group, capacity, self.entropy_threshold, self.boundary_temperature,
+        self.boundary_prior_weight, self.entropy_trains_trunk, self.ratio_loss_weight,
+        self.boundary_predictor, self.dynamic_chunk, stage)
+
+  def close_rules(self) -> tuple[int, float]:
+    """(max_group, group_capacity) of the content groups; (0, 0.0), no rule,
+    for H-Net's dynamic chunking unless model.dynamic_rules."""
+    if self.boundaries == "dynamic" and not self.dynamic_rules:
+      return 0, 0.0
+    return self.max_group, self.group_capacity
+
+  def slots(self, length: int) -> int:
+    """Coarse slots per row of content groups over `length` fine positions."""
+    return boundaries_lib.num_slots(length, self.content_k(), self.close_rules()[1])
+
+  def source_params(self) -> int:
+    return self.content_stages * boundaries_lib.source_params(
+        self.boundaries, self.d_model, self.padded_vocab, self.mlp_dim, self.boundary_predictor)
+
+  def content_scale_change(self, t: int) -> list[workload_lib.Blocks]:
+    """The attention blocks of a content-grouped first shortening over t
+    positions: `slots(t)` groups in row order; attention pooling reads a
+    window of `max_group` per group; attention upsampling has per-row ends, so
+    it runs dense (every fine query against every slot, its map kept)."""
+    g, m = self.slots(t), self.close_rules()[0]
+    out = []
+    if self.pooling == "attention":
+      out.append(workload_lib.Blocks("pool_1", 1, g, m, t, g * m, self.map_keys(m),
+                                     self.rescored(g * m), cross=True, stacked=False))
+    if self.upsampling == "attention":
+      out.append(workload_lib.Blocks("upsample_0", 1, t, g, g, t * g, g, 0.0, cross=True,
+                                     stacked=False))
+    return out
+
+  @classmethod
+  def check_config(cls, cfg, seq_len):
+    super().check_config(cfg, seq_len)
+    base.choice(cfg, "boundaries", boundaries_lib.SOURCES)
+    if not isinstance(cfg["entropy_trains_trunk"], bool):
+      raise ConfigError("model.entropy_trains_trunk", "must be True or False, got "
+                        f"{cfg['entropy_trains_trunk']!r}")
+
+
+def check_content_groups(cfg, k: int) -> None:
+  """What content groups (hiertx.boundaries) need, for a first shortening by k."""
+  kind = cfg["boundaries"]
+  for name in ("pooling", "upsampling"):
+    if cfg[name] == "linear":
+      raise ConfigError(f"model.{name}", f"linear has one weight per offset in a fixed group; "
+                        f"with boundaries={kind!r} use mean/attention pooling, "
+                        "repeat/attention upsampling")
+  if kind == "dynamic" and cfg["upsampling"] != "repeat":
+    raise ConfigError("model.upsampling", f"{cfg['upsampling']!r}: boundaries='dynamic' "
+                      "upsamples as H-Net does (repeat, smoothed, confidence-weighted); use "
+                      "upsampling='repeat'")
+  base.choice(cfg, "boundary_predictor", boundaries_lib.PREDICTORS)
+  base.choice(cfg, "dynamic_chunk", boundaries_lib.CHUNKS)
+  if not isinstance(cfg["dynamic_rules"], bool):
+    raise ConfigError("model.dynamic_rules", f"must be True or False, got {cfg['dynamic_rules']!r}")
+  rules = kind != "dynamic" or cfg["dynamic_rules"]
+  if kind == "dynamic" and cfg["dynamic_chunk"] == "boundary" and cfg["pooling"] != "mean":
+    raise ConfigError("model.pooling", f"{cfg['pooling']!r} is not used: boundaries='dynamic' "
+                      "with dynamic_chunk='boundary' keeps each chunk's boundary state "
+                      "(H-Net); set model.dynamic_chunk='pool' to pool the group")
+  if kind == "dynamic" and cfg["dynamic_chunk"] == "pool" and not rules:
+    raise ConfigError("model.dynamic_chunk", "'pool' pools a window of model.max_group bytes, "
+                      "which needs the close rules: set model.dynamic_rules=True")
+  base.positive(cfg, "max_group")
+  for name, low in (("group_capacity", 1.0), ("boundary_temperature", 0.0),
+                    ("entropy_threshold", 0.0), ("boundary_prior_weight", 0.0),
+                    ("ratio_loss_weight", 0.0)):
+    v = cfg[name]
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
+      raise ConfigError(f"model.{name}", f"must be a number >= {low}, got {v!r}")
+  if rules and cfg["max_group"] < k:
+    raise ConfigError("model.max_group", f"{cfg['max_group']} is below the target group "
+                      f"length {k} (the first shortening's factor)")
