@@ -101,6 +101,40 @@ def seed_table(rows: list[dict]) -> str | None:
        "FLOPs / vanilla", "tokens/s", "mean final bits/byte", "range"], out)
 
 
+def baseline_table(rows: list[dict]) -> str | None:
+  """Each other setting (finished runs, seeds averaged) against the vanilla
+  setting nearest it in XLA peak memory and the one nearest in training
+  FLOPs per byte (nearest by ratio), with the difference in mean final
+  bits/byte (negative: the other model is ahead). None without both."""
+  groups = results_lib.by_seed(rows, lambda r: _overrides_text(
+      {k: v for k, v in r["overrides"].items() if not k.endswith("seed")}))
+
+  def mean(g, key):
+    return statistics.mean(r[key] for r in g)
+
+  settings = {k: {"model": g[0]["model"], "seeds": len(g), "bpb": mean(g, "final_bpb"),
+                  "memory": mean(g, "xla_peak_bytes"), "flops": mean(g, "flops_per_byte")}
+              for k, g in groups.items()}
+  settings = {k: s for k, s in settings.items()
+              if all(math.isfinite(s[m]) and s[m] > 0 for m in ("bpb", "memory", "flops"))}
+  vanillas = {k: s for k, s in settings.items() if s["model"] == "vanilla"}
+  others = {k: s for k, s in settings.items() if s["model"] != "vanilla"}
+  if not vanillas or not others:
+    return None
+  out = []
+  for key, s in others.items():
+    row = [key or "(all)", s["seeds"], s["bpb"]]
+    for measure in ("memory", "flops"):
+      near = min(vanillas, key=lambda v: abs(math.log(s[measure] / vanillas[v][measure])))
+      v = vanillas[near]
+      row += [near, s[measure] / v[measure], v["bpb"], s["bpb"] - v["bpb"]]
+    out.append(row)
+  return results_lib.markdown_table(
+      ["setting", "seeds", "mean final bits/byte",
+       "vanilla nearest in memory", "memory / it", "its bits/byte", "difference",
+       "vanilla nearest in FLOPs", "FLOPs / it", "its bits/byte", "difference"], out)
+
+
 def rate_table(rows: list[dict], key: str = "train.learning_rate") -> str | None:
   """For each setting (finished runs grouped by their other overrides, seeds
   averaged), the rate with the lowest mean final bits/byte and every rate's
@@ -213,6 +247,10 @@ def write(sweep_dir: str) -> tuple[str, list[dict]]:
   seeds = seed_table(rows)
   if seeds:
     text += ["", "## Averaged over seeds (finished runs)", "", seeds]
+  against = baseline_table(rows)
+  if against:
+    text += ["", "## Against vanilla at equal memory and at equal FLOPs (finished runs, seeds "
+             "averaged; difference < 0: the model is ahead)", "", against]
   rates = rate_table(rows)
   if rates:
     text += ["", "## Best learning rate per setting (finished runs)", "", rates]

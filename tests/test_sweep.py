@@ -176,6 +176,27 @@ def test_pinned_local_runs_each_get_their_own_cpus(tmp_path, capsys):
   assert elsewhere.returncode != 0 and "--pin_cpus: only for --target=local" in elsewhere.stderr
 
 
+def test_report_sets_each_model_against_the_vanilla_nearest_in_memory_and_in_flops():
+  def row(model, layers, seed, bpb, memory, flops, state="finished"):
+    return {"overrides": {"arg.model": model, "model.num_layers": layers, "train.seed": seed},
+            "model": model, "seed": seed, "state": state, "final_bpb": bpb, "xla_peak_bytes": memory,
+            "flops_per_byte": flops}
+  rows = [row("vanilla", 6, 0, 2.30, 100, 10), row("vanilla", 6, 1, 2.20, 100, 10),
+          row("vanilla", 14, 0, 2.10, 230, 22),
+          # As much memory as 14 layers, the FLOPs of 6: ahead of the one, behind the other.
+          row("hourglass", 30, 0, 2.15, 220, 11), row("hourglass", 30, 1, 2.17, 240, 11),
+          row("hourglass", 99, 0, 1.0, 1, 1, state="failed")]
+  table = sweep_report.baseline_table(rows).splitlines()
+  assert len(table) == 3  # header, rule, one setting (the failed one is left out)
+  cells = [c.strip() for c in table[2].strip("|").split("|")]
+  assert cells[:3] == ["model=hourglass model.num_layers=30", "2", "2.16"]
+  assert cells[3] == "model=vanilla model.num_layers=14" and float(cells[4]) == 1.0
+  assert float(cells[5]) == 2.1 and abs(float(cells[6]) - 0.06) < 1e-9
+  assert cells[7] == "model=vanilla model.num_layers=6" and float(cells[8]) == 1.1
+  assert float(cells[9]) == 2.25 and abs(float(cells[10]) + 0.09) < 1e-9
+  assert sweep_report.baseline_table(rows[:3]) is None  # nothing to set against vanilla
+
+
 def test_report_names_the_best_learning_rate_of_each_setting():
   def row(model, lr, seed, bpb, state="finished"):
     return {"overrides": {"arg.model": model, "train.learning_rate": lr, "train.seed": seed},
