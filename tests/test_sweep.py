@@ -179,8 +179,8 @@ def test_pinned_local_runs_each_get_their_own_cpus(tmp_path, capsys):
 def test_report_sets_each_model_against_the_vanilla_nearest_in_memory_and_in_flops():
   def row(model, layers, seed, bpb, memory, flops, state="finished"):
     return {"overrides": {"arg.model": model, "model.num_layers": layers, "train.seed": seed},
-            "model": model, "seed": seed, "state": state, "final_bpb": bpb, "xla_peak_bytes": memory,
-            "flops_per_byte": flops}
+            "model": model, "seed": seed, "state": state, "final_bpb": bpb,
+            "xla_peak_bytes": memory, "flops_per_byte": flops}
   rows = [row("vanilla", 6, 0, 2.30, 100, 10), row("vanilla", 6, 1, 2.20, 100, 10),
           row("vanilla", 14, 0, 2.10, 230, 22),
           # As much memory as 14 layers, the FLOPs of 6: ahead of the one, behind the other.
