@@ -92,9 +92,10 @@ def render() -> str:
   grouped = content_groups.ContentGroupedLM
   group_fields = {n: d for n, d in _model_fields(grouped) if n not in base_fields}
   group_notes = _model_comments(grouped)
+  users = [n for n, c in models.MODELS.items() if content_groups.has_content_groups(c)]
   out += ["## config.model: content groups", "",
-          "The models whose first shortening may group by content (" + ", ".join(
-              f"`{n}`" for n, c in models.MODELS.items() if issubclass(c, grouped)) + ";",
+          "The models whose first shortening may group by content ("
+          + ", ".join(f"`{n}`" for n in users) + ";",
           "docs/models.md) have these fields too; the others refuse them.", ""]
   out += _table((n, d, group_notes.get(n, "")) for n, d in group_fields.items())
   out.append("")

@@ -7,6 +7,7 @@ from conftest import config_path
 from hiertx import config as config_lib
 from hiertx import models
 from hiertx.errors import ConfigError
+from hiertx.models import content_groups
 
 MODEL_NAMES = tuple(models.MODELS)
 
@@ -95,7 +96,7 @@ def test_whitespace_boundaries_need_the_byte_vocabulary(tmp_path):
 
 
 def test_content_group_fields_are_only_on_the_models_that_group_by_content():
-  grouped = {n for n, cls in models.MODELS.items() if cls.CONTENT_GROUPS}
+  grouped = {n for n, cls in models.MODELS.items() if content_groups.has_content_groups(cls)}
   assert grouped == {"hourglass", "top_down"}
   for name in MODEL_NAMES:
     c = config_lib.load(config_path(name) + ":size=tiny")

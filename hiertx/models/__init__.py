@@ -28,7 +28,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> tuple[type, dict]:
   cls = MODELS[name]
   fields = base.field_names(cls) - {"vocab_size", "documents"}
   unknown = sorted(set(cfg) - fields)
-  grouping = [f for f in unknown if f in content_groups.FIELDS]
+  grouping = sorted(content_groups.FIELDS.intersection(unknown))
   if grouping:
     raise not_content_grouped(name, grouping[0])
   if unknown:
@@ -42,7 +42,7 @@ def not_content_grouped(name: str, field: str) -> ConfigError:
   """The error for a content-group field set on a model without them."""
   return ConfigError(f"model.{field}", f"the {name} model has no shortening to group by "
                      "content; the models with content groups are "
-                     f"{[n for n, c in MODELS.items() if c.CONTENT_GROUPS]}")
+                     f"{[n for n, c in MODELS.items() if content_groups.has_content_groups(c)]}")
 
 
 def check(model_cfg: Mapping[str, Any], seq_len: int) -> None:

@@ -94,10 +94,6 @@ class LanguageModel(nn.Module):
   # a row is one causal sequence, segment ids only mark trailing padding).
   documents: str = "masked"
 
-  # Whether the first shortening may group by content (models deriving from
-  # hiertx.models.content_groups.ContentGroupedLM, which has those fields).
-  CONTENT_GROUPS = False
-
   @property
   def block_cfg(self) -> layers.BlockConfig:
     return layers.BlockConfig(

@@ -11,19 +11,12 @@ from hiertx import workload as workload_lib
 from hiertx.errors import ConfigError
 from hiertx.models import base
 
-# The fields, by name: configs saved when every model carried them still load
-# (hiertx.config.from_json drops them from the models that do not).
-FIELDS = ("boundaries", "max_group", "group_capacity", "entropy_threshold",
-          "boundary_temperature", "boundary_prior_weight", "boundary_predictor",
-          "dynamic_chunk", "dynamic_rules", "entropy_trains_trunk", "ratio_loss_weight")
-
-
 class ContentGroupedLM(base.LanguageModel):
   """A LanguageModel whose first shortening by k groups by `boundaries`:
   at most `max_group` bytes per group, slots per row = group_capacity * T / k."""
 
   # Where groups of the first shortening end: every k bytes (`fixed`) or by
-  # content (hiertx.boundaries; docs/models.md, "Content groups").
+  # content (hiertx.boundaries; docs/models.md, "Content-dependent shortening").
   boundaries: str = "fixed"  # fixed | whitespace | entropy | learned | dynamic
   max_group: int = 16  # a group closes when it has this many bytes (forced close)
   group_capacity: float = 1.5  # groups a document may have by position pos: capacity (pos + 1) / k
@@ -43,8 +36,6 @@ class ContentGroupedLM(base.LanguageModel):
   # it learns from a stop-gradient copy, as BLT trains its entropy model apart).
   entropy_trains_trunk: bool = False
   ratio_loss_weight: float = 0.03  # boundaries=dynamic: H-Net's ratio loss toward 1/k
-
-  CONTENT_GROUPS = True
 
   @property
   def content(self) -> bool:
@@ -101,6 +92,17 @@ class ContentGroupedLM(base.LanguageModel):
     if not isinstance(cfg["entropy_trains_trunk"], bool):
       raise ConfigError("model.entropy_trains_trunk", "must be True or False, got "
                         f"{cfg['entropy_trains_trunk']!r}")
+
+
+# The fields this class adds, by name: a model without them refuses them in
+# one line, and configs saved when every model carried them still load
+# (hiertx.config.from_json drops them from the models that do not).
+FIELDS = frozenset(base.field_names(ContentGroupedLM) - base.field_names(base.LanguageModel))
+
+
+def has_content_groups(cls) -> bool:
+  """Whether model class `cls` may group its first shortening by content."""
+  return issubclass(cls, ContentGroupedLM)
 
 
 def check_content_groups(cfg, k: int) -> None:
