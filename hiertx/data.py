@@ -50,12 +50,16 @@ import numpy as np
 
 from hiertx import corpora
 from hiertx import exported
+from hiertx import lease
 from hiertx import storage
 from hiertx import vocab as vocab_lib
 from hiertx.errors import ConfigError, DataError
 
 # Bump when the cached layout or the packing changes.
 _FORMAT = 1
+# A cache entry's builder renews its lease every quarter of this; a builder
+# silent for this long has died, and a waiting process builds the entry.
+_BUILD_LEASE_S = 60.0
 PROCESS_SHARDINGS = ("rows", "source")
 
 
@@ -156,6 +160,33 @@ def _write_atomically(directory: str, arrays: dict, meta: dict) -> None:
     os.rmdir(tmp)
 
 
+def _build_once(directory: str, build) -> None:
+  """Makes cache entry `directory` with `build()` (which writes it) unless it
+  is there. Of processes that miss the same entry at once (a job's hosts, a
+  sweep's runs, a SLURM array's tasks starting together) one builds it and
+  the others wait for it instead of each reading the corpus: the builder
+  holds a lease on `<entry>.building` (hiertx.lease), which a waiter takes
+  over if the builder dies, so no waiter waits on a dead process."""
+  meta, said = storage.join(directory, "meta.json"), False
+  while not storage.exists(meta):
+    try:
+      held = lease.acquire(directory + ".building", _BUILD_LEASE_S)
+    except lease.WorkdirHeld:
+      if not said:
+        print(f"data: waiting for {directory}, which another process is building "
+              f"({lease.describe(lease.current(directory + '.building'))})", flush=True)
+        said = True
+      time.sleep(0.5)
+      continue
+    try:
+      if not storage.exists(meta):  # built between the check and the lease
+        build()
+    finally:
+      held.release()
+  if said:
+    print(f"data: {storage.name(directory)} is built", flush=True)
+
+
 def _load(directory: str, names) -> tuple[dict, dict]:
   """A cache entry's arrays (memory-mapped locally, read into memory from
   object storage) and its meta.json."""
@@ -174,10 +205,13 @@ def pieces(data_cfg, split: str, shard: Shard = Shard()) -> tuple[np.ndarray, np
     return exported.pieces(cache_root(data_cfg), data_cfg, split)
   directory = storage.join(cache_root(data_cfg), "pieces-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab))
-  if not storage.exists(storage.join(directory, "meta.json")):
+
+  def build():
     tokens, offsets, docs = _read_pieces(data_cfg, split, shard)
     _write_atomically(directory, {"tokens": tokens, "offsets": offsets},
                       {"pieces": len(offsets) - 1, "tokens": int(offsets[-1]), "documents": docs})
+
+  _build_once(directory, build)
   arrays, _ = _load(directory, ("tokens", "offsets"))
   return arrays["tokens"], arrays["offsets"]
 
@@ -267,9 +301,12 @@ def packed_rows(data_cfg, split: str, align: int, shard: Shard = Shard()):
   directory = storage.join(cache_root(data_cfg), "rows-" + _key(
       *_source_key(data_cfg, split, shard), data_cfg.vocab, align, bool(data_cfg.pack),
       order_seed(data_cfg) if shuffled else None))
-  if not storage.exists(storage.join(directory, "meta.json")):
+
+  def build():
     targets, segments, stats = packed()
     _write_atomically(directory, {"targets": targets, "segments": segments}, stats)
+
+  _build_once(directory, build)
   arrays, stats = _load(directory, ("targets", "segments"))
   return _nonempty(arrays["targets"], arrays["segments"], stats, data_cfg, split)
 

@@ -6,6 +6,7 @@ on this machine, as one SLURM job array, or on a TPU VM.
   python launch/sweep.py ... --target=slurm --partition=gpu --dry_run
   python launch/sweep.py ... --target=tpu --tpu=my-v4-8 --zone=us-central2-b --dry_run
   python launch/sweep.py ... -- --config.data.text_files=corpus/*.txt   # to every run
+  python launch/sweep.py ... --only=seed-1        # the runs whose names match
 
 Each run trains in `<sweep_dir>/<name>`, its name made from its overrides
 and kept once given (`sweep.json` records it: a sweep that grows renames
@@ -23,6 +24,7 @@ them. docs/clusters.md walks through both.
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -59,6 +61,9 @@ def define_flags() -> None:
                     "of this machine's CPUs (Linux). For CPU training: runs on disjoint cores "
                     "outrun the same runs sharing them all.")
   flags.DEFINE_bool("dry_run", False, "Print what would run instead of running it.")
+  flags.DEFINE_string("only", None, "Start only the runs whose names match this regular "
+                      "expression (e.g. 'seed-1' for one seed of every arm); the sweep and "
+                      "its report still hold every run.")
   # slurm
   flags.DEFINE_integer("nodes", 1, "slurm: hosts per run.", lower_bound=1)
   flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per host (0 for CPU-only).", lower_bound=0)
@@ -336,6 +341,21 @@ def tpu_commands(runs: list[dict], f) -> list[str]:
   return out
 
 
+def select(runs: list[dict], pattern: str | None) -> list[dict]:
+  """The runs whose names match the regular expression `pattern` (--only);
+  all of them without one."""
+  if pattern is None:
+    return runs
+  try:
+    chosen = [r for r in runs if re.search(pattern, r["name"])]
+  except re.error as e:
+    raise HiertxError(f"--only={pattern!r}: not a regular expression ({e})") from None
+  if not chosen:
+    raise HiertxError(f"--only={pattern!r} matches none of the sweep's runs: "
+                      + ", ".join(r["name"] for r in runs))
+  return chosen
+
+
 def sweep_dir_of(f) -> str:
   """--sweep_dir, checked for the target; local sweeps have a default."""
   if f.target == "local":
@@ -353,13 +373,15 @@ def main(argv, extra):
                         "where this machine's CPUs are shared between runs")
     sweep_dir = sweep_dir_of(f)
     slots = cpu_slots(max(1, f.parallel), _usable_cpus()) if f.pin_cpus else None
-    runs = plan(f.config, f.sweep, sweep_dir, extra, write=not f.dry_run)
+    planned = plan(f.config, f.sweep, sweep_dir, extra, write=not f.dry_run)
+    runs = select(planned, f.only)
   except HiertxError as e:
     sys.exit(f"error: {e}")
   finished = sum(r["state"] == "finished" for r in runs)
   held = sum("holder" in r for r in runs)
-  print(f"sweep {f.sweep}: {len(runs)} runs in {sweep_dir} ({finished} finished, {held} "
-        "running)", flush=True)
+  chosen = f" ({len(runs)} of {len(planned)} by --only)" if f.only is not None else ""
+  print(f"sweep {f.sweep}: {len(runs)} runs{chosen} in {sweep_dir} ({finished} finished, "
+        f"{held} running)", flush=True)
   if f.target == "local":
     if f.dry_run:
       for r in runs:

@@ -1,9 +1,15 @@
 """The seqio pipelines: splits, determinism, resume position, and data errors."""
 
+import subprocess
+import sys
+import threading
+import time
+
 import ml_collections
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from hiertx import config as config_lib
 from hiertx import corpora, data, tasks
 from hiertx import vocab as vocab_lib
@@ -324,3 +330,54 @@ def test_a_vocabulary_trained_on_the_train_split_runs_with_exact_bits_per_byte(t
     vocab_lib.train_sentencepiece(["x"], path, 100)
   with pytest.raises(ConfigError, match="data.vocab: .* trained on the corpus's text"):
     prepare_data.train_vocab(spm_cfg, str(tmp_path / "again.model"), 300)
+
+
+def test_processes_that_miss_a_cache_entry_at_once_read_the_corpus_once(text_file, tmp_path,
+                                                                        monkeypatch, capsys):
+  """Three readers of one missing entry at once (threads here, processes on a
+  cluster: the lease tells them apart the same way): one reads the corpus and
+  the others wait for its entry; a builder that died is taken over."""
+  reads, real = [], data._read_pieces
+
+  def slow_read(*args):
+    reads.append(threading.get_ident())
+    time.sleep(1.0)  # long enough that the others find the entry missing and wait
+    return real(*args)
+
+  monkeypatch.setattr(data, "_read_pieces", slow_read)
+  cfg = data_cfg(text_files=text_file, cache_dir=str(tmp_path / "cache"))
+  got = [None] * 3
+
+  def read(i):
+    got[i] = data.pieces(cfg, "train")
+
+  threads = [threading.Thread(target=read, args=(i,)) for i in range(3)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(reads) == 1
+  for tokens, offsets in got[1:]:
+    np.testing.assert_array_equal(tokens, got[0][0])
+    np.testing.assert_array_equal(offsets, got[0][1])
+  # A builder killed mid-build (its process gone, its lease not released):
+  # the next reader takes the lease over at once and builds the entry.
+  cache = tmp_path / "other_cache"
+  script = (f"import time, ml_collections\nfrom hiertx import data\n"
+            f"data._read_pieces = lambda *a: time.sleep(600)\n"
+            f"data.pieces(ml_collections.ConfigDict({dict(cfg, cache_dir=str(cache))!r}), "
+            f"'train')\n")
+  builder = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+  try:
+    deadline = time.time() + 120
+    while not list(cache.glob("*.building/lease/*.json")):
+      assert time.time() < deadline and builder.poll() is None
+      time.sleep(0.1)
+  finally:
+    builder.kill()
+    builder.wait()
+  reads.clear()
+  tokens, _ = data.pieces(data_cfg(text_files=text_file, cache_dir=str(cache)), "train")
+  assert len(reads) == 1
+  np.testing.assert_array_equal(tokens, got[0][0])
+  assert "took over" in capsys.readouterr().out

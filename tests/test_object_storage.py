@@ -35,8 +35,9 @@ def get_config(arg=None):
   return config_lib.load(os.path.join({root!r}, "configs", "vanilla.py") + ":size=tiny")
 
 def sweep_two():
-  # The first run is long enough to be stopped in the middle; both log every step.
-  return grid.zipped({{"train.steps": [60, 4], "model.num_heads": [2, 4]}})
+  # The first run is long enough to be stopped in the middle; both log every
+  # step. One model: the second run's step comes from the compilation cache.
+  return grid.zipped({{"train.steps": [60, 4]}})
 '''
 
 
@@ -123,7 +124,7 @@ def test_a_sweep_on_the_bucket_from_export_to_report(gcs, tmp_path):
 
   again = _run(gcs, *args[:4], "--parallel=2", *args[4:])  # both at once
   assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-  assert "resume steps-60.num_heads-2" in again.stdout
+  assert "resume steps-60" in again.stdout
   assert f"resumed at step {status['step']}" in storage.read_text(f"{long_run}/train.log")
   logged = [r["step"] for r in metrics.read_jsonl(f"{long_run}/metrics.jsonl")
             if "train/loss" in r]

@@ -247,6 +247,19 @@ def test_rerun_resumes_an_interrupted_run(tmp_path):
   assert "**INTERRUPTED** (step 0)" in md and "**NOT STARTED** (step 0)" in md
   with pytest.raises(HiertxError, match="has no sweep.json: run launch/sweep.py"):
     sweep_report.write(str(tmp_path / "elsewhere"))
+  # --only starts a subset (here the unfinished runs of 2 and 3 heads).
+  out = _sweep(f"--config={config}", "--sweep=three", f"--sweep_dir={sweep_dir}", "--dry_run",
+               "--only=num_heads-[23]")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "sweep three: 2 runs (2 of 3 by --only)" in out.stdout
+  commands = [line for line in out.stdout.splitlines() if "hiertx.train" in line]
+  assert len(commands) == 2 and not any("num_heads=4" in c for c in commands), commands
+  runs = launcher.plan(str(config), "three", str(sweep_dir), [], write=False)
+  with pytest.raises(HiertxError, match=r"--only='seed-9' matches none of the sweep's runs: "
+                     "num_heads-2, num_heads-4, num_heads-3"):
+    launcher.select(runs, "seed-9")
+  with pytest.raises(HiertxError, match=r"--only='\[': not a regular expression"):
+    launcher.select(runs, "[")
 
 
 def test_slurm_array_and_tpu_renderings(tmp_path):
