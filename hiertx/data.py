@@ -173,8 +173,9 @@ def _build_once(directory: str, build) -> None:
       held = lease.acquire(directory + ".building", _BUILD_LEASE_S)
     except lease.WorkdirHeld:
       if not said:
+        holder = lease.current(directory + ".building") or {"unreadable": True}
         print(f"data: waiting for {directory}, which another process is building "
-              f"({lease.describe(lease.current(directory + '.building'))})", flush=True)
+              f"({lease.describe(holder)})", flush=True)
         said = True
       time.sleep(0.5)
       continue
