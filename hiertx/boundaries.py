@@ -420,12 +420,12 @@ def record(module: nn.Module, close_BxT, drop_BxT, forced_BxT, seg_BxT, suffix: 
 
 
 def source_params(kind: str, d: int, padded_vocab: int, mlp: int = 0,
-                  predictor: str = "layernorm") -> int:
+                  predictor: str = "layernorm", null_group: bool = False) -> int:
   """Parameters of a boundary source and its shortening's own layers (for
   the analytic cost model)."""
   if kind == "learned":
     width = mlp if predictor == "dtp" else d
-    return (0 if predictor == "dtp" else 2 * d) + d * width + width + width + 1
+    return (0 if predictor == "dtp" else 2 * d) + d * width + width + width + 1 + d * null_group
   return {"entropy": 2 * d + d * padded_vocab,  # LayerNorm, vocabulary head
           # RMSNorm, query and key projections, the residual projection
           "dynamic": d + 2 * d * d + d * d + d}.get(kind, 0)
@@ -453,6 +453,10 @@ class Shortening(nn.Module):
   coarse outputs z~, c_t = max(p_t, 1 - p_t) and a zero-initialised float32
   projection (H-Net's DeChunkLayer and residual).
 
+  `null_group` (learned, DTP's): a learned vector that the coarse level reads
+  alone (`null_output`); a position before its document's first group
+  receives that output where it would otherwise receive nothing.
+
   Decoding state: [last close position, groups so far, previous token], each
   [B], and the previous position's routing key [B, D] (dynamic; unused
   otherwise); a decoded stream is one document from position 0.
@@ -476,6 +480,7 @@ class Shortening(nn.Module):
   # second stage) reads stage 0's chunks, and keeps its decoding state under
   # "groups_1", its coarse outputs at level 2, its counts as "closes_1", ...
   stage: int = 0
+  null_group: bool = False
 
   def setup(self):
     self.source = Source(self.kind, self.k, self.vocab_size, self.padded_vocab, self.cfg,
@@ -489,6 +494,21 @@ class Shortening(nn.Module):
           self.cfg.d_model, dtype=jnp.float32,
           kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "mlp")),
           bias_init=embed(nn.initializers.zeros))
+    if self.null_group:  # DTP initialises its null group from N(0, 1)
+      self.null = self.param("null_group", nn.with_logical_partitioning(
+          nn.initializers.normal(1.0), ("embed",)), (self.cfg.d_model,), jnp.float32)
+
+  def null_output(self, coarse, dtype):
+    """DTP's null group through the coarse level, [D] (None without one):
+    `coarse(x_1x1xD, scale)` runs the coarse level on the null vector alone
+    (as DTP's shortened sequence begins with it, and causal attention lets it
+    read only itself). Call it before the coarse level's own pass, whose
+    remembered states a decoder's prompt pass keeps."""
+    if not self.null_group:
+      return None
+    one = jnp.ones((1, 1), jnp.int32)
+    scale = scales.Scale(one, ((1, 1, 0),), one - 1, one - 1)
+    return coarse(self.null.astype(dtype)[None, None], scale)[0, 0]
 
   def slots(self, length: int) -> int:
     """Coarse slots per row over `length` fine positions."""
@@ -550,13 +570,14 @@ class Shortening(nn.Module):
     return self.residual_proj(h)
 
   def upsample(self, upsample, fine_BxTxD, z_BxGxD, latest_BxT, fine: scales.Scale,
-               coarse: scales.Scale, route: "Route | None", deterministic: bool):
-    """`upsample.groups` of the coarse outputs `z`; with dynamic routing's
-    `route`, of the smoothed outputs (`smooth`) weighted by the confidence,
-    onto the projected residual (the states `__call__` read; `fine_BxTxD` is
-    not read again)."""
+               coarse: scales.Scale, route: "Route | None", deterministic: bool, null_D=None):
+    """`upsample.groups` of the coarse outputs `z` (and the null group's,
+    `null_output`); with dynamic routing's `route`, of the smoothed outputs
+    (`smooth`) weighted by the confidence, onto the projected residual (the
+    states `__call__` read; `fine_BxTxD` is not read again)."""
     if route is None:
-      return upsample.groups(fine_BxTxD, z_BxGxD, latest_BxT, fine, coarse, deterministic)
+      return upsample.groups(fine_BxTxD, z_BxGxD, latest_BxT, fine, coarse, deterministic,
+                             null_D=null_D)
     z_BxGxD = smooth(z_BxGxD, route.smooth_BxG, route.restart_BxG)
     layers.remember(self, "smoothed", z_BxGxD)  # a decoder's smoothed coarse cache
     return upsample.groups(route.residual_BxTxD, z_BxGxD, latest_BxT, fine, coarse,
@@ -581,7 +602,7 @@ class Shortening(nn.Module):
     return slot_B, new, new[1] - 1, p_B
 
   def decode_step(self, st: dict, token_B, x_BxD, t, cache_BxCxD, pool, coarse, upsample,
-                  index_B=None):
+                  index_B=None, null_D=None):
     """Fine position t of a model whose shortening `stage` groups by content:
     the close rules on the state `x` [B, D]; where a row closes a group,
     `coarse(st, z_BxD, slot_B) -> (st, y_BxD)` runs the coarse scale on the
@@ -591,7 +612,8 @@ class Shortening(nn.Module):
     closed group (`st["z"][stage + 1]`) back. `st` holds this stage's state
     ("groups" or "groups_1"), "z" and "up" (hourglass, top_down); returns
     (st, x_BxD). A second stage runs at its fine index `index_B` [B] (the
-    first stage's new slot; -1: this row gains none and is left as it was)."""
+    first stage's new slot; -1: this row gains none and is left as it was).
+    `null_D`: the null group's output (`null_output`), if the model has one."""
     key, level = "groups" + self.suffix, self.stage + 1
     b = x_BxD.shape[0]
     t_B = jnp.full((b,), t, jnp.int32) if index_B is None else jnp.maximum(index_B, 0)
@@ -625,7 +647,7 @@ class Shortening(nn.Module):
     fine_BxD = (self.residual(h_BxD).astype(x_BxD.dtype) if self.kind == "dynamic"
                 else x_BxD)
     x_BxD = upsample.step_groups(fine_BxD, st["z"][level], latest_B, t,
-                                 st["up"][self.stage] if st["up"] else None)
+                                 st["up"][self.stage] if st["up"] else None, null_D)
     return dict(st, **{key: groups}), x_BxD
 
   def closing_group(self, state, cache_BxCxD, t_B, pool):

@@ -149,14 +149,23 @@ def upsample_repeat(z_BxGxD: jax.Array, coarse: Scale, fine: Scale, k: int) -> j
   return up_BxLxD * same_doc[..., None].astype(z_BxGxD.dtype)
 
 
-def upsample_latest(z_BxGxD, latest_BxT, coarse: Scale, fine: Scale) -> jax.Array:
+def upsample_latest(z_BxGxD, latest_BxT, coarse: Scale, fine: Scale, null_D=None) -> jax.Array:
   """Content groups: fine position t receives coarse index latest[t] (the last
-  group closed at or before t; -1: none yet), if from its own document."""
+  group closed at or before t; -1: none yet), if from its own document; a
+  position before its document's first group receives `null_D` (DTP's null
+  group's coarse output), or zero without one."""
   idx_BxT = jnp.maximum(latest_BxT, 0)
   z_BxTxD = jnp.take_along_axis(z_BxGxD, idx_BxT[..., None], axis=1)
   same_doc = ((jnp.take_along_axis(coarse.seg_BxL, idx_BxT, axis=1) == fine.seg_BxL)
               & (latest_BxT >= 0))
-  return z_BxTxD * same_doc[..., None].astype(z_BxGxD.dtype)
+  return _or_null(z_BxTxD, same_doc, null_D)
+
+
+def _or_null(z_NxD, has_N, null_D):
+  """z where `has`, else the null group's output (zero without one)."""
+  if null_D is None:
+    return z_NxD * has_N[..., None].astype(z_NxD.dtype)
+  return jnp.where(has_N[..., None], z_NxD, null_D.astype(z_NxD.dtype))
 
 
 POOLINGS = ("mean", "linear", "attention")
@@ -258,11 +267,12 @@ class Upsample(nn.Module):
     return self.block.cross_step(fine_BxD + z_BxD, end, coarse_kv, coarse_end_G)
 
   def groups(self, fine_BxTxD, z_BxGxD, latest_BxT, fine: Scale, coarse: Scale,
-             deterministic: bool = True, weight_BxT=None):
+             deterministic: bool = True, weight_BxT=None, null_D=None):
     """Content groups (hiertx.boundaries): fine position t receives group
-    latest[t], the last one closed at or before t, times `weight` if given;
-    attention reads every group closed by t (per-row ends, so the dense path)."""
-    up_BxTxD = upsample_latest(z_BxGxD, latest_BxT, coarse, fine)
+    latest[t], the last one closed at or before t (before its document's
+    first, `null_D` if given), times `weight` if given; attention reads every
+    group closed by t (per-row ends, so the dense path)."""
+    up_BxTxD = upsample_latest(z_BxGxD, latest_BxT, coarse, fine, null_D)
     if weight_BxT is not None:
       up_BxTxD = up_BxTxD * weight_BxT[..., None].astype(up_BxTxD.dtype)
     x_BxTxD = fine_BxTxD + up_BxTxD
@@ -270,11 +280,13 @@ class Upsample(nn.Module):
       return x_BxTxD
     return self.block.attend_to(x_BxTxD, fine, z_BxGxD, coarse, deterministic)
 
-  def step_groups(self, fine_BxD, z_BxGxD, latest_B, end, coarse_kv: "layers.KV | None" = None):
+  def step_groups(self, fine_BxD, z_BxGxD, latest_B, end, coarse_kv: "layers.KV | None" = None,
+                  null_D=None):
     """Decoding with content groups: fine position `end` reads group latest[b]
-    of each row (attention: every cached group up to it)."""
+    of each row (before the first, `null_D` if given; attention: every cached
+    group up to it)."""
     z_BxD = jnp.take_along_axis(z_BxGxD, jnp.maximum(latest_B, 0)[:, None, None], axis=1)[:, 0]
-    z_BxD = z_BxD * (latest_B >= 0)[:, None].astype(z_BxD.dtype)  # no group closed yet
+    z_BxD = _or_null(z_BxD, latest_B >= 0, null_D)  # a stream is one document
     if self.kind == "repeat":
       return fine_BxD + z_BxD
     slots = jnp.arange(z_BxGxD.shape[1])

@@ -12,6 +12,7 @@ import optax
 import seqio
 
 from hiertx import boundaries, layers, models, scales, steps
+import tiny_models
 from tiny_models import V, model_cfg
 
 
@@ -339,3 +340,38 @@ def test_dynamic_is_hnets_chunking():
   for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(g),
                                jax.tree_util.tree_leaves(rg)):
     _agree(got, want, jax.tree_util.keystr(path))
+
+
+def test_positions_before_their_documents_first_group_read_dtps_null_group():
+  """learned (DTP): a position before its document's first group receives the
+  null group's coarse output, every other position its last closed group of
+  its own document; in hourglass and top_down (each runs its own coarse level
+  on the null) the first position of every document reads it. Without the
+  null group there is no such parameter and such a position receives zero."""
+  # Two documents, [0, 4) and [4, 8); groups close at 1 and 6.
+  z_1xGxD = jnp.arange(1, 4, dtype=jnp.float32)[None, :, None] * jnp.ones((1, 3, 2))
+  latest = jnp.asarray([[-1, 0, 0, 0, 0, 0, 1, 1]])
+  fine = scales.Scale(jnp.asarray([[1] * 4 + [2] * 4]), ((8, 1, 0),))
+  coarse = scales.Scale(jnp.asarray([[1, 2, 0]]), ((3, 1, 0),))
+  null = jnp.asarray([-5.0, 7.0])
+  got = np.asarray(scales.upsample_latest(z_1xGxD, latest, coarse, fine, null))[0]
+  want = [null, [1, 1], [1, 1], [1, 1], null, null, [2, 2], [2, 2]]
+  np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+  got = np.asarray(scales.upsample_latest(z_1xGxD, latest, coarse, fine))[0]
+  np.testing.assert_array_equal(got[[0, 4, 5]], 0.0)
+
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (2, 24), 1, V)
+  seg = jnp.ones((2, 24), jnp.int32).at[:, 9:].set(2)  # two documents per row
+  pos = jnp.concatenate([jnp.arange(9), jnp.arange(15)])[None].repeat(2, 0)
+  for key in ("hourglass_learned", "top_down_learned"):
+    model = models.build(model_cfg(key, attention="dense"), V, 64)
+    params = nn.unbox(tiny_models.params(key))
+    run = jax.jit(lambda p: model.apply({"params": p}, tokens, seg, pos))
+    moved = dict(params, content_groups=dict(params["content_groups"]))
+    # (not a constant shift: every LayerNorm downstream would remove it)
+    moved["content_groups"]["null_group"] = jax.random.normal(jax.random.PRNGKey(5), (16,))
+    changed = np.abs(np.asarray(run(moved) - run(params))).max(-1) > 1e-4
+    assert changed[:, [0, 9]].all(), (key, changed)
+    bare = models.build(model_cfg(key, boundary_null_group=False), V, 64)
+    shapes = jax.eval_shape(bare.init, jax.random.PRNGKey(0), tokens)["params"]
+    assert "null_group" not in shapes["content_groups"]

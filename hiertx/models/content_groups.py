@@ -26,6 +26,10 @@ class ContentGroupedLM(base.LanguageModel):
   # boundaries=learned: the predictor, "layernorm" (LN, d -> d, GELU, -> 1) or
   # "dtp" (Dynamic Token Pooling's d -> mlp_dim, ReLU, -> 1).
   boundary_predictor: str = "layernorm"
+  # boundaries=learned: DTP's null group, a learned vector that the coarse
+  # level reads alone; positions before their document's first group receive
+  # its output (False: they receive nothing, as with the other sources).
+  boundary_null_group: bool = True
   # boundaries=dynamic: what a chunk holds, "boundary" (H-Net: the state at
   # its boundary) or "pool" (its window pooled by model.pooling).
   dynamic_chunk: str = "boundary"
@@ -53,7 +57,12 @@ class ContentGroupedLM(base.LanguageModel):
         self.boundaries, k or self.content_k(), self.vocab_size, self.padded_vocab,
         self.block_cfg, max_group, capacity, self.entropy_threshold, self.boundary_temperature,
         self.boundary_prior_weight, self.entropy_trains_trunk, self.ratio_loss_weight,
-        self.boundary_predictor, self.dynamic_chunk, stage)
+        self.boundary_predictor, self.dynamic_chunk, stage, self.null_group)
+
+  @property
+  def null_group(self) -> bool:
+    """Whether the content groups have DTP's null group (learned only)."""
+    return self.boundaries == "learned" and self.boundary_null_group
 
   def close_rules(self) -> tuple[int, float]:
     """(max_group, group_capacity) of the content groups; (0, 0.0), no rule,
@@ -68,7 +77,8 @@ class ContentGroupedLM(base.LanguageModel):
 
   def source_params(self) -> int:
     return self.content_stages * boundaries_lib.source_params(
-        self.boundaries, self.d_model, self.padded_vocab, self.mlp_dim, self.boundary_predictor)
+        self.boundaries, self.d_model, self.padded_vocab, self.mlp_dim, self.boundary_predictor,
+        self.null_group)
 
   def content_scale_change(self, t: int) -> list[workload_lib.Blocks]:
     """The attention blocks of a content-grouped first shortening over t
@@ -89,9 +99,9 @@ class ContentGroupedLM(base.LanguageModel):
   def check_config(cls, cfg, seq_len):
     super().check_config(cfg, seq_len)
     base.choice(cfg, "boundaries", boundaries_lib.SOURCES)
-    if not isinstance(cfg["entropy_trains_trunk"], bool):
-      raise ConfigError("model.entropy_trains_trunk", "must be True or False, got "
-                        f"{cfg['entropy_trains_trunk']!r}")
+    for name in ("entropy_trains_trunk", "boundary_null_group"):
+      if not isinstance(cfg[name], bool):
+        raise ConfigError(f"model.{name}", f"must be True or False, got {cfg[name]!r}")
 
 
 # The fields this class adds, by name: a model without them refuses them in

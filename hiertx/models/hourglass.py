@@ -127,6 +127,7 @@ class HourglassLM(content_groups.ContentGroupedLM):
           tokens_BxT = jnp.zeros(x_BxLxD.shape[:2], jnp.int32)
         z, coarse, latest_BxT, route = self._grouping(i)(x_BxLxD, grid, tokens_BxT,
                                                          self.shorten[str(i)], deterministic)
+        null_D = self._null_output(i, x_BxLxD.dtype, deterministic)
       else:
         z = self.shorten[str(i)](x_BxLxD, grid, deterministic)
         coarse = scales.coarser(grid, factors[i + 1] // factors[i])
@@ -134,12 +135,17 @@ class HourglassLM(content_groups.ContentGroupedLM):
       z = self.perturb(f"coarse_{i + 1}", z)  # tests: gradients w.r.t. coarse states
       if content:
         x_BxLxD = self._grouping(i).upsample(self.upsample[str(i)], x_BxLxD, z, latest_BxT,
-                                             grid, coarse, route, deterministic)
+                                             grid, coarse, route, deterministic, null_D)
       else:
         x_BxLxD = self.upsample[str(i)](x_BxLxD, z, grid, coarse, deterministic)
       x_BxLxD = self.post[str(i)](x_BxLxD, grid, deterministic)
     layers.remember(self, f"z_{i}", x_BxLxD)
     return x_BxLxD
+
+  def _null_output(self, i: int, dtype, deterministic: bool):
+    """The content shortening i's null group through level i + 1 (None without one)."""
+    return self._grouping(i).null_output(
+        lambda x, scale: self._level(x, scale, i + 1, deterministic), dtype)
 
   # Decoding -------------------------------------------------------------------
 
@@ -225,7 +231,8 @@ class HourglassLM(content_groups.ContentGroupedLM):
       return run
 
     st, x = self.content_groups.decode_step(st, token_B, x, t, st["x"][0], self.shorten["0"],
-                                            level(1), self.upsample["0"])
+                                            level(1), self.upsample["0"],
+                                            null_D=self._null_output(0, x.dtype, True))
     x, kv = self.post["0"].step(x, st["post"][0], t, t)
     return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv))
 

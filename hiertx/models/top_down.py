@@ -64,12 +64,14 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
       for s, k in enumerate(self.pool_factors, start=1):
         embeds.append(self.pool[str(s)](embeds[-1], grid[-1], deterministic))
         grid.append(scales.coarser(grid[-1], k))
-    z = None
+    z = null_D = None
+    if self.content:  # before scale 1's own pass, whose keys a decoder's prompt keeps
+      null_D = self._null_output(x_BxTxD.dtype, deterministic)
     for s in range(self.top, -1, -1):
       x = embeds[s]
       if s < self.top and self.content:
         x = self.content_groups.upsample(self.upsample["0"], x, z, latest_BxT, fine, grid[1],
-                                         route, deterministic)
+                                         route, deterministic, null_D)
       elif s < self.top:
         x = self.upsample[str(s)](x, z, grid[s], grid[s + 1], deterministic)
       z = self.scale[str(s)](x, grid[s], deterministic)
@@ -78,6 +80,11 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
       layers.remember(self, f"e_{s}", embeds[s])
       layers.remember(self, f"z_{s}", z)
     return z
+
+  def _null_output(self, dtype, deterministic: bool):
+    """The content groups' null group through scale 1 (None without one)."""
+    return self.content_groups.null_output(
+        lambda x, scale: self.scale["1"](x, scale, deterministic), dtype)
 
   # Decoding -------------------------------------------------------------------
 
@@ -148,7 +155,8 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
       return dict(st, e=put("e", z_BxD), z=put("z", x), kv=base.set_at(st["kv"], 1, kv)), x
 
     st, x = self.content_groups.decode_step(st, token_B, e_BxD, t, st["e"][0], self.pool["1"],
-                                            coarse, self.upsample["0"])
+                                            coarse, self.upsample["0"],
+                                            null_D=self._null_output(e_BxD.dtype, True))
     x, kv = self.scale["0"].step(x, st["kv"][0], t, t)
     return dict(st, z=base.set_at(st["z"], 0, st["z"][0].at[:, t].set(x)),
                 kv=base.set_at(st["kv"], 0, kv))
