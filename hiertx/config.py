@@ -254,6 +254,10 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json(indent=2, sort_keys=True)
 
 
+# A field added after runs were saved, and the value those runs ran with.
+_ADDED_SINCE = {"boundary_null_group": False}
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
   """A saved config, with fields added since it was saved at their defaults
   (the model's from its class)."""
@@ -270,7 +274,11 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     # without them had them at `fixed`, which is what it does.
     saved_model = {k: v for k, v in config["model"].items()
                    if k in defaults or k == "name" or k not in content_groups.FIELDS}
-    config["model"] = {**defaults, **saved_model}
+    # Fields added later whose default changes what the model computes: a
+    # config saved before one ran without it, so it loads as it ran.
+    ran_without = {k: v for k, v in _ADDED_SINCE.items()
+                   if k in defaults and k not in saved.get("model", {})}
+    config["model"] = {**defaults, **ran_without, **saved_model}
   return ml_collections.ConfigDict(config)
 
 

@@ -116,6 +116,14 @@ def test_content_group_fields_are_only_on_the_models_that_group_by_content():
   old = config_lib.from_json(ml_collections.ConfigDict(saved).to_json())
   assert "boundaries" not in old.model
   config_lib.validate(old)
+  # A learned-boundaries run saved before DTP's null group loads without it.
+  saved = config_lib.load(config_path("hourglass") + ":size=tiny").to_dict()
+  saved["model"].update(boundaries="learned")
+  del saved["model"]["boundary_null_group"]
+  old = config_lib.from_json(ml_collections.ConfigDict(saved).to_json())
+  assert old.model.boundary_null_group is False
+  saved["model"]["boundary_null_group"] = True
+  assert config_lib.from_json(ml_collections.ConfigDict(saved).to_json()).model.boundary_null_group
 
 
 @pytest.mark.parametrize("dotted,value", [("data.seed", -2), ("train.seed", -1),
