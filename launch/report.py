@@ -39,6 +39,13 @@ def _overrides_text(overrides: dict) -> str:
                   for k, v in overrides.items())
 
 
+def plot_label(r: dict, sep: str = " ") -> str:
+  """A run's label in the plots: the settings that vary across the sweep
+  (the last part of each name), or its name when none does."""
+  return sep.join(f"{k.rsplit('.', 1)[-1]}={grid.format_value(v)}"
+                  for k, v in r["overrides"].items()) or r["name"]
+
+
 def _status_text(r: dict) -> str:
   if r["state"] == "finished":
     return "finished"
@@ -179,7 +186,7 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
   fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
   for r in rows:
     style = "-" if r["state"] == "finished" else ":"
-    label = r["name"] + ("" if r["state"] == "finished" else f" [{r['state']}]")
+    label = plot_label(r) + ("" if r["state"] == "finished" else f" [{r['state']}]")
     if r["train_curve"]:
       ax_train.plot(*zip(*r["train_curve"]), style, label=label, lw=1)
     if r["eval_curve"]:
@@ -207,9 +214,11 @@ def plot(rows: list[dict], out_dir: str) -> list[str]:
       ax.scatter(x, r["final_bpb"],
                  marker="*" if f else ("o" if r["state"] == "finished" else "x"),
                  s=120 if f else 40)
-      ax.annotate(r["name"], (x, r["final_bpb"]), fontsize=7, xytext=(4, 3),
-                  textcoords="offset points")
+      note = ax.annotate(plot_label(r, "\n"), (x, r["final_bpb"]), fontsize=6,
+                         xytext=(4, 3), textcoords="offset points", va="top")
+      note.set_in_layout(False)  # long labels must not squeeze the axes
     ax.set(xlabel=label, ylabel="final validation bits per byte")
+    ax.margins(x=0.3, y=0.1)  # room for the labels right of and below the points
     ax.grid(alpha=0.3)
   axes[0].set_title("bits/byte vs memory (* Pareto front, x unfinished)")
   axes[1].set_title("bits/byte vs training FLOPs")

@@ -124,6 +124,7 @@ def test_local_sweep_with_a_failure_then_report_and_rerun(tmp_path):
   per_token = info["facts"]["flops/step_model"] / info["tokens_per_step"]
   assert per_token <= rows[0]["flops_per_byte"] < 1.1 * per_token  # EOS: a token, no byte
   assert "| train MFLOPs/byte | FLOPs / vanilla |" in md
+  assert sweep_report.plot_label(rows[0]) == "num_heads=2"  # what varies, not the name
   for png in ("loss_curves.png", "bpb_vs_memory.png"):
     assert os.path.getsize(sweep_dir / png) > 10_000
 
