@@ -46,8 +46,8 @@ order as well as initialisation:
   claim_subword
                the claim's vanilla/hourglass pair once on subword tokens: an
                8,192-piece SentencePiece vocabulary trained on the stdlib
-               train split (about 2.7 bytes a token at 4,096 pieces), at the
-               claim's recipe in tokens (so each step reads about 2.7x the
+               train split (3.3 bytes a piece on the validation split), at
+               the claim's recipe in pieces (so each step reads about 3.3x the
                bytes), seed 0; bits per byte stay comparable with the byte
                runs. Make the vocabulary first, where $HIERTX_VOCAB (default
                ~/.cache/hiertx/stdlib_8k.model) points:
