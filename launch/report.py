@@ -34,16 +34,16 @@ def define_flags() -> None:
   flags.DEFINE_string("sweep_dir", None, "Directory launch/sweep.py ran in.", required=True)
 
 
-def _overrides_text(overrides: dict) -> str:
-  return " ".join(f"{k.removeprefix('arg.')}={grid.format_value(v)}"
-                  for k, v in overrides.items())
+def _overrides_text(overrides: dict, sep: str = " ", short: bool = False) -> str:
+  """`name=value` per override; `short`: each name's last part only."""
+  name = (lambda k: k.rsplit(".", 1)[-1]) if short else (lambda k: k.removeprefix("arg."))
+  return sep.join(f"{name(k)}={grid.format_value(v)}" for k, v in overrides.items())
 
 
 def plot_label(r: dict, sep: str = " ") -> str:
   """A run's label in the plots: the settings that vary across the sweep
   (the last part of each name), or its name when none does."""
-  return sep.join(f"{k.rsplit('.', 1)[-1]}={grid.format_value(v)}"
-                  for k, v in r["overrides"].items()) or r["name"]
+  return _overrides_text(r["overrides"], sep, short=True) or r["name"]
 
 
 def _status_text(r: dict) -> str:
