@@ -18,11 +18,13 @@ only (the causality rule: a group's vector ends at its last byte):
               group the decision at t would close
   learned     a predictor on the same states, trained through a
               Gumbel-sigmoid relaxation with a binomial prior on the boundary
-              rate (Dynamic Token Pooling, Nawrot et al. 2023); at evaluation
-              and decoding the boundary is `logit > 0`. With
-              `model.boundary_temperature=0` training uses no noise either
-              (the same decisions as evaluation, straight through the
-              sigmoid). The language model's gradient reaches every boundary
+              rate (Dynamic Token Pooling, Nawrot et al. 2023); evaluation
+              and decoding sample the noise too, as DTP does, from a fixed
+              draw per document position (`position_noise`;
+              `model.boundary_eval="threshold"` closes where `logit > 0`
+              instead). With `model.boundary_temperature=0` there is no
+              noise (training closes where `logit > 0`, straight through the
+              sigmoid, as evaluation does). The language model's gradient reaches every boundary
               variable, closing or not, through the group memberships
               (`dtp_gradient`, DTP's straight-through cumulative sum)
   dynamic     H-Net's routing (Hwang et al. 2025): the probability
@@ -252,6 +254,21 @@ def binomial_nll(closes_B, n_B, rate: float):
 
 PREDICTORS = ("layernorm", "dtp")
 CHUNKS = ("boundary", "pool")
+# learned with noise, at evaluation and in decoding: "sample" draws the noise
+# as training does (DTP samples there too), "threshold" closes where logit > 0.
+EVALS = ("sample", "threshold")
+
+
+def position_noise(pos):
+  """Logistic noise log u - log(1 - u), u ~ U(0, 1), that depends only on a
+  position within its document (`pos`, any shape): what `learned` adds to
+  its logits at evaluation and in decoding with `boundary_eval="sample"`.
+  A document's groups then do not depend on its row, its packing, or whether
+  it is decoded or run whole, and evaluation is repeatable."""
+  key = jax.random.PRNGKey(0)
+  draw = lambda p: jax.random.uniform(jax.random.fold_in(key, p), (), jnp.float32, 1e-6, 1 - 1e-6)
+  u = jax.vmap(draw)(pos.reshape(-1).astype(jnp.uint32)).reshape(pos.shape)
+  return jnp.log(u) - jnp.log1p(-u)
 
 
 class Source(nn.Module):
@@ -262,7 +279,9 @@ class Source(nn.Module):
   states (`Shortening.normed`).
 
   learned's predictor: "layernorm" (LayerNorm, d -> d, GELU, -> 1) or "dtp"
-  (Dynamic Token Pooling's: d -> mlp_dim, ReLU, -> 1 on the raw states)."""
+  (Dynamic Token Pooling's: d -> mlp_dim, ReLU, -> 1 on the raw states).
+  With noise (temperature > 0) its evaluation and decoding `sample` as DTP
+  does (`position_noise`) or close where the logit is above 0 (`threshold`)."""
 
   kind: str
   k: int
@@ -275,6 +294,7 @@ class Source(nn.Module):
   entropy_trains_trunk: bool = False
   ratio_weight: float = 0.03
   predictor: str = "layernorm"
+  evaluate: str = "sample"
 
   def setup(self):
     c = self.cfg
@@ -352,7 +372,7 @@ class Source(nn.Module):
       return jax.lax.stop_gradient(h_bits) > self.entropy_threshold, None
     logit = self._logit(x_BxTxD)
     if deterministic:
-      return logit > 0, None
+      return self._closes(logit, fine.rotary_pos), None
     logit = self.perturb("boundary_logit", logit)  # tests read the LM loss's gradient here
     if self.temperature > 0:
       # Gumbel-sigmoid (a relaxed Bernoulli) with a straight-through hard sample.
@@ -380,7 +400,14 @@ class Source(nn.Module):
       return is_space(token_B) & ~(is_space(prev_token_B) & (t > 0)), None, None
     if self.kind == "entropy":
       return self._entropy_bits(x_BxD)[0] > self.entropy_threshold, None, None
-    return self._logit(x_BxD) > 0, None, None
+    return self._closes(self._logit(x_BxD), t), None, None
+
+  def _closes(self, logit, pos):
+    """learned's closes at evaluation and in decoding, at document positions `pos`."""
+    if self.temperature > 0 and self.evaluate == "sample":
+      # The hard sample sigmoid((logit + noise) / temperature) > 1/2.
+      return logit + position_noise(pos) > 0
+    return logit > 0
 
 
 def dtp_gradient(soft_BxT, members_BxGxMxD, grp: Groups, seg_BxL, max_group: int):
@@ -481,11 +508,13 @@ class Shortening(nn.Module):
   # "groups_1", its coarse outputs at level 2, its counts as "closes_1", ...
   stage: int = 0
   null_group: bool = False
+  evaluate: str = "sample"  # learned with noise: Source.evaluate
 
   def setup(self):
     self.source = Source(self.kind, self.k, self.vocab_size, self.padded_vocab, self.cfg,
                          self.entropy_threshold, self.temperature, self.prior_weight,
-                         self.entropy_trains_trunk, self.ratio_weight, self.predictor)
+                         self.entropy_trains_trunk, self.ratio_weight, self.predictor,
+                         self.evaluate)
     if self.kind == "dynamic":
       embed = lambda init: nn.with_logical_partitioning(init, ("embed",))
       self.norm = nn.RMSNorm(epsilon=1e-5, dtype=jnp.float32,

@@ -255,7 +255,7 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 # A field added after runs were saved, and the value those runs ran with.
-_ADDED_SINCE = {"boundary_null_group": False}
+_ADDED_SINCE = {"boundary_null_group": False, "boundary_eval": "threshold"}
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

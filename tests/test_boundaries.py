@@ -375,3 +375,37 @@ def test_positions_before_their_documents_first_group_read_dtps_null_group():
     bare = models.build(model_cfg(key, boundary_null_group=False), V, 64)
     shapes = jax.eval_shape(bare.init, jax.random.PRNGKey(0), tokens)["params"]
     assert "null_group" not in shapes["content_groups"]
+
+
+def test_learned_with_noise_evaluates_by_sampling_as_dtp():
+  """learned with Gumbel noise (temperature > 0): evaluation and decoding
+  draw the noise as training does (DTP samples at evaluation too), so a
+  logit c closes with probability sigmoid(c) there as in training, not at
+  a threshold the noise-trained logits sit below. The draw is fixed per
+  document position: a document's groups do not depend on where its row
+  packs it. `boundary_eval="threshold"` closes where the logit is above 0.
+  (Cached decoding against the forward pass: test_decode's equality tests
+  run hourglass_learned and top_down_learned, which have noise.)"""
+  pos = jnp.arange(20000)
+  noise = np.asarray(boundaries.position_noise(pos))
+  np.testing.assert_array_equal(noise, np.asarray(boundaries.position_noise(pos)))
+  for c in (-2.0, 0.0, 1.5):
+    share = (c + noise > 0).mean()
+    assert abs(share - 1 / (1 + np.exp(-c))) < 0.012, (c, share)
+
+  tokens = jax.random.randint(jax.random.PRNGKey(6), (1, 40), 1, V)
+  alone = (tokens, jnp.ones((1, 40), jnp.int32), jnp.arange(40)[None])
+  # The same 30 bytes as a second document, after 10 bytes of another.
+  packed = (jnp.concatenate([tokens[:, 30:], tokens[:, :30]], 1),
+            jnp.ones((1, 40), jnp.int32).at[:, 10:].set(2),
+            jnp.concatenate([jnp.arange(10), jnp.arange(30)])[None])
+  params = nn.unbox(tiny_models.params("hourglass_learned"))
+  closes = {}
+  for how in boundaries.EVALS:
+    model = models.build(model_cfg("hourglass_learned", attention="dense", boundary_eval=how),
+                         V, 64)
+    for name, (t, s, p) in (("alone", alone), ("packed", packed)):
+      _, sown = model.apply({"params": params}, t, s, p, mutable=["decode"])
+      closes[how, name] = np.asarray(sown["decode"]["content_groups"]["closes"])[0]
+    np.testing.assert_array_equal(closes[how, "alone"][:30], closes[how, "packed"][10:])
+  assert (closes["sample", "alone"] != closes["threshold", "alone"]).any()

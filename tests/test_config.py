@@ -58,6 +58,8 @@ def _bad(config_name, **fields):
      "model.group_capacity"),
     ("hourglass", dict(boundaries="learned", hierarchy="1@1 1@4 1@1", boundary_predictor="mlp"),
      "model.boundary_predictor"),
+    ("hourglass", dict(boundaries="learned", hierarchy="1@1 1@4 1@1", boundary_eval="argmax"),
+     "model.boundary_eval"),
     ("hourglass", dict(boundaries="dynamic", hierarchy="1@1 1@4 1@1", dynamic_chunk="pool"),
      "model.dynamic_chunk"),  # a pooling window needs the close rules
     ("hourglass", dict(boundaries="dynamic", hierarchy="1@1 1@4 1@1", pooling="attention"),
@@ -116,12 +118,14 @@ def test_content_group_fields_are_only_on_the_models_that_group_by_content():
   old = config_lib.from_json(ml_collections.ConfigDict(saved).to_json())
   assert "boundaries" not in old.model
   config_lib.validate(old)
-  # A learned-boundaries run saved before DTP's null group loads without it.
+  # A learned-boundaries run saved before DTP's null group and evaluation by
+  # sampling loads without them.
   saved = config_lib.load(config_path("hourglass") + ":size=tiny").to_dict()
   saved["model"].update(boundaries="learned")
-  del saved["model"]["boundary_null_group"]
+  del saved["model"]["boundary_null_group"], saved["model"]["boundary_eval"]
   old = config_lib.from_json(ml_collections.ConfigDict(saved).to_json())
-  assert old.model.boundary_null_group is False
+  assert old.model.boundary_null_group is False and old.model.boundary_eval == "threshold"
+  assert config_lib.load(config_path("hourglass")).model.boundary_eval == "sample"
   saved["model"]["boundary_null_group"] = True
   assert config_lib.from_json(ml_collections.ConfigDict(saved).to_json()).model.boundary_null_group
 

@@ -6,6 +6,8 @@ derive from `ContentGroupedLM`), so `config.model` of the others does not
 show them and setting one there is refused in one line.
 """
 
+import jax.numpy as jnp
+
 from hiertx import boundaries as boundaries_lib
 from hiertx import workload as workload_lib
 from hiertx.errors import ConfigError
@@ -30,6 +32,10 @@ class ContentGroupedLM(base.LanguageModel):
   # level reads alone; positions before their document's first group receive
   # its output (False: they receive nothing, as with the other sources).
   boundary_null_group: bool = True
+  # boundaries=learned with noise: evaluation and decoding "sample" the noise
+  # as training does (DTP; a fixed draw per document position) or close where
+  # the logit is above 0 ("threshold").
+  boundary_eval: str = "sample"
   # boundaries=dynamic: what a chunk holds, "boundary" (H-Net: the state at
   # its boundary) or "pool" (its window pooled by model.pooling).
   dynamic_chunk: str = "boundary"
@@ -57,12 +63,34 @@ class ContentGroupedLM(base.LanguageModel):
         self.boundaries, k or self.content_k(), self.vocab_size, self.padded_vocab,
         self.block_cfg, max_group, capacity, self.entropy_threshold, self.boundary_temperature,
         self.boundary_prior_weight, self.entropy_trains_trunk, self.ratio_loss_weight,
-        self.boundary_predictor, self.dynamic_chunk, stage, self.null_group)
+        self.boundary_predictor, self.dynamic_chunk, stage, self.null_group,
+        self.boundary_eval)
 
   @property
   def null_group(self) -> bool:
     """Whether the content groups have DTP's null group (learned only)."""
     return self.boundaries == "learned" and self.boundary_null_group
+
+  def null_cache(self, batch: int) -> list:
+    """The decoding state's "null": the null group's coarse output per row,
+    [[B, D]] ([] without one). It depends only on the parameters, so a
+    decoder computes it once: at position 0 (`null_from_start`) or after the
+    prompt (`prompt_null`), not at every step."""
+    return [self.hidden(batch, 1)[:, 0]] if self.null_group else []
+
+  def null_from_start(self, st: dict, t, output) -> dict:
+    """`st` with its "null" computed by `output()` ([D]) at position 0."""
+    if not self.null_group:
+      return st
+    fill = lambda st: dict(st, null=[jnp.broadcast_to(output(), st["null"][0].shape)])
+    return base.when(t == 0, fill, st)
+
+  def prompt_null(self, batch: int, output) -> list:
+    """The "null" of a state after a prompt's pass; call after everything
+    else is read from that pass (`output()` runs the coarse level again)."""
+    if not self.null_group:
+      return []
+    return [jnp.broadcast_to(output(), (batch, self.d_model))]
 
   def close_rules(self) -> tuple[int, float]:
     """(max_group, group_capacity) of the content groups; (0, 0.0), no rule,
@@ -128,6 +156,7 @@ def check_content_groups(cfg, k: int) -> None:
                       "upsamples as H-Net does (repeat, smoothed, confidence-weighted); use "
                       "upsampling='repeat'")
   base.choice(cfg, "boundary_predictor", boundaries_lib.PREDICTORS)
+  base.choice(cfg, "boundary_eval", boundaries_lib.EVALS)
   base.choice(cfg, "dynamic_chunk", boundaries_lib.CHUNKS)
   if not isinstance(cfg["dynamic_rules"], bool):
     raise ConfigError("model.dynamic_rules", f"must be True or False, got {cfg['dynamic_rules']!r}")

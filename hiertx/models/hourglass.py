@@ -162,7 +162,7 @@ class HourglassLM(content_groups.ContentGroupedLM):
     groups = boundaries_lib.init_state(batch, self.d_model) if self.content else []
     second = ({"groups_1": boundaries_lib.init_state(batch, self.d_model)}
               if self.content_stages > 1 else {})
-    return {"groups": groups, **second,
+    return {"groups": groups, **second, "null": self.null_cache(batch) if self.content else [],
             "x": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "pre": [layers.KV.empty(c, n, batch, slots[i]) for i, n in enumerate(pre)],
@@ -230,9 +230,10 @@ class HourglassLM(content_groups.ContentGroupedLM):
         return dict(st, z=put(st, "z", z)), z
       return run
 
+    st = self.null_from_start(st, t, lambda: self._null_output(0, x.dtype, True))
     st, x = self.content_groups.decode_step(st, token_B, x, t, st["x"][0], self.shorten["0"],
                                             level(1), self.upsample["0"],
-                                            null_D=self._null_output(0, x.dtype, True))
+                                            null_D=st["null"][0] if st["null"] else None)
     x, kv = self.post["0"].step(x, st["post"][0], t, t)
     return dict(st, z=set_x("z", 0, x), post=base.set_at(st["post"], 0, kv))
 
@@ -257,14 +258,17 @@ class HourglassLM(content_groups.ContentGroupedLM):
         return self._grouping(i - 1).prompt_coarse(sown[f"z_{i}"])
       return sown[f"z_{i}"]
 
-    return {**groups,
-            "x": [layers.filled(sown[f"x_{i}"], slots[i], counts[i]) for i in range(len(pre))],
-            "z": [layers.filled(z(i), slots[i], counts[i]) for i in range(len(pre))],
-            "pre": [self.pre[str(i)].prompt_cache(slots[i], counts[i]) for i in range(len(pre))],
-            "post": [self.post[str(i)].prompt_cache(slots[i], counts[i])
-                     for i in range(len(post))],
-            "up": [self.upsample[str(i)].block.prompt_keys(slots[i + 1], counts[i + 1])
-                   for i in range(len(post))] if self.upsampling == "attention" else []}
+    state = {**groups,
+             "x": [layers.filled(sown[f"x_{i}"], slots[i], counts[i]) for i in range(len(pre))],
+             "z": [layers.filled(z(i), slots[i], counts[i]) for i in range(len(pre))],
+             "pre": [self.pre[str(i)].prompt_cache(slots[i], counts[i]) for i in range(len(pre))],
+             "post": [self.post[str(i)].prompt_cache(slots[i], counts[i])
+                      for i in range(len(post))],
+             "up": [self.upsample[str(i)].block.prompt_keys(slots[i + 1], counts[i + 1])
+                    for i in range(len(post))] if self.upsampling == "attention" else []}
+    batch = state["x"][0].shape[0]
+    return dict(state, null=self.prompt_null(batch, lambda: self._null_output(
+        0, state["x"][0].dtype, True)) if self.content else [])
 
   # Cost ----------------------------------------------------------------------
 

@@ -97,6 +97,7 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
     slots = self.cache_slots(capacity)
     attention_up = self.upsampling == "attention"
     return {"groups": boundaries_lib.init_state(batch, self.d_model) if self.content else [],
+            "null": self.null_cache(batch) if self.content else [],
             "e": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "kv": [layers.KV.empty(self.block_cfg, n, batch, slots[s])
@@ -154,9 +155,10 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
       x, kv = self.scale["1"].step(z_BxD, st["kv"][1], slot_B, t)
       return dict(st, e=put("e", z_BxD), z=put("z", x), kv=base.set_at(st["kv"], 1, kv)), x
 
+    st = self.null_from_start(st, t, lambda: self._null_output(e_BxD.dtype, True))
     st, x = self.content_groups.decode_step(st, token_B, e_BxD, t, st["e"][0], self.pool["1"],
                                             coarse, self.upsample["0"],
-                                            null_D=self._null_output(e_BxD.dtype, True))
+                                            null_D=st["null"][0] if st["null"] else None)
     x, kv = self.scale["0"].step(x, st["kv"][0], t, t)
     return dict(st, z=base.set_at(st["z"], 0, st["z"][0].at[:, t].set(x)),
                 kv=base.set_at(st["kv"], 0, kv))
@@ -170,7 +172,7 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
     else:
       groups = []
       counts = [(p - 1) // self.factor(s) + 1 for s in range(self.top + 1)]
-    return {
+    state = {
         "groups": groups,
         "e": [layers.filled(sown[f"e_{s}"], slots[s], counts[s]) for s in range(self.top + 1)],
         "z": [layers.filled(self.content_groups.prompt_coarse(sown[f"z_{s}"])
@@ -180,6 +182,9 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
                for s in range(self.top + 1)],
         "up": [self.upsample[str(s)].block.prompt_keys(slots[s + 1], counts[s + 1])
                for s in range(self.top)] if self.upsampling == "attention" else []}
+    e = state["e"][0]
+    return dict(state, null=self.prompt_null(e.shape[0], lambda: self._null_output(
+        e.dtype, True)) if self.content else [])
 
   # Cost ----------------------------------------------------------------------
 
