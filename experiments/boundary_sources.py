@@ -67,7 +67,11 @@ def arm_of(model: dict) -> str:
     return f"entropy > {model['entropy_threshold']:g} bits"
   if source == "learned":
     predictor = " (DTP predictor)" if model.get("boundary_predictor") == "dtp" else ""
-    return f"learned{predictor}, noise {model['boundary_temperature']:g}"
+    noise = model["boundary_temperature"]
+    # A run saved before model.boundary_eval evaluated at the threshold.
+    threshold = noise > 0 and model.get("boundary_eval", "threshold") == "threshold"
+    return f"learned{predictor}, noise {noise:g}" + (", evaluated at logit > 0" if threshold
+                                                     else "")
   if source == "dynamic":  # its ratio loss aims at 1/k of the bytes
     factors = (hourglass.parse_hierarchy(model["hierarchy"])[2]
                if model["name"] == "hourglass" else [1, k])

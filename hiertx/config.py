@@ -254,8 +254,14 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json(indent=2, sort_keys=True)
 
 
-# A field added after runs were saved, and the value those runs ran with.
-_ADDED_SINCE = {"boundary_null_group": False, "boundary_eval": "threshold"}
+# A field added after runs were saved: the value those runs ran with, and
+# which saved models it changes (the rest load it at its default, so a run
+# it does not concern resumes without a config change).
+_learned = lambda m: m.get("boundaries") == "learned"
+_ADDED_SINCE = {
+    "boundary_null_group": (False, _learned),
+    "boundary_eval": ("threshold", lambda m: _learned(m) and m.get("boundary_temperature", 1) > 0),
+}
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
@@ -276,8 +282,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
                    if k in defaults or k == "name" or k not in content_groups.FIELDS}
     # Fields added later whose default changes what the model computes: a
     # config saved before one ran without it, so it loads as it ran.
-    ran_without = {k: v for k, v in _ADDED_SINCE.items()
-                   if k in defaults and k not in saved.get("model", {})}
+    ran_without = {k: v for k, (v, concerns) in _ADDED_SINCE.items()
+                   if k in defaults and k not in saved.get("model", {})
+                   and concerns(config["model"])}
     config["model"] = {**defaults, **ran_without, **saved_model}
   return ml_collections.ConfigDict(config)
 

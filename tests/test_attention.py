@@ -458,10 +458,9 @@ def test_models_on_splash_equal_dense(key, monkeypatch):
 # the same way whatever their source (index-ordered coarse self-attention,
 # dense cross-scale attention): the entropy variant (attention pooling and
 # upsampling) and H-Net's two stages (coarse self-attention at two content
-# levels) cover them. Rotary positions are covered by the variants that use
-# them beside other structure, and retina_dense runs no kernel.
+# levels) cover them. retina_dense runs no kernel.
 EQUALITY = sorted(k for k in MODELS if not k.endswith(("_whitespace", "_learned", "_dynamic"))
-                  and k not in ("vanilla_rotary", "retina_dense"))
+                  and k != "retina_dense")
 # The Pallas kernel (its interpreter compiles a loop per site, most of this
 # test's time) on the variants that between them hold every kind of site:
 # self-attention at full length (vanilla), retina's windows and coarse blocks,

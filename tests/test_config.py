@@ -126,6 +126,13 @@ def test_content_group_fields_are_only_on_the_models_that_group_by_content():
   old = config_lib.from_json(ml_collections.ConfigDict(saved).to_json())
   assert old.model.boundary_null_group is False and old.model.boundary_eval == "threshold"
   assert config_lib.load(config_path("hourglass")).model.boundary_eval == "sample"
+  # Where a field changes nothing, an older run loads as a new one would run
+  # (and so resumes without a config change).
+  for boundaries, extra in (("dynamic", {}), ("learned", {"boundary_temperature": 0.0})):
+    saved["model"].update(boundaries=boundaries, **extra)
+    old = config_lib.from_json(ml_collections.ConfigDict(saved).to_json())
+    assert old.model.boundary_eval == "sample"
+    assert old.model.boundary_null_group is (boundaries == "dynamic")
   saved["model"]["boundary_null_group"] = True
   assert config_lib.from_json(ml_collections.ConfigDict(saved).to_json()).model.boundary_null_group
 

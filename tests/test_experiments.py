@@ -122,7 +122,11 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
             ({"boundaries": "dynamic"}, 2.9, 3.3),
             ({"boundaries": "dynamic", "hierarchy": "2@1 4@8 2@1"}, 3.0, 6.5),
             ({"boundaries": "dynamic", "hierarchy": "2@1 1@2 4@4 1@2 2@1"}, 2.8, 2.1),
-            ({"boundaries": "learned", "boundary_predictor": "dtp"}, 3.2, 4.0)]
+            ({"boundaries": "learned", "boundary_predictor": "dtp"}, 3.2, 4.0),
+            # with noise: sampled at evaluation, or saved before that (a threshold)
+            ({"boundaries": "learned", "boundary_temperature": 1.0, "boundary_eval": "sample"},
+             3.0, 4.1),
+            ({"boundaries": "learned", "boundary_temperature": 1.0}, 3.4, 15.0)]
     runs = []
     for i, (model, bpb, group) in enumerate(arms):
       for seed in (0, 1):
@@ -144,8 +148,9 @@ def test_boundaries_table_per_corpus_and_arm(tmp_path):
   assert "| tiny.txt | dynamic, target 1/8 | 2 | 3.000, 3.100 |" in text
   assert "| stdlib | dynamic 2-stage, targets 1/2, 1/2 | 2 | 2.800, 2.900 |" in text
   assert "| stdlib | learned (DTP predictor), noise 0 | 2 | 3.200, 3.300 |" in text
+  assert "| stdlib | learned, noise 1 | 2 | 3.000, 3.100 |" in text
+  assert "| stdlib | learned, noise 1, evaluated at logit > 0 | 2 | 3.400, 3.500 |" in text
   # Training FLOPs per byte, the seeds' mean: (2e9 + 4e9) / 2 per step over
-  # the bytes a step reads.
   # the bytes a step reads (2,000 tokens of one byte each).
   flops = [s["flops"] for s in summary if s["boundaries"] == "whitespace"]
   assert flops == pytest.approx([1.5e6, 1.5e6]) and "| 1.50 |" in text
