@@ -123,7 +123,8 @@ def table(rows: list[dict]) -> tuple[str, list[dict]]:
 def plot(summary: list[dict], path: str) -> None:
   """Per corpus (a column each): bits per byte against mean group length
   (top) and against training FLOPs per byte (bottom, where measured), a
-  point per seed, each arm labelled (fixed arms in blue)."""
+  point per seed and a bar at their mean, each arm labelled at its mean and
+  coloured by its source."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -135,10 +136,12 @@ def plot(summary: list[dict], path: str) -> None:
       ax = axes[row][col]
       for s in (s for s in summary if s["corpus"] == corpus and not math.isnan(s[key])):
         x = s[key] / (1e6 if key == "flops" else 1)
-        color = "C0" if s["boundaries"].startswith("fixed") else "C1"
-        ax.scatter([x] * len(s["bpb"]), s["bpb"], color=color, s=16)
-        ax.annotate(s["boundaries"], (x, s["mean"]), fontsize=7,
-                    xytext=(4, 0), textcoords="offset points")
+        color = f"C{SOURCES.index(s['boundaries'].split()[0].rstrip(','))}"
+        ax.scatter([x] * len(s["bpb"]), s["bpb"], color=color, s=14)
+        ax.scatter([x], [s["mean"]], color=color, marker="_", s=120)
+        ax.annotate(s["boundaries"].replace(", target", "\ntarget"), (x, s["mean"]),
+                    fontsize=7, xytext=(5, 0), textcoords="offset points", va="center")
+      ax.margins(x=0.35, y=0.08)
       ax.set_title(corpus)
       ax.set_xlabel(label)
       ax.set_ylabel("validation bits/byte (a point per seed)")
