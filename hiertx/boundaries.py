@@ -24,9 +24,10 @@ only (the causality rule: a group's vector ends at its last byte):
               `model.boundary_eval="threshold"` closes where `logit > 0`
               instead). With `model.boundary_temperature=0` there is no
               noise (training closes where `logit > 0`, straight through the
-              sigmoid, as evaluation does). The language model's gradient reaches every boundary
-              variable, closing or not, through the group memberships
-              (`dtp_gradient`, DTP's straight-through cumulative sum)
+              sigmoid, as evaluation does). The language model's gradient
+              reaches every boundary variable, closing or not, through the
+              group memberships (`dtp_gradient`, DTP's straight-through
+              cumulative sum)
   dynamic     H-Net's routing (Hwang et al. 2025): the probability
               p_t = (1 - cos(q_t, k_{t-1})) / 2 of adjacent projections of the
               same states (1 at a document's first byte) closes a group where

@@ -162,7 +162,7 @@ class HourglassLM(content_groups.ContentGroupedLM):
     groups = boundaries_lib.init_state(batch, self.d_model) if self.content else []
     second = ({"groups_1": boundaries_lib.init_state(batch, self.d_model)}
               if self.content_stages > 1 else {})
-    return {"groups": groups, **second, "null": self.null_cache(batch) if self.content else [],
+    return {"groups": groups, **second, "null": self.null_cache(batch),
             "x": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "pre": [layers.KV.empty(c, n, batch, slots[i]) for i, n in enumerate(pre)],
@@ -268,7 +268,7 @@ class HourglassLM(content_groups.ContentGroupedLM):
                     for i in range(len(post))] if self.upsampling == "attention" else []}
     batch = state["x"][0].shape[0]
     return dict(state, null=self.prompt_null(batch, lambda: self._null_output(
-        0, state["x"][0].dtype, True)) if self.content else [])
+        0, state["x"][0].dtype, True)))
 
   # Cost ----------------------------------------------------------------------
 

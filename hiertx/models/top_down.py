@@ -97,7 +97,7 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
     slots = self.cache_slots(capacity)
     attention_up = self.upsampling == "attention"
     return {"groups": boundaries_lib.init_state(batch, self.d_model) if self.content else [],
-            "null": self.null_cache(batch) if self.content else [],
+            "null": self.null_cache(batch),
             "e": [self.hidden(batch, n) for n in slots],
             "z": [self.hidden(batch, n) for n in slots],
             "kv": [layers.KV.empty(self.block_cfg, n, batch, slots[s])
@@ -184,7 +184,7 @@ class TopDownLM(base.PooledScales, content_groups.ContentGroupedLM):
                for s in range(self.top)] if self.upsampling == "attention" else []}
     e = state["e"][0]
     return dict(state, null=self.prompt_null(e.shape[0], lambda: self._null_output(
-        e.dtype, True)) if self.content else [])
+        e.dtype, True)))
 
   # Cost ----------------------------------------------------------------------
 
